@@ -1,0 +1,25 @@
+# The two setup-free commands: `make quickstart` and `make test`. Both bootstrap .venv idempotently.
+VENV ?= .venv
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: bootstrap quickstart test test-all bench clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+quickstart: bootstrap
+	$(VENV)/bin/exprag quickstart
+
+test: bootstrap
+	$(VENV)/bin/python -m pytest -m "not slow" -q
+
+test-all: bootstrap
+	$(VENV)/bin/python -m pytest -q
+
+bench: bootstrap
+	$(VENV)/bin/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

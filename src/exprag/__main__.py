@@ -1,0 +1,5 @@
+import sys
+
+from exprag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of ``exprag``: one module each, with ``register(subparsers)``."""

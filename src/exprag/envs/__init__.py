@@ -1,0 +1,26 @@
+"""Environments behind one TextEnv protocol. ``make_env(name)`` starts one (lazily importing it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, TextEnv
+from exprag.envs.splits import ENVS, check_env
+
+__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "make_env"]
+
+
+def make_env(name: str, **kwargs: Any) -> TextEnv:
+    """Start an environment by name: ``scienceworld``, ``twx`` or ``alfworld``."""
+    check_env(name)
+    if name == "scienceworld":
+        from exprag.envs.scienceworld import ScienceWorldEnv
+
+        return ScienceWorldEnv(**kwargs)
+    if name == "twx":
+        from exprag.envs.twx import TWXEnv
+
+        return TWXEnv(**kwargs)
+    from exprag.envs.alfworld import ALFWorldEnv
+
+    return ALFWorldEnv(**kwargs)

@@ -1,0 +1,86 @@
+"""The TextEnv protocol every environment implements, and the data classes it exchanges.
+
+An environment is started and stopped by our code (``with make_env(...) as env``). It lists its
+tasks (``TaskSpec``: type, identity, split), plays one task at a time, knows the gold / expert
+actions of the current task, and the global action templates an agent's prompt shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One playable task: an env's game file / (task, variation) / (game, seed)."""
+
+    env: str
+    split: str  # train | dev | test
+    task_type: str
+    task_id: str  # unique within the env, stable across runs (game file, "boil/var12", ...)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Reset:
+    observation: str  # the first user turn: includes the task description as the env prints it
+    task: str  # the task description alone (static retrieval query)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    observation: str
+    reward: float  # the env's score after this step (ScienceWorld 0..100, others 0..1)
+    done: bool
+    won: bool  # success as the env defines it (ALFWorld won, ScienceWorld full score, TWX success)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TextEnv(Protocol):
+    name: str  # "scienceworld" | "twx" | "alfworld"
+
+    @property
+    def version(self) -> str: ...
+
+    def task_types(self) -> list[str]: ...
+
+    def tasks(self, split: str, task_types: list[str]) -> list[TaskSpec]: ...
+
+    def reset(self, task: TaskSpec) -> Reset: ...
+
+    def step(self, action: str) -> Step: ...
+
+    def expert_action(self) -> str | None:
+        """The expert's next action in the current state (gold sequence or hand-coded expert);
+        None when the expert has nothing more to do."""
+        ...
+
+    def admissible_actions(self) -> list[str]:
+        """Valid actions now (may be slow; only when asked)."""
+        ...
+
+    def action_templates(self) -> list[str]:
+        """Global action templates for the agent's system prompt (SPEC §1)."""
+        ...
+
+    def max_steps(self, task: TaskSpec) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class EnvBase:
+    """Context-manager plumbing shared by the adapters."""
+
+    name = "base"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass

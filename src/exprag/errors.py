@@ -1,0 +1,25 @@
+"""Typed errors. The library raises them; the CLI prints their one-line message and exits with 2."""
+
+
+class ExpragError(Exception):
+    """Base class: a user-facing problem with input, configuration or data."""
+
+
+class DataFormatError(ExpragError):
+    """Malformed input data; the message names the file, line and field."""
+
+
+class UnknownTaskTypeError(ExpragError):
+    pass
+
+
+class UnknownEnvError(ExpragError):
+    pass
+
+
+class BankError(ExpragError):
+    """A bank directory that is missing, corrupt, too new, or built with another encoder."""
+
+
+class EnvError(ExpragError):
+    """An environment could not start or failed on a task; names the task."""

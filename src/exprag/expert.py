@@ -1,0 +1,107 @@
+"""Run an environment's expert (gold / hand-coded policy) and record trajectories."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from exprag.envs.base import Reset, Step, TaskSpec, TextEnv
+from exprag.errors import EnvError
+from exprag.trajectory import Trajectory
+
+
+def trajectory_id(env: str, task: TaskSpec, source: str) -> str:
+    return f"{env}:{task.split}:{task.task_type}:{task.task_id}:{source}"
+
+
+@dataclass
+class EpisodeRecorder:
+    """Accumulates one episode's turns and turns them into a Trajectory (shared by expert and agent)."""
+
+    env: TextEnv
+    task: TaskSpec
+    reset: Reset
+    source: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    reward: float = 0.0
+    won: bool = False
+    done: bool = False
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.messages.append({"role": "user", "content": self.reset.observation})
+
+    def record(self, action: str, step: Step) -> None:
+        self.messages.append({"role": "assistant", "content": action})
+        self.messages.append({"role": "user", "content": step.observation})
+        self.steps += 1
+        self.reward = step.reward
+        self.won = self.won or step.won
+        self.done = step.done
+
+    def trajectory(self, meta: dict | None = None, traj_id: str | None = None) -> Trajectory:
+        m = {"wall_s": round(time.perf_counter() - self.started, 3)}
+        m.update(self.task.meta.get("trajectory_meta", {}))
+        m.update(meta or {})
+        return Trajectory(
+            id=traj_id or trajectory_id(self.env.name, self.task, self.source),
+            env=self.env.name,
+            env_version=self.env.version,
+            split=self.task.split,
+            task_type=self.task.task_type,
+            task_id=self.task.task_id,
+            task=self.reset.task,
+            messages=list(self.messages),
+            success=bool(self.won),
+            reward=float(self.reward),
+            num_steps=self.steps,
+            source=self.source,
+            meta=m,
+        )
+
+
+def run_expert(env: TextEnv, task: TaskSpec, max_steps: int | None = None) -> Trajectory:
+    """Play the expert to the end of the episode (or the step cap)."""
+    reset = env.reset(task)
+    rec = EpisodeRecorder(env, task, reset, source="expert")
+    cap = max_steps or env.max_steps(task)
+    while not rec.done and rec.steps < cap:
+        action = env.expert_action()
+        if action is None:
+            break
+        rec.record(action, env.step(action))
+    return rec.trajectory()
+
+
+@dataclass
+class CollectReport:
+    collected: int = 0
+    failures: list[tuple[TaskSpec, str]] = field(default_factory=list)  # task, reason
+
+
+def collect(
+    env: TextEnv,
+    tasks: list[TaskSpec],
+    *,
+    on_done: Callable[[Trajectory], None] | None = None,
+    report: CollectReport | None = None,
+) -> Iterator[Trajectory]:
+    """Yield one expert trajectory per task. Episodes that do not reach success are yielded too
+    (with ``success=False``) and listed in ``report.failures``; an env error on one task is
+    recorded and the collection goes on."""
+    report = report if report is not None else CollectReport()
+    for task in tasks:
+        try:
+            traj = run_expert(env, task)
+        except EnvError as e:
+            report.failures.append((task, str(e)))
+            continue
+        if not traj.success:
+            report.failures.append((task, f"expert ended without success after {traj.num_steps} steps "
+                                          f"(score {traj.reward:g})"))
+        report.collected += 1
+        if on_done:
+            on_done(traj)
+        yield traj

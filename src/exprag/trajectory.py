@@ -1,0 +1,210 @@
+"""The one record everything exchanges: a Trajectory, stored as schema-versioned JSONL.
+
+A trajectory is one episode as a chat: ``user`` turns are observations (the first one carries the
+task description), ``assistant`` turns are actions, and an optional leading ``system`` turn holds
+instructions. Environments, the expert, the agent, the bank and the trainer all read and write it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from exprag.errors import DataFormatError
+from exprag.io import atomic_write_text
+
+SCHEMA_VERSION = 1
+ROLES = ("system", "user", "assistant")
+
+# field name -> accepted python types (bool is checked before int, since bool is an int)
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "env": (str,),
+    "env_version": (str,),
+    "split": (str,),
+    "task_type": (str,),
+    "task_id": (str,),
+    "task": (str,),
+    "messages": (list,),
+    "success": (bool,),
+    "reward": (int, float),
+    "num_steps": (int,),
+    "source": (str,),
+    "meta": (dict,),
+}
+
+
+@dataclass
+class Trajectory:
+    id: str
+    env: str
+    env_version: str
+    split: str
+    task_type: str
+    task_id: str
+    task: str
+    messages: list[dict[str, str]]
+    success: bool
+    reward: float
+    num_steps: int
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # ---- views -------------------------------------------------------------------------------
+    def actions(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "assistant"]
+
+    def observations(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "user"]
+
+    def episode_messages(self) -> list[dict[str, str]]:
+        """The episode without any stored system turn: observations and actions only."""
+        return [m for m in self.messages if m["role"] != "system"]
+
+    def text(self) -> str:
+        """The whole trajectory as plain text: the dynamic-retrieval key."""
+        return history_text(self.task, self.episode_messages())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: Any, *, where: str = "<dict>") -> "Trajectory":
+        """Validate and build; errors name ``where`` (e.g. ``file.jsonl:12``) and the field."""
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        version = obj.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise DataFormatError(f"{where}: field 'schema_version' must be an integer")
+        if version > SCHEMA_VERSION:
+            raise DataFormatError(
+                f"{where}: field 'schema_version' is {version}, newer than this exprag "
+                f"(reads up to {SCHEMA_VERSION}); upgrade exprag"
+            )
+        for name, types in _FIELDS.items():
+            if name not in obj:
+                if name == "meta":
+                    continue
+                raise DataFormatError(f"{where}: missing field '{name}'")
+            value = obj[name]
+            if isinstance(value, bool) and bool not in types:
+                raise DataFormatError(f"{where}: field '{name}' must be {_tname(types)}, got bool")
+            if not isinstance(value, types):
+                raise DataFormatError(
+                    f"{where}: field '{name}' must be {_tname(types)}, got {type(value).__name__}"
+                )
+        for i, m in enumerate(obj["messages"]):
+            if not isinstance(m, dict):
+                raise DataFormatError(f"{where}: field 'messages[{i}]' must be an object")
+            if m.get("role") not in ROLES:
+                raise DataFormatError(
+                    f"{where}: field 'messages[{i}].role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}"
+                )
+            if not isinstance(m.get("content"), str):
+                raise DataFormatError(f"{where}: field 'messages[{i}].content' must be a string")
+        if obj["num_steps"] < 0:
+            raise DataFormatError(f"{where}: field 'num_steps' must be >= 0")
+        unknown = set(obj) - set(_FIELDS) - {"schema_version"}
+        if unknown:
+            raise DataFormatError(f"{where}: unknown field '{sorted(unknown)[0]}'")
+        return cls(
+            **{k: obj[k] for k in _FIELDS if k in obj},
+            schema_version=SCHEMA_VERSION,
+        )
+
+
+def _tname(types: tuple[type, ...]) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+             list: "a list", dict: "an object"}
+    return " or ".join(names[t] for t in types)
+
+
+def history_text(task: str, messages: Iterable[dict[str, str]]) -> str:
+    """Plain-text rendering of a (partial) episode, shared by dynamic keys and dynamic queries."""
+    lines = [f"Task: {task}"]
+    for m in messages:
+        if m["role"] == "user":
+            lines.append(f"Observation: {m['content']}")
+        elif m["role"] == "assistant":
+            lines.append(f"Action: {m['content']}")
+    return "\n".join(lines)
+
+
+# ---- JSONL ---------------------------------------------------------------------------------------
+def iter_jsonl(path: str | Path) -> Iterator[Trajectory]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield Trajectory.from_dict(obj, where=where)
+
+
+def read_jsonl(*paths: str | Path) -> list[Trajectory]:
+    """Read and validate every line of every file; duplicate ids across files are an error."""
+    out: list[Trajectory] = []
+    seen: dict[str, str] = {}
+    for p in paths:
+        for lineno, t in enumerate(iter_jsonl(p), 1):
+            if t.id in seen:
+                raise DataFormatError(f"{p}: field 'id' {t.id!r} duplicates a trajectory in {seen[t.id]}")
+            seen[t.id] = str(p)
+            out.append(t)
+    return out
+
+
+def dumps(t: Trajectory) -> str:
+    return json.dumps(t.to_dict(), ensure_ascii=False)
+
+
+def write_jsonl(path: str | Path, trajectories: Iterable[Trajectory]) -> int:
+    """Write atomically (temp file, then rename): readers never see half a file."""
+    lines = [dumps(t) for t in trajectories]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+# ---- converters for other trainers -------------------------------------------------------------
+_SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def to_openai(t: Trajectory, system: str | None = None) -> dict[str, Any]:
+    """OpenAI ``messages`` record (TRL's conversational format)."""
+    msgs = t.episode_messages() if system is not None else list(t.messages)
+    if system is not None:
+        msgs = [{"role": "system", "content": system}] + msgs
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+
+
+def to_sharegpt(t: Trajectory, system: str | None = None) -> dict[str, Any]:
+    """ShareGPT record as LLaMA-Factory reads it (``conversations`` + optional ``system``)."""
+    sys_turns = [m["content"] for m in t.messages if m["role"] == "system"]
+    record: dict[str, Any] = {
+        "conversations": [
+            {"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in t.episode_messages()
+        ]
+    }
+    sys_text = system if system is not None else ("\n\n".join(sys_turns) if sys_turns else None)
+    if sys_text:
+        record["system"] = sys_text
+    return record
+
+
+def export_jsonl(path: str | Path, trajectories: Iterable[Trajectory], fmt: str,
+                 system: str | None = None) -> int:
+    conv = {"openai": to_openai, "sharegpt": to_sharegpt}.get(fmt)
+    if conv is None:
+        raise ValueError(f"unknown export format {fmt!r} (choose openai or sharegpt)")
+    lines = [json.dumps(conv(t, system), ensure_ascii=False) for t in trajectories]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
