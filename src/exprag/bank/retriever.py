@@ -1,0 +1,138 @@
+"""Static and dynamic retrieval over a bank: top-K with filters, exclusions and a token budget.
+
+Static: the query is the task description, keys are the stored task descriptions (SPEC §2).
+Dynamic: the query is task + partial history, keys are whole trajectories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Collection, Sequence
+
+import numpy as np
+
+from exprag.bank.memory import render_trajectory
+from exprag.bank.store import MODES, Bank
+from exprag.errors import BankError
+from exprag.trajectory import Trajectory, history_text
+
+
+def approx_tokens(text: str) -> int:
+    """~4 characters a token: a tokenizer-free estimate for budgets (pass a real counter to be exact)."""
+    return len(text) // 4 + 1
+
+
+@dataclass(frozen=True)
+class Hit:
+    trajectory: Trajectory
+    score: float
+    position: int  # row in the bank
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which bank entries may be returned."""
+
+    task_types: Collection[str] | None = None
+    envs: Collection[str] | None = None
+    success: bool | None = None
+    exclude_ids: Collection[str] = ()
+    exclude_task_ids: Collection[str] = ()  # leakage-free training: never the same game / variation
+
+    def active(self) -> bool:
+        return bool(self.task_types is not None or self.envs is not None or self.success is not None
+                    or self.exclude_ids or self.exclude_task_ids)
+
+    def allows(self, t: Trajectory) -> bool:
+        return ((self.task_types is None or t.task_type in self.task_types)
+                and (self.envs is None or t.env in self.envs)
+                and (self.success is None or t.success == self.success)
+                and t.id not in self.exclude_ids
+                and t.task_id not in self.exclude_task_ids)
+
+
+def query_text(task: str, history: Sequence[dict[str, str]] | None, mode: str) -> str:
+    if mode == "static":
+        return task
+    return history_text(task, [m for m in (history or []) if m["role"] != "system"])
+
+
+class Retriever:
+    def __init__(self, bank: Bank):
+        self.bank = bank
+
+    def retrieve(
+        self,
+        task: str,
+        history: Sequence[dict[str, str]] | None = None,
+        *,
+        k: int = 2,
+        mode: str = "static",
+        filters: Filters | None = None,
+        token_budget: int | None = None,
+        count_tokens: Callable[[str], int] = approx_tokens,
+        memory_format: str = "json",
+    ) -> list[Hit]:
+        return self.retrieve_batch([(task, history)], k=k, mode=mode, filters=[filters],
+                                   token_budget=token_budget, count_tokens=count_tokens,
+                                   memory_format=memory_format)[0]
+
+    def retrieve_batch(
+        self,
+        queries: Sequence[tuple[str, Sequence[dict[str, str]] | None]],
+        *,
+        k: int = 2,
+        mode: str = "static",
+        filters: Sequence[Filters | None] | None = None,
+        token_budget: int | None = None,
+        count_tokens: Callable[[str], int] = approx_tokens,
+        memory_format: str = "json",
+    ) -> list[list[Hit]]:
+        """One list of hits per query, best first. ``filters`` is one entry per query (or None)."""
+        if mode not in MODES:
+            raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
+        if k < 0:
+            raise BankError(f"k must be >= 0, got {k}")
+        if not queries:
+            return []
+        filters = list(filters) if filters is not None else [None] * len(queries)
+        if len(filters) != len(queries):
+            raise ValueError("filters must have one entry per query")
+        if k == 0 or len(self.bank) == 0:
+            return [[] for _ in queries]
+        index = self.bank.index(mode)
+        texts = [query_text(t, h, mode) for t, h in queries]
+        trajs = self.bank.trajectories
+        need_more = any(f is not None and f.active() for f in filters) or token_budget is not None
+        # Over-fetch so that filtered-out entries rarely leave fewer than k; fall back to a full scan.
+        fetch = min(len(trajs), k if not need_more else max(4 * k, k + 32))
+        top_scores, top_ids = index.top(texts, fetch)
+        out: list[list[Hit]] = []
+        for qi, f in enumerate(filters):
+            hits = self._select(top_scores[qi], top_ids[qi], f, k, token_budget, count_tokens, memory_format)
+            if len(hits) < k and fetch < len(trajs):
+                s = index.scores([texts[qi]])[0]
+                order = np.argsort(-s, kind="stable")
+                hits = self._select(s[order], order, f, k, token_budget, count_tokens, memory_format)
+            out.append(hits)
+        return out
+
+    def _select(self, scores, ids, f: Filters | None, k: int, budget: int | None,
+                count_tokens: Callable[[str], int], fmt: str) -> list[Hit]:
+        hits: list[Hit] = []
+        used = 0
+        for s, i in zip(scores, ids):
+            if i < 0:  # FAISS pads with -1 when it finds fewer than asked
+                continue
+            t = self.bank.trajectories[int(i)]
+            if f is not None and not f.allows(t):
+                continue
+            if budget is not None:
+                cost = count_tokens(render_trajectory(t, fmt))
+                if used + cost > budget:
+                    continue  # a shorter, lower-ranked trajectory may still fit
+                used += cost
+            hits.append(Hit(t, float(s), int(i)))
+            if len(hits) == k:
+                break
+        return hits

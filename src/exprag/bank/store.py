@@ -1,0 +1,223 @@
+"""The experience bank on disk: trajectories, static and dynamic key indexes, and a manifest.
+
+Layout of BANK_DIR::
+
+    manifest.json        format, schema version, encoder identity, counts, sources (path + sha256)
+    trajectories.jsonl   the stored trajectories, in index order
+    static/              index over task descriptions (static retrieval keys)
+    dynamic/             index over whole-trajectory texts (dynamic retrieval keys)
+
+A build is written to a staging directory beside BANK_DIR and swapped in by rename, so an
+interrupted build leaves the previous bank intact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from exprag import __version__
+from exprag.bank.encoders import Encoder, Index, make_encoder
+from exprag.errors import BankError, DataFormatError
+from exprag.io import atomic_write_json, replace_dir
+from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
+
+BANK_FORMAT = "exprag-bank"
+BANK_VERSION = 1
+MODES = ("static", "dynamic")
+
+
+def static_key(t: Trajectory) -> str:
+    return t.task
+
+
+def dynamic_key(t: Trajectory) -> str:
+    return t.text()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bank:
+    path: Path
+    manifest: dict[str, Any]
+    trajectories: list[Trajectory]
+    encoder: Encoder
+    _indexes: dict[str, Index] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def index(self, mode: str) -> Index:
+        if mode not in MODES:
+            raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
+        if mode not in self._indexes:
+            self._indexes[mode] = self.encoder.load(self.path / mode)
+            if self._indexes[mode].size != len(self.trajectories):
+                raise BankError(
+                    f"{self.path / mode}: index holds {self._indexes[mode].size} keys but the bank "
+                    f"has {len(self.trajectories)} trajectories; rebuild the bank"
+                )
+        return self._indexes[mode]
+
+    @property
+    def envs(self) -> list[str]:
+        return list(self.manifest.get("envs", []))
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created") if k in m}
+
+
+def _summary(trajs: list[Trajectory]) -> dict[str, Any]:
+    return {
+        "count": len(trajs),
+        "envs": sorted({t.env for t in trajs}),
+        "splits": sorted({t.split for t in trajs}),
+        "task_types": dict(sorted(Counter(t.task_type for t in trajs).items())),
+        "success": {"successful": sum(t.success for t in trajs), "unsuccessful": sum(not t.success for t in trajs)},
+        "sources": sorted({t.source for t in trajs}),
+    }
+
+
+def build_bank(
+    trajectories: Iterable[Trajectory],
+    out: str | Path,
+    encoder: str | Encoder = "minilm",
+    *,
+    sources: list[str | Path] = (),
+    progress: bool = False,
+) -> Bank:
+    """Encode static and dynamic keys and write a bank atomically to ``out``."""
+    trajs = list(trajectories)
+    if not trajs:
+        raise BankError(f"{out}: no trajectories to build a bank from")
+    ids = Counter(t.id for t in trajs)
+    dup = next((i for i, c in ids.items() if c > 1), None)
+    if dup is not None:
+        raise DataFormatError(f"field 'id': trajectory id {dup!r} appears {ids[dup]} times")
+    enc = make_encoder(encoder) if isinstance(encoder, str) else encoder
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        write_jsonl(staging / "trajectories.jsonl", trajs)
+        indexes = {
+            "static": enc.build([static_key(t) for t in trajs], progress=progress),
+            "dynamic": enc.build([dynamic_key(t) for t in trajs], progress=progress),
+        }
+        for mode, index in indexes.items():
+            index.save(staging / mode)
+        manifest = {
+            "format": BANK_FORMAT,
+            "bank_version": BANK_VERSION,
+            "exprag_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "encoder": enc.identity,
+            "keys": {"static": "task description", "dynamic": "whole trajectory text"},
+            **_summary(trajs),
+            "inputs": [{"path": str(p), "sha256": _sha256(Path(p))} for p in sources],
+        }
+        atomic_write_json(staging / "manifest.json", manifest)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bank(out, manifest, trajs, enc, dict(indexes))
+
+
+def build_bank_from_files(paths: list[str | Path], out: str | Path, encoder: str = "minilm",
+                          progress: bool = False) -> Bank:
+    return build_bank(read_jsonl(*paths), out, encoder, sources=list(paths), progress=progress)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise BankError(f"{path}: no bank directory here (build one with `exprag bank build`)")
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise BankError(f"{mf}: missing; {path} is not an exprag bank")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BankError(f"{mf}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if manifest.get("format") != BANK_FORMAT:
+        raise BankError(f"{mf}: field 'format' is {manifest.get('format')!r}, not {BANK_FORMAT!r}")
+    version = manifest.get("bank_version")
+    if not isinstance(version, int):
+        raise BankError(f"{mf}: field 'bank_version' missing or not an integer")
+    if version > BANK_VERSION:
+        raise BankError(
+            f"{mf}: field 'bank_version' is {version}, newer than this exprag reads ({BANK_VERSION}); upgrade exprag"
+        )
+    return manifest
+
+
+def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
+    """Open a bank. ``encoder``, when given, must match the one the bank was built with."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    identity = manifest.get("encoder")
+    if not isinstance(identity, dict):
+        raise BankError(f"{path / 'manifest.json'}: field 'encoder' missing")
+    if encoder is not None and encoder != identity.get("name"):
+        raise BankError(
+            f"{path / 'manifest.json'}: field 'encoder' is {identity.get('name')!r} but {encoder!r} was "
+            "asked for; query with the bank's encoder or rebuild the bank"
+        )
+    trajs = list(iter_jsonl(path / "trajectories.jsonl"))
+    if len(trajs) != manifest.get("count"):
+        raise BankError(
+            f"{path / 'manifest.json'}: field 'count' is {manifest.get('count')} but "
+            f"trajectories.jsonl holds {len(trajs)}; the bank is corrupt, rebuild it"
+        )
+    return Bank(path, manifest, trajs, make_encoder(identity))
+
+
+def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
+    """Write-back memory: a new bank = old + ``new``, encoded incrementally and swapped in atomically."""
+    if not new:
+        return bank
+    known = {t.id for t in bank.trajectories}
+    clash = next((t.id for t in new if t.id in known), None)
+    if clash is not None:
+        raise DataFormatError(f"field 'id': trajectory id {clash!r} is already in {bank.path}")
+    trajs = bank.trajectories + list(new)
+    enc = bank.encoder
+    staging = Path(tempfile.mkdtemp(prefix=f".{bank.path.name}.append-", dir=bank.path.parent))
+    try:
+        write_jsonl(staging / "trajectories.jsonl", trajs)
+        indexes: dict[str, Index] = {}
+        for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
+            old = bank.index(mode)
+            if hasattr(old, "emb") and hasattr(enc, "from_embeddings"):
+                import numpy as np
+
+                added = enc.encode([key(t) for t in new])
+                indexes[mode] = enc.from_embeddings(np.concatenate([old.emb, added]))
+            else:
+                indexes[mode] = enc.build([key(t) for t in trajs])
+            indexes[mode].save(staging / mode)
+        manifest = dict(bank.manifest)
+        manifest.update(_summary(trajs))
+        manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(staging / "manifest.json", manifest)
+        replace_dir(staging, bank.path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bank(bank.path, manifest, trajs, enc, indexes)

@@ -1,0 +1,138 @@
+"""TextWorldExpress: 8 fast procedurally generated games, train/dev/test seeds, gold paths.
+
+TWX does not print the task in its observations, so the first user turn is the task description
+followed by the initial observation; the task description alone is the static retrieval query.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version as _pkg_version
+
+from exprag.envs.base import EnvBase, Reset, Step, TaskSpec
+from exprag.envs.splits import all_types
+from exprag.errors import EnvError, UnknownTaskTypeError
+
+# py4j seed lists per fold; the JVM serves the same lists for every game.
+_FOLDS = {"train": "getValidSeedsTrain", "dev": "getValidSeedsDev", "test": "getValidSeedsTest"}
+# Step caps: gold paths are ≤ ~50 steps except cookingworld (recipe + navigation).
+_MAX_STEPS = {"cookingworld": 80}
+_DEFAULT_MAX_STEPS = 50
+
+ACTION_TEMPLATES = [
+    "look around",
+    "inventory",
+    "task  (repeat the task description)",
+    "move DIRECTION  (north, south, east, west)",
+    "open OBJ / close OBJ  (containers and doors, e.g. open door to north)",
+    "take OBJ / take OBJ from CONTAINER",
+    "put OBJ in CONTAINER / put OBJ on SUPPORTER",
+    "read OBJ",
+    "examine OBJ",
+    "eat OBJ / drink OBJ",
+    "slice OBJ / chop OBJ / dice OBJ  (with a knife in inventory)",
+    "cook OBJ in APPLIANCE  (stove, oven, ...)",
+    "prepare meal",
+    "smell OBJ / taste OBJ / touch OBJ",
+]
+
+
+class TWXEnv(EnvBase):
+    name = "twx"
+
+    def __init__(self, env_step_limit: int = 100, game_params: str = ""):
+        try:
+            from textworld_express import TextWorldExpressEnv
+        except ImportError as e:  # pragma: no cover - pinned dependency
+            raise EnvError(f"textworld-express is not installed: {e}") from None
+        self._env = TextWorldExpressEnv(envStepLimit=env_step_limit)
+        self._game_params = game_params
+        self._loaded: str | None = None
+        self._gold: list[str] = []
+        self._gold_pos = 0
+        self._task: TaskSpec | None = None
+        self._seeds: dict[str, list[int]] = {}
+
+    @property
+    def version(self) -> str:
+        return f"textworld-express=={_pkg_version('textworld-express')}"
+
+    def task_types(self) -> list[str]:
+        return sorted(self._env.getGameNames())
+
+    def _load(self, game: str) -> None:
+        if self._loaded != game:
+            self._env.load(game, self._game_params)
+            self._loaded = game
+
+    def _fold_seeds(self, game: str, split: str) -> list[int]:
+        if split not in _FOLDS:
+            raise EnvError(f"unknown split {split!r} for twx (choose train, dev or test)")
+        if split not in self._seeds:
+            self._load(game)
+            self._seeds[split] = list(getattr(self._env, _FOLDS[split])())
+        return self._seeds[split]
+
+    def tasks(self, split: str, task_types: list[str]) -> list[TaskSpec]:
+        games = set(self.task_types())
+        out: list[TaskSpec] = []
+        for t in task_types:
+            if t not in games:
+                raise UnknownTaskTypeError(
+                    f"unknown task type {t!r} for env 'twx'; known: {', '.join(all_types('twx'))}"
+                )
+            for seed in self._fold_seeds(t, split):
+                out.append(TaskSpec("twx", split, t, f"{t}/seed{seed}", {"seed": seed}))
+        return out
+
+    def reset(self, task: TaskSpec) -> Reset:
+        game, _, seed_s = task.task_id.partition("/seed")
+        if game != task.task_type or not seed_s.isdigit():
+            raise EnvError(f"twx task id {task.task_id!r} is not of the form GAME/seedN")
+        try:
+            self._load(game)
+            obs, info = self._env.reset(seed=int(seed_s), gameFold=task.split, generateGoldPath=True)
+            self._gold = list(self._env.getGoldActionSequence())
+        except Exception as e:  # py4j errors: name the task, hide the JVM trace
+            raise EnvError(f"twx could not start task {task.task_id} ({task.split}): {e}") from None
+        self._gold_pos = 0
+        self._task = task
+        desc = info["taskDescription"].strip()
+        return Reset(observation=f"{desc}\n\n{obs.strip()}", task=desc, info={"seed": int(seed_s)})
+
+    def step(self, action: str) -> Step:
+        if self._task is None:
+            raise EnvError("twx: step() before reset()")
+        action = " ".join(action.strip().split())
+        if self._gold_pos < len(self._gold) and action == self._gold[self._gold_pos]:
+            self._gold_pos += 1
+        obs, _, done, info = self._env.step(action)
+        return Step(
+            observation=obs.strip(),
+            reward=float(info["score"]),
+            done=bool(done),
+            won=bool(info["tasksuccess"]),
+            info={"valid_actions": info.get("validActions")},
+        )
+
+    def expert_action(self) -> str | None:
+        if self._gold_pos < len(self._gold):
+            return self._gold[self._gold_pos]
+        return None
+
+    def admissible_actions(self) -> list[str]:
+        hist = self._env.getRunHistory()["history"]
+        return list(hist[-1].get("validActions", [])) if hist else []
+
+    def action_templates(self) -> list[str]:
+        return list(ACTION_TEMPLATES)
+
+    def max_steps(self, task: TaskSpec) -> int:
+        return _MAX_STEPS.get(task.task_type, _DEFAULT_MAX_STEPS)
+
+    def close(self) -> None:
+        env, self._env = getattr(self, "_env", None), None
+        if env is not None:
+            try:
+                env.close()
+            except Exception:
+                pass
