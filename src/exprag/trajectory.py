@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from exprag.errors import DataFormatError
 from exprag.io import atomic_write_text
@@ -201,10 +201,11 @@ def to_sharegpt(t: Trajectory, system: str | None = None) -> dict[str, Any]:
 
 
 def export_jsonl(path: str | Path, trajectories: Iterable[Trajectory], fmt: str,
-                 system: str | None = None) -> int:
+                 system: Callable[[Trajectory], str] | None = None) -> int:
+    """Write converted records atomically; ``system(t)`` gives each record's system prompt."""
     conv = {"openai": to_openai, "sharegpt": to_sharegpt}.get(fmt)
     if conv is None:
         raise ValueError(f"unknown export format {fmt!r} (choose openai or sharegpt)")
-    lines = [json.dumps(conv(t, system), ensure_ascii=False) for t in trajectories]
+    lines = [json.dumps(conv(t, system(t) if system else None), ensure_ascii=False) for t in trajectories]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)

@@ -74,7 +74,9 @@ def _load_sentence_transformer(name_or_path: str):
         return _MODEL_CACHE[name_or_path]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-load weights bar is noise in every command's output
     try:
         model = SentenceTransformer(name_or_path, device="cpu" if not _cuda() else None)
     except Exception as e:

@@ -7,7 +7,7 @@ from typing import Any
 from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, TextEnv
 from exprag.envs.splits import ENVS, check_env
 
-__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "make_env"]
+__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates", "make_env"]
 
 
 def make_env(name: str, **kwargs: Any) -> TextEnv:
@@ -24,3 +24,12 @@ def make_env(name: str, **kwargs: Any) -> TextEnv:
     from exprag.envs.alfworld import ALFWorldEnv
 
     return ALFWorldEnv(**kwargs)
+
+
+def action_templates(name: str) -> list[str]:
+    """An env's global action templates without starting it (for prompts built offline, e.g. training)."""
+    check_env(name)
+    import importlib
+
+    module = importlib.import_module(f"exprag.envs.{name}")
+    return list(module.ACTION_TEMPLATES)

@@ -1,0 +1,144 @@
+"""`exprag bank build | query | info | eval-retrieval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bank", help="build, query and inspect experience banks")
+    bsub = p.add_subparsers(dest="bank_command", metavar="SUBCOMMAND", required=True)
+
+    b = bsub.add_parser("build", help="build a bank from trajectory JSONL files (atomic)")
+    b.add_argument("--trajectories", nargs="+", required=True, metavar="F.jsonl")
+    b.add_argument("--out", required=True, metavar="BANK_DIR")
+    b.add_argument("--encoder", default="minilm",
+                   help="minilm (bundled all-MiniLM-L6-v2) | bm25 | a sentence-transformers id or local path")
+    b.add_argument("--only-success", action="store_true", help="store successful trajectories only")
+    b.set_defaults(func=run_build)
+
+    q = bsub.add_parser("query", help="print the top-K trajectories for a task")
+    q.add_argument("bank", metavar="BANK_DIR")
+    q.add_argument("--task", required=True, help="task description (the static query)")
+    q.add_argument("--history", metavar="FILE",
+                   help="dynamic mode: a JSON file with the episode so far (a list of {role, content} "
+                        "messages, or a trajectory record)")
+    q.add_argument("-k", type=int, default=2)
+    q.add_argument("--mode", default="static", choices=["static", "dynamic"])
+    q.add_argument("--encoder", default=None, help="fail unless the bank was built with this encoder")
+    q.add_argument("--task-type", action="append", dest="task_types", help="filter (repeatable)")
+    q.add_argument("--success-only", action="store_true")
+    q.add_argument("--exclude-task-id", action="append", default=[], help="exclusion (repeatable)")
+    q.add_argument("--token-budget", type=int, default=None)
+    q.add_argument("--memory", action="store_true", help="print the rendered memory block")
+    q.add_argument("--format", default="json", choices=["json", "text"], help="memory block format")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=run_query)
+
+    i = bsub.add_parser("info", help="print a bank's manifest summary")
+    i.add_argument("bank", metavar="BANK_DIR")
+    i.set_defaults(func=run_info)
+
+    e = bsub.add_parser("eval-retrieval",
+                        help="how often retrieval returns the query's task type (top-1, any/all of K)")
+    e.add_argument("bank", metavar="BANK_DIR")
+    e.add_argument("--queries", nargs="+", required=True, metavar="F.jsonl",
+                   help="held-out trajectories used as queries")
+    e.add_argument("-k", type=int, default=2)
+    e.add_argument("--mode", default="static", choices=["static", "dynamic"])
+    e.add_argument("--out", default=None, metavar="PREFIX",
+                   help="write PREFIX.json and PREFIX.md (default: print markdown)")
+    e.set_defaults(func=run_eval_retrieval)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from exprag.bank import build_bank
+    from exprag.trajectory import read_jsonl
+
+    trajs = read_jsonl(*args.trajectories)
+    if args.only_success:
+        trajs = [t for t in trajs if t.success]
+    bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty())
+    d = bank.describe()
+    print(f"built bank {args.out}: {d['count']} trajectories, envs {', '.join(d['envs'])}, "
+          f"encoder {d['encoder']['name']}")
+    return 0
+
+
+def _load_history(path: str) -> list[dict]:
+    from exprag.errors import DataFormatError
+    from exprag.trajectory import Trajectory
+
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataFormatError(f"{p}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(obj, dict):
+        return Trajectory.from_dict(obj, where=str(p)).episode_messages()
+    if not isinstance(obj, list):
+        raise DataFormatError(f"{p}: expected a list of messages or a trajectory object")
+    for n, m in enumerate(obj):
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str)):
+            raise DataFormatError(f"{p}: field '[{n}]' must be {{role: user|assistant|system, content: str}}")
+    return obj
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from exprag.bank import Filters, Retriever, load_bank, render_memory
+
+    bank = load_bank(args.bank, encoder=args.encoder)
+    history = _load_history(args.history) if args.history else None
+    filters = Filters(task_types=set(args.task_types) if args.task_types else None,
+                      success=True if args.success_only else None,
+                      exclude_task_ids=set(args.exclude_task_id))
+    hits = Retriever(bank).retrieve(args.task, history, k=args.k, mode=args.mode, filters=filters,
+                                    token_budget=args.token_budget, memory_format=args.format)
+    if args.json:
+        print(json.dumps([{"rank": r + 1, "score": h.score, "id": h.trajectory.id,
+                           "task_type": h.trajectory.task_type, "task": h.trajectory.task,
+                           "success": h.trajectory.success, "num_steps": h.trajectory.num_steps}
+                          for r, h in enumerate(hits)], indent=2))
+        return 0
+    print(f"query ({args.mode}, k={args.k}): {args.task}")
+    for r, h in enumerate(hits, 1):
+        t = h.trajectory
+        print(f"{r}. score {h.score:.4f}  [{t.task_type}] {'success' if t.success else 'failure'}, "
+              f"{t.num_steps} steps  {t.id}\n   task: {t.task}\n   actions: {' | '.join(t.actions()[:8])}"
+              + (" | ..." if len(t.actions()) > 8 else ""))
+    if not hits:
+        print("(no trajectory matched)")
+    if args.memory:
+        print("\n" + render_memory([h.trajectory for h in hits], args.format))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from exprag.bank.store import read_manifest
+
+    m = read_manifest(args.bank)
+    print(json.dumps({k: v for k, v in m.items() if k != "inputs"}, indent=2))
+    return 0
+
+
+def run_eval_retrieval(args: argparse.Namespace) -> int:
+    from exprag.bank import load_bank
+    from exprag.bank.quality import evaluate_retrieval
+    from exprag.io import atomic_write_json, atomic_write_text
+    from exprag.trajectory import read_jsonl
+
+    bank = load_bank(args.bank)
+    report = evaluate_retrieval(bank, read_jsonl(*args.queries), k=args.k, mode=args.mode)
+    md = report.markdown()
+    if args.out:
+        atomic_write_json(f"{args.out}.json", report.as_dict())
+        atomic_write_text(f"{args.out}.md", md)
+        print(f"wrote {args.out}.json and {args.out}.md")
+    print(md)
+    return 0

@@ -1,0 +1,85 @@
+"""`exprag collect`: run an environment's expert and write trajectories + a split manifest."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="run the expert / gold policy and write trajectories (JSONL)",
+                       description="Run an environment's expert on a split and write trajectories, "
+                                   "with a split manifest (task ids + hash) beside the output.")
+    p.add_argument("--env", required=True, help="scienceworld | twx | alfworld")
+    p.add_argument("--split", default="train", choices=["train", "dev", "test"])
+    p.add_argument("--task-types", default="all", help="easy | hard | all | comma list of task types")
+    p.add_argument("--per-type", type=int, default=None, help="at most N tasks per task type")
+    p.add_argument("--limit", type=int, default=None, help="at most N tasks in all")
+    p.add_argument("--sample", action="store_true",
+                   help="pick tasks at random (seeded) instead of the first ones of each type")
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--keep-failures", action="store_true",
+                   help="also write expert episodes that did not reach success")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment option (repeatable), e.g. data_dir=/path")
+    p.set_defaults(func=run)
+
+
+def parse_env_args(items: list[str]) -> dict:
+    from exprag.errors import ExpragError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ExpragError(f"--env-arg {item!r} is not KEY=VALUE")
+        out[key.replace("-", "_")] = int(value) if value.isdigit() else value
+    return out
+
+
+def select_tasks(tasks, per_type, limit, sample, seed):
+    by_type: dict[str, list] = {}
+    for t in tasks:
+        by_type.setdefault(t.task_type, []).append(t)
+    rng = random.Random(seed)
+    chosen = []
+    for tt, group in by_type.items():
+        if sample:
+            group = rng.sample(group, len(group))
+        chosen.extend(group[:per_type] if per_type is not None else group)
+    return chosen[:limit] if limit is not None else chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    from exprag.envs import make_env
+    from exprag.envs.splits import check_env, resolve_task_types, write_manifest
+    from exprag.expert import CollectReport, collect
+    from exprag.progress import bar
+    from exprag.trajectory import write_jsonl
+
+    check_env(args.env)
+    types = resolve_task_types(args.env, args.task_types)
+    with make_env(args.env, **parse_env_args(args.env_arg)) as env:
+        tasks = select_tasks(env.tasks(args.split, types), args.per_type, args.limit, args.sample, args.seed)
+        report = CollectReport()
+        trajs = []
+        pbar = bar(total=len(tasks), desc=f"collect {args.env}/{args.split}", unit="ep")
+        for traj in collect(env, tasks, report=report):
+            if traj.success or args.keep_failures:
+                trajs.append(traj)
+            pbar.update(1)
+            pbar.set_postfix(ok=sum(t.success for t in trajs), failed=len(report.failures))
+        pbar.close()
+    n = write_jsonl(args.out, trajs)
+    mpath = write_manifest(args.out, tasks, collected=n, failures=[
+        {"task_id": t.task_id, "task_type": t.task_type, "reason": why} for t, why in report.failures])
+    steps = sum(t.num_steps for t in trajs)
+    print(f"wrote {n} trajectories ({steps} steps) to {args.out}; manifest {mpath}")
+    if report.failures:
+        print(f"{len(report.failures)} expert episodes did not reach success:", file=sys.stderr)
+        for task, why in report.failures:
+            print(f"  {task.task_type} {task.task_id}: {why}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,93 @@
+"""`exprag quickstart`: the main job, offline on the bundled defaults.
+
+1. collect expert trajectories (TextWorldExpress, easy + hard train games) and build a MiniLM bank;
+2. retrieve, for held-out test tasks of the hard types, the top-2 trajectories and print them;
+3. run the bundled SmolLM2-135M agent on those held-out hard tasks without a bank and with static
+   K=2 retrieval, and print success, steps and tokens/s (skipped with ``--no-agent``).
+
+Everything lands in one run directory; a rerun reuses what is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="the main job: expert bank, retrieval, and a small agent evaluation",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quickstart", help="run directory (reused when it exists)")
+    p.add_argument("--per-type", type=int, default=5, help="expert trajectories per train task type")
+    p.add_argument("--test-per-type", type=int, default=1, help="held-out test tasks per hard task type")
+    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-steps", type=int, default=15, help="agent step cap per episode")
+    p.add_argument("--no-agent", action="store_true", help="stop after retrieval (no model is loaded)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exprag.bank import Retriever, build_bank, load_bank
+    from exprag.bank.store import read_manifest
+    from exprag.envs import make_env
+    from exprag.envs.splits import resolve_task_types, write_manifest
+    from exprag.errors import BankError
+    from exprag.expert import collect
+    from exprag.progress import bar
+    from exprag.trajectory import read_jsonl, write_jsonl
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    data = out / "data" / "twx-train-easy-hard.jsonl"
+    bank_dir = out / "bank"
+    env_name = "twx"
+    hard = resolve_task_types(env_name, "hard")
+    with make_env(env_name) as env:
+        test_tasks = [t for tt in hard for t in env.tasks("test", [tt])[: args.test_per_type]]
+        if not data.is_file():
+            types = resolve_task_types(env_name, "all")
+            tasks = [t for tt in types for t in env.tasks("train", [tt])[: args.per_type]]
+            trajs = [t for t in collect(env, bar(tasks, desc="expert trajectories", unit="ep"))]
+            write_jsonl(data, [t for t in trajs if t.success])
+            write_manifest(data, tasks, collected=sum(t.success for t in trajs))
+    trajs = read_jsonl(data)
+    print(f"[1/3] expert bank data: {len(trajs)} trajectories of {len({t.task_type for t in trajs})} "
+          f"task types ({env_name}, train split) -> {data}")
+    try:
+        current = read_manifest(bank_dir)
+        fresh = current.get("count") == len(trajs) and current["encoder"]["name"] == args.encoder
+    except BankError:
+        fresh = False
+    bank = load_bank(bank_dir) if fresh else build_bank(trajs, bank_dir, args.encoder, sources=[data])
+    print(f"      bank: {bank_dir} (encoder {bank.manifest['encoder']['name']})")
+
+    print(f"[2/3] static retrieval (k=2) for {len(test_tasks)} held-out test tasks of the hard types:")
+    retriever = Retriever(bank)
+    with make_env(env_name) as env:
+        for task in test_tasks:
+            desc = env.reset(task).task
+            hits = retriever.retrieve(desc, k=2, mode="static")
+            right = sum(h.trajectory.task_type == task.task_type for h in hits)
+            print(f"  - [{task.task_type}] {task.task_id}: {desc[:90]}")
+            for h in hits:
+                t = h.trajectory
+                print(f"      {h.score:6.3f}  [{t.task_type}] {t.id}  ({t.num_steps} steps: "
+                      f"{' | '.join(t.actions()[:4])}{' | ...' if t.num_steps > 4 else ''})")
+            print(f"      {right}/{len(hits)} retrieved trajectories share the task type")
+
+    if args.no_agent:
+        print(f"done in {time.perf_counter() - t0:.0f}s (agent step skipped); run directory: {out}")
+        return 0
+    try:
+        from exprag.evaluate import run_quickstart_eval
+    except ImportError:
+        print("[3/3] agent evaluation is not available in this build", file=sys.stderr)
+        return 0
+    print(f"[3/3] agent: {args.model} on {len(test_tasks)} held-out hard tasks, no bank vs static k=2")
+    table = run_quickstart_eval(out, env_name, test_tasks, bank_dir, args.model, args.max_steps)
+    print(table)
+    print(f"done in {time.perf_counter() - t0:.0f}s; run directory: {out}")
+    return 0

@@ -1,0 +1,83 @@
+"""Typed run configurations, loadable from YAML; CLI flags override fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from exprag.errors import DataFormatError
+
+T = TypeVar("T")
+
+
+@dataclass
+class RetrievalConfig:
+    bank: str | None = None  # bank directory; None = no retrieval
+    k: int = 2
+    mode: str = "static"  # static | dynamic
+    memory_format: str = "json"  # json | text
+    token_budget: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    env: str = "twx"
+    split: str = "test"
+    task_types: str = "hard"  # easy | hard | all | comma list
+    per_type: int | None = 5
+    limit: int | None = None
+    model: str = "smollm2-135m"
+    adapter: str | None = None
+    backend: str = "hf"  # hf | openai
+    base_url: str | None = None
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    max_steps: int | None = None  # None = the env's cap (ALFWorld 50)
+    max_new_tokens: int = 32
+    batch_size: int = 4  # episodes stepped together (one model call per step for the batch)
+    write_back: bool = False
+    show_admissible: bool = False
+    seed: int = 2025
+    out: str = "runs/eval"
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>") -> T:
+    """Build a (nested) config dataclass, rejecting unknown keys with the file and field named."""
+    if not isinstance(data, dict):
+        raise DataFormatError(f"{where}: expected a mapping for {cls.__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise DataFormatError(f"{where}: unknown field {key!r} for {cls.__name__}")
+        ftype = fields[key].type
+        sub = _dataclass_type(ftype)
+        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(ftype: Any) -> type | None:
+    g = globals()
+    if isinstance(ftype, str):
+        ftype = g.get(ftype.split("|")[0].strip())
+    return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise DataFormatError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    return from_dict(cls, data, str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
