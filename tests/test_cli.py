@@ -56,7 +56,7 @@ def test_collect_build_query_chain(tmp_path, capsys):
 @pytest.mark.parametrize("argv, expect", [
     (["collect", "--env", "minigrid", "--out", "X"], "unknown env 'minigrid'"),
     (["collect", "--env", "twx", "--task-types", "cooking", "--out", "X"], "unknown task type 'cooking'"),
-    (["bank", "query", "NOPE", "--task", "x"], "NOPE: no bank directory"),
+    (["bank", "query", "NOPE", "--task", "x"], "nope: no bank directory"),
 ])
 def test_bad_input_exit_2(tmp_path, capsys, argv, expect):
     argv = [a.replace("X", str(tmp_path / "x.jsonl")).replace("NOPE", str(tmp_path / "nope")) for a in argv]
@@ -69,7 +69,8 @@ def test_malformed_jsonl_writes_nothing(tmp_path, capsys, twx_trajs):
     good = tmp_path / "good.jsonl"
     write_jsonl(good, twx_trajs[0][:2])
     bad = tmp_path / "bad.jsonl"
-    lines = good.read_text().splitlines()
+    write_jsonl(bad, twx_trajs[0][2:4])
+    lines = bad.read_text().splitlines()
     obj = json.loads(lines[1])
     obj["success"] = "yes"
     bad.write_text(lines[0] + "\n" + json.dumps(obj) + "\n")
