@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 
 
@@ -39,22 +38,9 @@ def parse_env_args(items: list[str]) -> dict:
     return out
 
 
-def select_tasks(tasks, per_type, limit, sample, seed):
-    by_type: dict[str, list] = {}
-    for t in tasks:
-        by_type.setdefault(t.task_type, []).append(t)
-    rng = random.Random(seed)
-    chosen = []
-    for tt, group in by_type.items():
-        if sample:
-            group = rng.sample(group, len(group))
-        chosen.extend(group[:per_type] if per_type is not None else group)
-    return chosen[:limit] if limit is not None else chosen
-
-
 def run(args: argparse.Namespace) -> int:
     from exprag.envs import make_env
-    from exprag.envs.splits import check_env, resolve_task_types, write_manifest
+    from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
     from exprag.expert import CollectReport, collect
     from exprag.progress import bar
     from exprag.trajectory import write_jsonl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,21 @@ def resolve_task_types(env: str, spec: str | Iterable[str]) -> list[str]:
     if not out:
         raise UnknownTaskTypeError(f"no task types given for env {env!r}")
     return out
+
+
+def select_tasks(tasks: list[TaskSpec], per_type: int | None = None, limit: int | None = None,
+                 sample: bool = False, seed: int = 2025) -> list[TaskSpec]:
+    """At most ``per_type`` tasks of each type (the first ones, or a seeded sample), then ``limit``."""
+    by_type: dict[str, list[TaskSpec]] = {}
+    for t in tasks:
+        by_type.setdefault(t.task_type, []).append(t)
+    rng = random.Random(seed)
+    chosen: list[TaskSpec] = []
+    for group in by_type.values():
+        if sample:
+            group = rng.sample(group, len(group))
+        chosen.extend(group[:per_type] if per_type is not None else group)
+    return chosen[:limit] if limit is not None else chosen
 
 
 def manifest(tasks: list[TaskSpec], **extra) -> dict:

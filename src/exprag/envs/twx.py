@@ -38,6 +38,7 @@ ACTION_TEMPLATES = [
 
 class TWXEnv(EnvBase):
     name = "twx"
+    cheap_admissible = True  # the server returns valid actions with every step
 
     def __init__(self, env_step_limit: int = 100, game_params: str = ""):
         try:

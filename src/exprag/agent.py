@@ -1,0 +1,186 @@
+"""The episode loop: prompt = system (instructions + action templates + memory block) + history.
+
+Several episodes run side by side, each in its own environment instance ("slot"); every step makes
+one batched model call for all live episodes, so the model is shared. With static retrieval the
+system prompt is fixed for the episode and the backend's KV cache serves the growing prefix; with
+dynamic retrieval the memory block is re-retrieved from task + history before every step.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from exprag.bank.memory import render_memory
+from exprag.bank.retriever import Filters, Retriever
+from exprag.envs.base import TaskSpec, TextEnv
+from exprag.expert import EpisodeRecorder, trajectory_id
+from exprag.llm.base import ChatModel
+from exprag.prompt import system_prompt
+from exprag.trajectory import Trajectory
+
+# What an env answers to an action it cannot parse; used for replies we cannot parse at all.
+NOTHING_HAPPENS = "Nothing happens."
+_PREFIX = re.compile(r"^\s*(?:>\s*|action\s*\d*\s*:\s*|\d+[.)]\s+|-\s+)", re.IGNORECASE)
+
+
+def parse_action(reply: str) -> str | None:
+    """The first non-empty line, without "Action:" / "> " / list prefixes, quotes and a trailing
+    period; None when nothing usable is left."""
+    for line in reply.splitlines():
+        line = line.strip().strip("`").strip()
+        if not line:
+            continue
+        line = _PREFIX.sub("", line).strip().strip("\"'").strip()
+        line = line.rstrip(".!").strip()
+        line = " ".join(line.split())
+        return line or None
+    return None
+
+
+@dataclass
+class AgentConfig:
+    k: int = 2
+    mode: str = "static"  # static | dynamic
+    memory_format: str = "json"
+    token_budget: int | None = None
+    max_steps: int | None = None  # None: the env's cap
+    max_new_tokens: int = 32
+    show_admissible: bool = False
+    track_valid: bool = True  # check each parsed action against the admissible ones (cheap envs only)
+
+
+@dataclass
+class _Slot:
+    env: TextEnv
+    task: TaskSpec | None = None
+    rec: EpisodeRecorder | None = None
+    cap: int = 0
+    system: str = ""
+    memory_ids: list[str] = field(default_factory=list)
+    retrievals: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    completion_tokens: int = 0
+    gen_seconds: float = 0.0
+    invalid: int = 0  # parsed action not admissible
+    unparsable: int = 0
+    started: float = 0.0
+
+
+@dataclass
+class EpisodeResult:
+    task: TaskSpec
+    trajectory: Trajectory
+    stats: dict
+
+
+class Agent:
+    def __init__(self, model: ChatModel, retriever: Retriever | None, cfg: AgentConfig,
+                 filters: Filters | None = None):
+        self.model = model
+        self.retriever = retriever
+        self.cfg = cfg
+        self.filters = filters
+
+    # ---- prompt --------------------------------------------------------------------------------
+    def _memory(self, slot: _Slot) -> tuple[str, list[str]]:
+        if self.retriever is None or self.cfg.k == 0:
+            return "", []
+        history = slot.rec.messages if self.cfg.mode == "dynamic" else None
+        hits = self.retriever.retrieve(slot.rec.reset.task, history, k=self.cfg.k, mode=self.cfg.mode,
+                                       filters=self.filters, token_budget=self.cfg.token_budget,
+                                       memory_format=self.cfg.memory_format)
+        slot.retrievals += 1
+        return render_memory([h.trajectory for h in hits], self.cfg.memory_format), [h.trajectory.id for h in hits]
+
+    def _system(self, slot: _Slot) -> str:
+        memory, slot.memory_ids = self._memory(slot)
+        admissible = slot.env.admissible_actions() if self.cfg.show_admissible else None
+        return system_prompt(slot.env.action_templates(), memory, admissible)
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def run(self, envs: Sequence[TextEnv], tasks: Sequence[TaskSpec]) -> Iterator[EpisodeResult]:
+        """Play ``tasks`` on ``len(envs)`` env instances; yields each episode as it finishes."""
+        queue = list(tasks)
+        slots = [_Slot(env) for env in envs]
+        source = getattr(self.model, "name", "model")
+        for s in slots:
+            self._start(s, queue, source)
+        while any(s.task is not None for s in slots):
+            live = [s for s in slots if s.task is not None]
+            if self.cfg.mode == "dynamic" or self.cfg.show_admissible:
+                for s in live:
+                    if s.rec.steps > 0:
+                        s.system = self._system(s)
+            convs = [[{"role": "system", "content": s.system}] + s.rec.messages for s in live]
+            gens = self.model.generate(convs, max_new_tokens=self.cfg.max_new_tokens,
+                                       session_ids=[_sid(s) for s in live])
+            for s, g in zip(live, gens):
+                s.prompt_tokens += g.prompt_tokens
+                s.prefill_tokens += g.prefill_tokens
+                s.completion_tokens += g.completion_tokens
+                s.gen_seconds += g.seconds
+                self._act(s, g.text)
+                if s.rec.done or s.rec.steps >= s.cap:
+                    yield self._finish(s)
+                    self._start(s, queue, source)
+
+    def _start(self, s: _Slot, queue: list[TaskSpec], source: str) -> None:
+        s.task = None
+        if not queue:
+            return
+        task = queue.pop(0)
+        reset = s.env.reset(task)
+        s.task, s.rec = task, EpisodeRecorder(s.env, task, reset, source=source)
+        s.cap = self.cfg.max_steps or s.env.max_steps(task)
+        s.retrievals = s.prompt_tokens = s.prefill_tokens = s.completion_tokens = 0
+        s.invalid = s.unparsable = 0
+        s.gen_seconds = 0.0
+        s.started = time.perf_counter()
+        s.system = self._system(s)
+
+    def _act(self, s: _Slot, reply: str) -> None:
+        action = parse_action(reply)
+        if action is None:
+            s.unparsable += 1
+            s.rec.messages.append({"role": "assistant", "content": reply.strip()})
+            s.rec.messages.append({"role": "user", "content": NOTHING_HAPPENS})
+            s.rec.steps += 1
+            return
+        if self.cfg.track_valid and getattr(s.env, "cheap_admissible", False):
+            if action not in s.env.admissible_actions():
+                s.invalid += 1
+        s.rec.record(action, s.env.step(action))
+
+    def _finish(self, s: _Slot) -> EpisodeResult:
+        wall = time.perf_counter() - s.started
+        stats = {
+            "steps": s.rec.steps,
+            "wall_s": round(wall, 3),
+            "gen_s": round(s.gen_seconds, 3),
+            "prompt_tokens": s.prompt_tokens,
+            "prefill_tokens": s.prefill_tokens,
+            "completion_tokens": s.completion_tokens,
+            "retrievals": s.retrievals,
+            "unparsable": s.unparsable,
+            "memory_ids": s.memory_ids,
+        }
+        if self.cfg.track_valid and getattr(s.env, "cheap_admissible", False):
+            stats["invalid_actions"] = s.invalid
+        traj = s.rec.trajectory(meta={"agent": {k: v for k, v in stats.items() if k != "memory_ids"},
+                                      "memory_ids": s.memory_ids},
+                                traj_id=trajectory_id(s.env.name, s.task, s.rec.source))
+        model = getattr(self.model, "end_session", None)
+        if model:
+            model(_sid(s))
+        return EpisodeResult(s.task, traj, stats)
+
+
+def _sid(s: _Slot) -> str:
+    return f"{s.task.env}:{s.task.split}:{s.task.task_id}:{id(s)}"
+
+
+EnvFactory = Callable[[], TextEnv]

@@ -1,0 +1,76 @@
+"""`exprag eval`: run a model (optionally with an adapter and a bank) over a split; resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model with or without retrieval (resumable run directory)",
+                       description="Run the agent on a split and write config, per-episode results, "
+                                   "trajectories and metrics to --out. Rerunning resumes.")
+    p.add_argument("--config", default=None, help="YAML EvalConfig; flags below override its fields")
+    p.add_argument("--env", default=None, help="alfworld | scienceworld | twx")
+    p.add_argument("--split", default=None, choices=["train", "dev", "test"])
+    p.add_argument("--task-types", default=None, help="easy | hard | all | comma list")
+    p.add_argument("--per-type", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--model", default=None, help="smollm2-135m | HF id in the local cache | local path")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory")
+    p.add_argument("--backend", default=None, choices=["hf", "openai"])
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    bank = p.add_mutually_exclusive_group()
+    bank.add_argument("--bank", default=None, metavar="BANK_DIR")
+    bank.add_argument("--no-bank", action="store_true")
+    p.add_argument("-k", type=int, default=None)
+    p.add_argument("--mode", default=None, choices=["static", "dynamic"])
+    p.add_argument("--memory-format", default=None, choices=["json", "text"])
+    p.add_argument("--token-budget", type=int, default=None, help="max (approx.) tokens of memory")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="episodes stepped together")
+    p.add_argument("--write-back", action="store_true", help="append finished episodes to the bank")
+    p.add_argument("--show-admissible", action="store_true", help="list valid actions in the prompt")
+    p.add_argument("--out", default=None, metavar="RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    from exprag.config import EvalConfig, load_yaml
+
+    cfg = load_yaml(EvalConfig, args.config) if args.config else EvalConfig()
+    for name in ("env", "split", "task_types", "per_type", "limit", "model", "adapter", "backend",
+                 "base_url", "max_steps", "max_new_tokens", "batch_size", "out"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.write_back:
+        cfg.write_back = True
+    if args.show_admissible:
+        cfg.show_admissible = True
+    r = cfg.retrieval
+    if args.no_bank:
+        r.bank = None
+    elif args.bank:
+        r.bank = args.bank
+    for name in ("k", "mode", "memory_format", "token_budget"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(r, name, value)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from exprag.evaluate import evaluate
+
+    cfg = build_config(args)
+    res = evaluate(cfg, progress=True, overwrite=args.overwrite)
+    m = res.metrics
+    print(f"{cfg.env}/{cfg.split} {','.join(m['task_types'])}: success {m['successes']}/{m['n']} "
+          f"= {m['success_rate']:.1%} (95% CI {m['ci95'][0]:.1%}–{m['ci95'][1]:.1%}); "
+          f"{res.new_episodes} new episodes, {res.skipped} resumed")
+    for t, b in m["per_type"].items():
+        print(f"  {t}: {b['successes']}/{b['n']} = {b['success_rate']:.1%}")
+    print(f"run directory: {res.out}")
+    return 0

@@ -1,0 +1,210 @@
+"""Evaluation: run the agent over a split, resumably, and measure success per task type.
+
+A run directory holds::
+
+    config.json          the resolved EvalConfig (a rerun with another config is refused)
+    results.jsonl        one line per finished episode, appended (fsync) as episodes finish
+    trajectories.jsonl   the episodes as Trajectory records, appended likewise
+    metrics.json         success overall and per task type, counts, 95% intervals (atomic)
+
+Rerunning the same command skips every episode already in results.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from exprag.config import EvalConfig, RetrievalConfig, to_dict
+from exprag.errors import BankError, DataFormatError, ExpragError
+from exprag.io import append_jsonl, atomic_write_json
+
+# Fields that may change between a run and its resumption without changing what is measured.
+_RESUMABLE = {"out", "batch_size", "limit", "per_type"}
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict[str, Any]
+    new_episodes: int = 0
+    skipped: int = 0
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.metrics["success_rate"])
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval: well-behaved at 0%, 100% and small n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def compute_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        n = len(rs)
+        s = sum(bool(r["success"]) for r in rs)
+        gen = sum(r.get("gen_s", 0.0) for r in rs)
+        toks = sum(r.get("prefill_tokens", 0) + r.get("completion_tokens", 0) for r in rs)
+        out = {
+            "n": n, "successes": s,
+            "success_rate": round(s / n, 4) if n else 0.0,
+            "ci95": wilson(s, n),
+            "mean_steps": round(sum(r["steps"] for r in rs) / n, 2) if n else 0.0,
+            "tokens_per_s": round(toks / gen, 1) if gen > 0 else None,
+            "unparsable_rate": _rate(rs, "unparsable"),
+        }
+        if rs and all("invalid_actions" in r for r in rs):
+            out["valid_action_rate"] = round(1 - _rate(rs, "invalid_actions") - out["unparsable_rate"], 4)
+        return out
+
+    by_type: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_type[r["task_type"]].append(r)
+    return {**block(rows), "per_type": {t: block(rs) for t, rs in sorted(by_type.items())}}
+
+
+def _rate(rows: list[dict[str, Any]], key: str) -> float:
+    steps = sum(r["steps"] for r in rows)
+    return round(sum(r.get(key, 0) for r in rows) / steps, 4) if steps else 0.0
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Finished episodes; a torn last line (killed mid-write) is dropped, any other bad line is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
+    path = out / "config.json"
+    want = to_dict(cfg)
+    if path.is_file() and not overwrite:
+        have = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in sorted(set(want) | set(have)) if k not in _RESUMABLE and want.get(k) != have.get(k)]
+        if diff:
+            k = diff[0]
+            raise ExpragError(
+                f"{path}: field '{k}' is {have.get(k)!r} in the existing run but {want.get(k)!r} now; "
+                "use another --out, or --overwrite to discard the old run"
+            )
+    if overwrite:
+        for name in ("results.jsonl", "trajectories.jsonl", "metrics.json"):
+            (out / name).unlink(missing_ok=True)
+    atomic_write_json(path, want)
+
+
+def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: bool = False,
+             on_episode: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
+    """Run (or resume) an evaluation. ``model``: a loaded ChatModel to share between runs."""
+    from exprag.agent import Agent, AgentConfig
+    from exprag.bank import Retriever, append_to_bank, load_bank
+    from exprag.envs import make_env
+    from exprag.envs.splits import check_env, resolve_task_types, select_tasks
+    from exprag.progress import bar
+
+    check_env(cfg.env)
+    types = resolve_task_types(cfg.env, cfg.task_types)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, cfg, overwrite)
+    rows = read_results(out / "results.jsonl")
+    done = {r["task_id"] for r in rows}
+
+    retriever = None
+    r: RetrievalConfig = cfg.retrieval
+    if r.bank:
+        bank = load_bank(r.bank)
+        if cfg.env not in bank.envs:
+            raise BankError(f"{r.bank}: bank holds {', '.join(bank.envs)} trajectories, not {cfg.env}; "
+                            "build a bank for this env")
+        retriever = Retriever(bank)
+
+    envs = []
+    try:
+        first = make_env(cfg.env)
+        envs.append(first)
+        tasks = select_tasks(first.tasks(cfg.split, types), cfg.per_type, cfg.limit)
+        todo = [t for t in tasks if t.task_id not in done]
+        if todo:
+            if model is None:
+                from exprag.llm import load_chat_model
+
+                model = load_chat_model(cfg.model, adapter=cfg.adapter, backend=cfg.backend,
+                                        base_url=cfg.base_url)
+            for _ in range(min(cfg.batch_size, len(todo)) - 1):
+                envs.append(make_env(cfg.env))
+        agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,
+                                                    token_budget=r.token_budget, max_steps=cfg.max_steps,
+                                                    max_new_tokens=cfg.max_new_tokens,
+                                                    show_admissible=cfg.show_admissible))
+        pbar = bar(total=len(tasks), desc=f"eval {cfg.env}/{cfg.split}", unit="ep", enabled=progress or None)
+        pbar.update(len(tasks) - len(todo))
+        for res in (agent.run(envs, todo) if todo else []):
+            row = {"task_id": res.task.task_id, "task_type": res.task.task_type, "split": res.task.split,
+                   "success": res.trajectory.success, "reward": res.trajectory.reward,
+                   "trajectory_id": res.trajectory.id, **res.stats}
+            append_jsonl(out / "trajectories.jsonl", res.trajectory.to_dict())
+            append_jsonl(out / "results.jsonl", row)
+            rows.append(row)
+            if cfg.write_back and retriever is not None:
+                retriever.bank = append_to_bank(retriever.bank, [res.trajectory])
+            if on_episode:
+                on_episode(row)
+            pbar.update(1)
+            pbar.set_postfix(success=f"{sum(x['success'] for x in rows)}/{len(rows)}")
+        pbar.close()
+    finally:
+        for e in envs:
+            e.close()
+    selected = {t.task_id for t in tasks}
+    metrics = compute_metrics([x for x in rows if x["task_id"] in selected])
+    metrics.update({"env": cfg.env, "split": cfg.split, "task_types": types, "model": cfg.model,
+                    "adapter": cfg.adapter, "retrieval": to_dict(r) if r.bank else None,
+                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_json(out / "metrics.json", metrics)
+    return EvalResult(out, metrics, new_episodes=len(todo), skipped=len(tasks) - len(todo))
+
+
+def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_spec: str,
+                        max_steps: int) -> str:
+    """The quickstart's comparison: the same model on the same held-out tasks, no bank vs static K=2."""
+    from exprag.llm import load_chat_model
+
+    model = load_chat_model(model_spec)
+    per_type = max(1, max(sum(t.task_type == tt for t in tasks) for tt in {t.task_type for t in tasks}))
+    base = EvalConfig(env=env, split=tasks[0].split, task_types=",".join(dict.fromkeys(t.task_type for t in tasks)),
+                      per_type=per_type, model=model_spec, max_steps=max_steps, batch_size=len(tasks))
+    rows = []
+    for name, retrieval in (("no bank", RetrievalConfig()),
+                            ("static k=2", RetrievalConfig(bank=str(bank_dir), k=2, mode="static"))):
+        cfg = replace(base, retrieval=retrieval, out=str(out / f"eval-{name.replace(' ', '-').replace('=', '')}"))
+        res = evaluate(cfg, model=model, progress=True)
+        m = res.metrics
+        rows.append(f"| {name} | {m['successes']}/{m['n']} ({m['success_rate']:.0%}) | {m['mean_steps']} | "
+                    f"{m['tokens_per_s']} | {m.get('valid_action_rate', '–')} | {res.out} |")
+    head = ["| method | success | mean steps | tokens/s | valid actions | run dir |",
+            "|---|---|---|---|---|---|"]
+    return "\n".join(head + rows)
