@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from exprag.config import EvalConfig, RetrievalConfig, to_dict
 from exprag.errors import BankError, DataFormatError, ExpragError
-from exprag.io import append_jsonl, atomic_write_json
+from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, truncate_torn_tail
 
 # Fields that may change between a run and its resumption without changing what is measured.
 _RESUMABLE = {"out", "batch_size", "limit", "per_type"}
@@ -98,6 +98,17 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _drop_orphan_trajectories(path: Path, keep: set[str]) -> None:
+    """A kill between the two appends leaves a trajectory without its result line; the episode
+    will be rerun, so its first trajectory goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("id") in keep]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
 def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
     path = out / "config.json"
     want = to_dict(cfg)
@@ -130,8 +141,11 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg, overwrite)
+    for name in ("results.jsonl", "trajectories.jsonl"):
+        truncate_torn_tail(out / name)
     rows = read_results(out / "results.jsonl")
     done = {r["task_id"] for r in rows}
+    _drop_orphan_trajectories(out / "trajectories.jsonl", {r["trajectory_id"] for r in rows})
 
     retriever = None
     r: RetrievalConfig = cfg.retrieval

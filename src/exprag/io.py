@@ -55,3 +55,16 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def truncate_torn_tail(path: str | Path) -> bool:
+    """Drop a last line left without its newline by a kill mid-append; True if something was cut."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+    return True

@@ -1,0 +1,56 @@
+"""The episode loop on real TWX with a tiny random model (mechanics) — static and dynamic."""
+
+import pytest
+
+from exprag.agent import Agent, AgentConfig, parse_action
+from exprag.bank import Retriever, build_bank
+from exprag.envs import make_env
+
+
+@pytest.mark.parametrize("reply, action", [
+    ("open door to north", "open door to north"),
+    ("  Action: take coin.\nbecause", "take coin"),
+    ("> move south", "move south"),
+    ('"look around"', "look around"),
+    ("1. read map", "read map"),
+    ("\n\n", None),
+    ("", None),
+])
+def test_parse_action(reply, action):
+    assert parse_action(reply) == action
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from exprag.llm.hf import HFChatModel
+    from exprag.llm.models import tiny_random_model
+
+    path = tiny_random_model(tmp_path_factory.mktemp("tiny") / "model")
+    return HFChatModel(str(path), max_batch_size=4)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_episodes_record_trajectories(tiny_model, twx_trajs, tmp_path, mode):
+    train, _ = twx_trajs
+    bank = build_bank(train, tmp_path / "bank", "bm25")
+    envs = [make_env("twx"), make_env("twx")]
+    try:
+        tasks = [t for g in ("coin", "simonsays") for t in envs[0].tasks("test", [g])[:1]] + \
+                envs[0].tasks("test", ["twc"])[:1]
+        agent = Agent(tiny_model, Retriever(bank), AgentConfig(k=2, mode=mode, max_steps=3, max_new_tokens=8))
+        results = list(agent.run(envs, tasks))
+    finally:
+        for e in envs:
+            e.close()
+    assert sorted(r.task.task_id for r in results) == sorted(t.task_id for t in tasks)
+    for r in results:
+        traj = r.trajectory
+        assert traj.num_steps == 3 and len(traj.actions()) == 3
+        assert traj.source == tiny_model.name and traj.split == "test"
+        assert r.stats["retrievals"] == (1 if mode == "static" else 3)
+        assert len(r.stats["memory_ids"]) == 2
+        assert r.stats["prompt_tokens"] >= r.stats["prefill_tokens"] > 0
+        assert "invalid_actions" in r.stats
+    if mode == "static":
+        # The growing prefix is served from the KV cache: later steps prefill only new tokens.
+        assert all(r.stats["prefill_tokens"] < r.stats["prompt_tokens"] for r in results)

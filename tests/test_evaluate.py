@@ -1,0 +1,98 @@
+"""Resumable evaluation on real TWX episodes with a tiny random model."""
+
+import json
+
+import pytest
+
+from exprag.config import EvalConfig, RetrievalConfig
+from exprag.errors import BankError, ExpragError
+from exprag.evaluate import compute_metrics, evaluate, read_results, wilson
+
+
+def test_wilson():
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35
+    lo, hi = wilson(10, 10)
+    assert hi == 1.0 and 0.65 < lo < 0.75
+    assert wilson(0, 0) == (0.0, 0.0)
+
+
+def test_metrics_per_type():
+    rows = [{"task_type": "a", "success": True, "steps": 4, "gen_s": 1.0, "prefill_tokens": 10,
+             "completion_tokens": 10, "unparsable": 0, "invalid_actions": 1},
+            {"task_type": "b", "success": False, "steps": 4, "gen_s": 1.0, "prefill_tokens": 10,
+             "completion_tokens": 10, "unparsable": 1, "invalid_actions": 0}]
+    m = compute_metrics(rows)
+    assert m["n"] == 2 and m["success_rate"] == 0.5 and m["tokens_per_s"] == 20.0
+    assert m["per_type"]["a"]["success_rate"] == 1.0 and m["valid_action_rate"] == 0.75
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from exprag.llm.hf import HFChatModel
+    from exprag.llm.models import tiny_random_model
+
+    path = tiny_random_model(tmp_path_factory.mktemp("tiny") / "model")
+    return str(path), HFChatModel(str(path), max_batch_size=4)
+
+
+def _cfg(tmp_path, model_path, **kw):
+    return EvalConfig(env="twx", split="test", task_types="coin,simonsays", per_type=2, model=model_path,
+                      max_steps=2, max_new_tokens=6, batch_size=2, out=str(tmp_path / "run"), **kw)
+
+
+def test_kill_and_resume(tmp_path, tiny):
+    path, model = tiny
+    cfg = _cfg(tmp_path, path)
+    seen = []
+
+    def crash_after_one(row):
+        seen.append(row)
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # a kill between episodes
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, model=model, on_episode=crash_after_one)
+    assert len(read_results(tmp_path / "run" / "results.jsonl")) == 1
+    # A torn last line (killed mid-write) is dropped on resume.
+    with open(tmp_path / "run" / "results.jsonl", "a") as f:
+        f.write('{"task_id": "coin/se')
+    res = evaluate(cfg, model=model)
+    rows = read_results(tmp_path / "run" / "results.jsonl")
+    assert res.new_episodes == 3 and res.skipped == 1
+    assert len({r["task_id"] for r in rows}) == 4 and res.metrics["n"] == 4
+    assert set(res.metrics["per_type"]) == {"coin", "simonsays"}
+    again = evaluate(cfg, model=model)
+    assert again.new_episodes == 0 and again.metrics["n"] == 4
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["ci95"][0] <= metrics["success_rate"] <= metrics["ci95"][1]
+    trajs = (tmp_path / "run" / "trajectories.jsonl").read_text().splitlines()
+    assert len(trajs) == 4
+
+
+def test_changed_config_refused_and_bad_bank(tmp_path, tiny, twx_trajs):
+    path, model = tiny
+    evaluate(_cfg(tmp_path, path, limit=1), model=model)
+    with pytest.raises(ExpragError, match="field 'max_new_tokens' is 6 in the existing run but 7 now"):
+        evaluate(_cfg(tmp_path, path, limit=1).__class__(**{**_cfg(tmp_path, path).__dict__, "max_new_tokens": 7}),
+                 model=model)
+    from exprag.bank import build_bank
+
+    other = [t.__class__(**{**t.to_dict(), "env": "scienceworld", "id": t.id + "x"}) for t in twx_trajs[0][:3]]
+    build_bank(other, tmp_path / "swbank", "bm25")
+    with pytest.raises(BankError, match="not twx"):
+        evaluate(_cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(tmp_path / "swbank"))),
+                 model=model, overwrite=True)
+
+
+def test_write_back_grows_bank(tmp_path, tiny, twx_trajs):
+    from exprag.bank import build_bank, load_bank
+
+    path, model = tiny
+    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
+    n0 = len(twx_trajs[0])
+    cfg = _cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(tmp_path / "bank")), write_back=True, limit=3)
+    evaluate(cfg, model=model)
+    bank = load_bank(tmp_path / "bank")
+    assert len(bank) == n0 + 3
+    assert sum(t.source != "expert" for t in bank.trajectories) == 3
