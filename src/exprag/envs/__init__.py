@@ -32,4 +32,5 @@ def action_templates(name: str) -> list[str]:
     import importlib
 
     module = importlib.import_module(f"exprag.envs.{name}")
-    return list(module.ACTION_TEMPLATES)
+    templates = getattr(module, "ACTION_TEMPLATES", None)
+    return list(templates if templates is not None else module.action_templates())
