@@ -151,7 +151,9 @@ class Agent:
             s.rec.steps += 1
             return
         if self.cfg.track_valid and getattr(s.env, "cheap_admissible", False):
-            if action not in s.env.admissible_actions():
+            # Compare in the engine's own syntax (ALFWorld maps "put X in Y" to "move X to Y").
+            normalize = getattr(s.env, "normalize_action", None)
+            if (normalize(action) if normalize else action) not in s.env.admissible_actions():
                 s.invalid += 1
         s.rec.record(action, s.env.step(action))
 
