@@ -26,6 +26,7 @@ class RetrievalConfig:
 @dataclass
 class EvalConfig:
     env: str = "twx"
+    env_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"data_dir": "..."} for alfworld
     split: str = "test"
     task_types: str = "hard"  # easy | hard | all | comma list
     per_type: int | None = 5

@@ -26,19 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_env_args(items: list[str]) -> dict:
-    from exprag.errors import ExpragError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ExpragError(f"--env-arg {item!r} is not KEY=VALUE")
-        out[key.replace("-", "_")] = int(value) if value.isdigit() else value
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
+    from exprag.commands._args import parse_env_args
     from exprag.envs import make_env
     from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
     from exprag.expert import CollectReport, collect

@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "trajectories and metrics to --out. Rerunning resumes.")
     p.add_argument("--config", default=None, help="YAML EvalConfig; flags below override its fields")
     p.add_argument("--env", default=None, help="alfworld | scienceworld | twx")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment option (repeatable), e.g. data_dir=/path/to/alfworld")
     p.add_argument("--split", default=None, choices=["train", "dev", "test"])
     p.add_argument("--task-types", default=None, help="easy | hard | all | comma list")
     p.add_argument("--per-type", type=int, default=None)
@@ -45,6 +47,10 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    if args.env_arg:
+        from exprag.commands._args import parse_env_args
+
+        cfg.env_args = {**cfg.env_args, **parse_env_args(args.env_arg)}
     if args.write_back:
         cfg.write_back = True
     if args.show_admissible:

@@ -1,0 +1,54 @@
+"""``exprag serve``: an OpenAI-compatible server around the transformers backend."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)",
+        description="Serve a chat model at http://HOST:PORT/v1 (OpenAI chat completions, greedy, "
+        "non-streaming). Concurrent requests are batched. Binds loopback unless --host says otherwise.",
+    )
+    p.add_argument("--model", required=True, help="smollm2-135m, a checkpoint directory, a .gguf file, or a cached hub id")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for the model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--name", default=None, help="model name clients use (default: the --model value)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none (default: 256)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exprag.llm.hf import HFChatModel
+    from exprag.llm.server import ChatServer
+
+    model = HFChatModel(
+        args.model,
+        adapter=args.adapter,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        name=args.name,
+    )
+    server = ChatServer(
+        model,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        default_max_tokens=args.max_tokens,
+    )
+    print(f"exprag: serving {model.name} at {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
