@@ -54,3 +54,34 @@ def test_episodes_record_trajectories(tiny_model, twx_trajs, tmp_path, mode):
     if mode == "static":
         # The growing prefix is served from the KV cache: later steps prefill only new tokens.
         assert all(r.stats["prefill_tokens"] < r.stats["prompt_tokens"] for r in results)
+
+
+@pytest.fixture(scope="module")
+def sw_bank(tmp_path_factory):
+    from exprag.expert import run_expert
+
+    with make_env("scienceworld") as env:
+        train = [t for g in ("find-plant", "find-animal") for t in env.tasks("train", [g])[:2]]
+        return build_bank([run_expert(env, t) for t in train], tmp_path_factory.mktemp("sw") / "bank", "bm25")
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_scienceworld_episodes_through_openai_server(tiny_model, sw_bank, mode):
+    """A real OpenAI-compatible server on loopback around the tiny model; real ScienceWorld."""
+    from exprag.llm import load_chat_model
+    from exprag.llm.server import ChatServer
+
+    bank = sw_bank
+    with ChatServer(tiny_model, port=0).start() as server:
+        client = load_chat_model(tiny_model.name, backend="openai", base_url=server.url)
+        env = make_env("scienceworld", gold=False)
+        try:
+            task = env.tasks("test", ["find-plant"])[0]
+            agent = Agent(client, Retriever(bank), AgentConfig(k=2, mode=mode, max_steps=2, max_new_tokens=6))
+            (result,) = list(agent.run([env], [task]))
+        finally:
+            env.close()
+    traj = result.trajectory
+    assert traj.env == "scienceworld" and traj.num_steps == 2 and traj.task_type == "find-plant"
+    assert result.stats["retrievals"] == (1 if mode == "static" else 2)
+    assert result.stats["completion_tokens"] > 0
