@@ -169,10 +169,7 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
         todo = [t for t in tasks if t.task_id not in done]
         if todo:
             if model is None:
-                from exprag.llm import load_chat_model
-
-                model = load_chat_model(cfg.model, adapter=cfg.adapter, backend=cfg.backend,
-                                        base_url=cfg.base_url)
+                model = LazyModel(cfg.model, adapter=cfg.adapter, backend=cfg.backend, base_url=cfg.base_url)
             for _ in range(min(cfg.batch_size, len(todo)) - 1):
                 envs.append(make_env(cfg.env, **env_args))
         agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,
@@ -207,12 +204,36 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
     return EvalResult(out, metrics, new_episodes=len(todo), skipped=len(tasks) - len(todo))
 
 
+class LazyModel:
+    """Loads the chat model on first use, so that a fully resumed run never loads it."""
+
+    def __init__(self, spec: str, **kwargs: Any):
+        adapter = kwargs.get("adapter")
+        # The same name the loaded backend reports (trajectories record it as their source).
+        self.name = spec if not adapter else f"{spec}+{Path(adapter).name}"
+        self._spec = spec
+        self._kwargs = kwargs
+        self._model = None
+
+    def _get(self):
+        if self._model is None:
+            from exprag.llm import load_chat_model
+
+            self._model = load_chat_model(self._spec, **self._kwargs)
+        return self._model
+
+    def generate(self, *args: Any, **kwargs: Any):
+        return self._get().generate(*args, **kwargs)
+
+    def end_session(self, session_id: str) -> None:
+        if self._model is not None:
+            self._model.end_session(session_id)
+
+
 def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_spec: str,
                         max_steps: int) -> str:
     """The quickstart's comparison: the same model on the same held-out tasks, no bank vs static K=2."""
-    from exprag.llm import load_chat_model
-
-    model = load_chat_model(model_spec)
+    model = LazyModel(model_spec)
     per_type = max(1, max(sum(t.task_type == tt for t in tasks) for tt in {t.task_type for t in tasks}))
     base = EvalConfig(env=env, split=tasks[0].split, task_types=",".join(dict.fromkeys(t.task_type for t in tasks)),
                       per_type=per_type, model=model_spec, max_steps=max_steps, batch_size=len(tasks))
