@@ -1,0 +1,72 @@
+"""Chat models behind one protocol: :class:`ChatModel`.
+
+``load_chat_model("smollm2-135m")`` runs the bundled model in-process with transformers (KV reuse
+across an episode's turns, batched decoding); ``load_chat_model("NAME", backend="openai",
+base_url=...)`` talks to any OpenAI-compatible server. Heavy imports (torch, transformers) happen
+only when the transformers backend is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from exprag.llm.base import (
+    DEFAULT_MAX_NEW_TOKENS,
+    ChatModel,
+    Conversation,
+    Generation,
+    Message,
+    ModelError,
+    ServerError,
+)
+
+BACKENDS = ("hf", "openai")
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "ChatModel",
+    "Conversation",
+    "Generation",
+    "Message",
+    "ModelError",
+    "ServerError",
+    "load_chat_model",
+]
+
+
+def load_chat_model(
+    spec: str,
+    *,
+    adapter: str | Path | None = None,
+    backend: str = "hf",
+    base_url: str | None = None,
+    **options: Any,
+) -> ChatModel:
+    """Load a chat model.
+
+    ``backend="hf"``: ``spec`` is ``smollm2-135m``, a local checkpoint directory, a ``.gguf`` file or
+    a hub id in the local HF cache; ``adapter`` a PEFT LoRA directory for that base model; options go
+    to :class:`exprag.llm.hf.HFChatModel` (``device``, ``dtype``, ``max_batch_size``,
+    ``max_sessions``, ``kv_reuse``, ``name``).
+
+    ``backend="openai"``: ``spec`` is the server's model name and ``base_url`` its address; options
+    go to :class:`exprag.llm.openai_client.OpenAIChatModel` (``api_key``, ``timeout``,
+    ``max_retries``, ``backoff``, ``concurrency``, ``send_session_ids``). Adapters are the server's
+    business (vLLM serves LoRA adapters under their own model names).
+    """
+    if backend == "hf":
+        from exprag.llm.hf import HFChatModel
+
+        return HFChatModel(spec, adapter=adapter, **options)
+    if backend == "openai":
+        if adapter is not None:
+            raise ModelError(
+                "--adapter works with the transformers backend; an OpenAI-compatible server loads "
+                "adapters itself (vLLM: --lora-modules NAME=DIR, then --model NAME)"
+            )
+        from exprag.llm.openai_client import OpenAIChatModel
+
+        return OpenAIChatModel(spec, base_url or "", **options)
+    raise ModelError(f"unknown backend {backend!r} (choose {' or '.join(BACKENDS)})")
