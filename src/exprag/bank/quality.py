@@ -2,7 +2,10 @@
 
 For held-out query trajectories (never in the bank), static or dynamic retrieval runs without any
 task-type filter, and we count how often the top-1 / any of the top-K / all of the top-K share the
-query's task type — overall, per task type, and on queries with no exact-text twin in the bank.
+query's task type — overall, per task type, with the confusion of top-1 types, and the same on the
+queries with no exact-text twin in the bank (large banks hide failures behind twins). Also: the
+exact-duplicate rate (queries whose text is a bank key) and the copy rate (queries whose K slots hold
+two trajectories with the same task text: near-copies that show the agent one task twice).
 """
 
 from __future__ import annotations
@@ -35,66 +38,121 @@ class Rates:
 
 
 @dataclass
+class Subset:
+    """Rates, per-type rates and the top-1 confusion of one set of queries."""
+
+    rates: Rates = field(default_factory=Rates)
+    per_type: dict[str, Rates] = field(default_factory=lambda: defaultdict(Rates))
+    confusion: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # query type -> top-1 type
+
+    def add(self, types: list[str], want: str) -> None:
+        self.rates.add(types, want)
+        self.per_type[want].add(types, want)
+        self.confusion[want][types[0] if types else "<none>"] += 1
+
+
+@dataclass
 class QualityReport:
     k: int
     mode: str
     encoder: dict[str, Any]
-    overall: Rates = field(default_factory=Rates)
-    no_twin: Rates = field(default_factory=Rates)
-    per_type: dict[str, Rates] = field(default_factory=lambda: defaultdict(Rates))
-    confusion: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # query type -> top-1 type
+    retrieval: dict[str, Any] = field(default_factory=dict)
+    all: Subset = field(default_factory=Subset)
+    twinless: Subset = field(default_factory=Subset)
     exact_duplicates: int = 0
+    copies: int = 0
     skipped_in_bank: int = 0
+
+    # the overall / no-twin rates under the names earlier callers read
+    @property
+    def overall(self) -> Rates:
+        return self.all.rates
+
+    @property
+    def no_twin(self) -> Rates:
+        return self.twinless.rates
+
+    @property
+    def per_type(self) -> dict[str, Rates]:
+        return self.all.per_type
+
+    @property
+    def confusion(self) -> dict[str, Counter]:
+        return self.all.confusion
 
     def as_dict(self) -> dict[str, Any]:
         n = self.overall.n
         return {
-            "k": self.k, "mode": self.mode, "encoder": self.encoder,
+            "k": self.k, "mode": self.mode, "encoder": self.encoder, "retrieval": self.retrieval,
             "overall": self.overall.as_dict(),
             "no_twin": self.no_twin.as_dict(),
             "exact_duplicate_rate": round(self.exact_duplicates / n, 4) if n else None,
+            "copy_rate": round(self.copies / n, 4) if n else None,
             "skipped_queries_in_bank": self.skipped_in_bank,
-            "per_type": {t: r.as_dict() for t, r in sorted(self.per_type.items())},
-            "confusion": {t: dict(c.most_common()) for t, c in sorted(self.confusion.items())},
+            "per_type": {t: r.as_dict() for t, r in sorted(self.all.per_type.items())},
+            "confusion": _confusion(self.all),
+            "no_twin_per_type": {t: r.as_dict() for t, r in sorted(self.twinless.per_type.items())},
+            "no_twin_confusion": _confusion(self.twinless),
         }
 
     def markdown(self) -> str:
         d = self.as_dict()
+        scoring = (self.retrieval or {}).get("scoring", "?")
+        types = sorted(set(d["per_type"]) | set(d["no_twin_per_type"]))
+        none = {"n": 0, "top1": None, "any_at_k": None, "all_at_k": None}
         lines = [
-            f"# Retrieval quality ({self.mode}, k={self.k}, encoder {self.encoder.get('name')})",
+            f"# Retrieval quality ({self.mode}, k={self.k}, encoder {self.encoder.get('name')}, scoring {scoring})",
             "",
             "| queries | n | top-1 | any@k | all@k |",
             "|---|---|---|---|---|",
             _row("all", d["overall"]),
             _row("no exact-text twin in bank", d["no_twin"]),
             "",
-            f"Exact-duplicate rate (query task text equals a bank key): {d['exact_duplicate_rate']}",
+            f"Exact-duplicate rate (query task text equals a bank key): {_fmt(d['exact_duplicate_rate'])}  ",
+            f"Copy rate (two of the k slots hold the same task text): {_fmt(d['copy_rate'])}",
             "",
-            "| task type | n | top-1 | any@k | all@k |",
-            "|---|---|---|---|---|",
-            *[_row(t, r) for t, r in d["per_type"].items()],
-            "",
-            "Confusion (query type → top-1 type, count):",
+            "| task type | n | top-1 | any@k | all@k | no-twin n | no-twin top-1 | no-twin any@k | no-twin all@k |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *[_row(t, d["per_type"].get(t, none), d["no_twin_per_type"].get(t, none)) for t in types],
             "",
         ]
-        for t, c in d["confusion"].items():
-            wrong = {u: v for u, v in c.items() if u != t}
-            if wrong:
-                lines.append(f"- {t} → " + ", ".join(f"{u} ({v})" for u, v in wrong.items()))
-        return "\n".join(lines) + "\n"
+        for title, conf in (("Confusion, all queries", d["confusion"]),
+                            ("Confusion, queries with no twin", d["no_twin_confusion"])):
+            lines += [f"{title} (query type → top-1 type when wrong, count):", ""]
+            wrong = [(t, {u: v for u, v in c.items() if u != t}) for t, c in conf.items()]
+            wrong = [(t, w) for t, w in wrong if w]
+            lines += [f"- {t} → " + ", ".join(f"{u} ({v})" for u, v in w.items()) for t, w in wrong] or ["- none"]
+            lines.append("")
+        if len(types) <= 12 and d["confusion"]:
+            cols = sorted({u for c in d["confusion"].values() for u in c} | set(types))
+            lines += ["Confusion matrix, all queries (rows: query type, columns: top-1 type):", "",
+                      "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join(str(d["confusion"].get(t, {}).get(u, 0)) for u in cols) + " |"
+                      for t in types if t in d["confusion"]]
+            lines.append("")
+        return "\n".join(lines)
 
 
-def _row(name: str, r: dict[str, Any]) -> str:
-    def fmt(x):
-        return "–" if x is None else f"{x:.3f}"
+def _confusion(sub: Subset) -> dict[str, dict[str, int]]:
+    return {t: dict(c.most_common()) for t, c in sorted(sub.confusion.items())}
 
-    return f"| {name} | {r['n']} | {fmt(r['top1'])} | {fmt(r['any_at_k'])} | {fmt(r['all_at_k'])} |"
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _row(name: str, r: dict[str, Any], nt: dict[str, Any] | None = None) -> str:
+    cells = [name, str(r["n"]), _fmt(r["top1"]), _fmt(r["any_at_k"]), _fmt(r["all_at_k"])]
+    if nt is not None:
+        cells += [str(nt["n"]), _fmt(nt["top1"]), _fmt(nt["any_at_k"]), _fmt(nt["all_at_k"])]
+    return "| " + " | ".join(cells) + " |"
 
 
 def evaluate_retrieval(bank: Bank, queries: list[Trajectory], *, k: int = 2, mode: str = "static",
                        batch_size: int = 256) -> QualityReport:
     """Queries whose id is in the bank are skipped (they would retrieve themselves)."""
-    report = QualityReport(k=k, mode=mode, encoder=bank.manifest.get("encoder", {}))
+    report = QualityReport(k=k, mode=mode, encoder=bank.manifest.get("encoder", {}),
+                           retrieval=bank.retrieval.to_manifest())
     bank_ids = {t.id for t in bank.trajectories}
     bank_keys = {static_key(t) for t in bank.trajectories}
     held_out = [q for q in queries if q.id not in bank_ids]
@@ -109,14 +167,13 @@ def evaluate_retrieval(bank: Bank, queries: list[Trajectory], *, k: int = 2, mod
         )
         for q, hs in zip(chunk, hits):
             types = [h.trajectory.task_type for h in hs]
-            twin = static_key(q) in bank_keys
-            report.overall.add(types, q.task_type)
-            report.per_type[q.task_type].add(types, q.task_type)
-            if twin:
+            report.all.add(types, q.task_type)
+            if static_key(q) in bank_keys:
                 report.exact_duplicates += 1
             else:
-                report.no_twin.add(types, q.task_type)
-            report.confusion[q.task_type][types[0] if types else "<none>"] += 1
+                report.twinless.add(types, q.task_type)
+            texts = [" ".join(h.trajectory.task.lower().split()) for h in hs]
+            report.copies += len(set(texts)) < len(texts)
     return report
 
 

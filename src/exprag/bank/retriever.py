@@ -2,6 +2,8 @@
 
 Static: the query is the task description, keys are the stored task descriptions (SPEC §2).
 Dynamic: the query is task + partial history, keys are whole trajectories.
+How keys are scored is the bank's (``bank.retrieval``, see ``exprag.bank.scoring``); a query is only
+text: no task-type metadata of the query is used.
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ class Retriever:
             hits = self._select(top_scores[qi], top_ids[qi], f, k, token_budget, count_tokens, memory_format)
             if len(hits) < k and fetch < len(trajs):
                 s = index.scores([texts[qi]])[0]
-                order = np.argsort(-s, kind="stable")
+                # an index with its own ordering (diversity) ranks the whole bank itself
+                rank_all = getattr(index, "rank_all", None)
+                order = rank_all(texts[qi]) if rank_all is not None else np.argsort(-s, kind="stable")
                 hits = self._select(s[order], order, f, k, token_budget, count_tokens, memory_format)
             out.append(hits)
         return out

@@ -2,10 +2,14 @@
 
 Layout of BANK_DIR::
 
-    manifest.json        format, schema version, encoder identity, counts, sources (path + sha256)
+    manifest.json        format, schema version, encoder identity, retrieval (scoring) config, counts,
+                         sources (path + sha256)
     trajectories.jsonl   the stored trajectories, in index order
     static/              index over task descriptions (static retrieval keys)
     dynamic/             index over whole-trajectory texts (dynamic retrieval keys)
+
+An index directory holds what its scoring needs: ``embeddings.npy`` (dense), ``keys.json`` (BM25,
+procedure), ``weights.json`` (procedure: term weights learned from the keys' task types at build).
 
 A build is written to a staging directory beside BANK_DIR and swapped in by rename, so an
 interrupted build leaves the previous bank intact.
@@ -25,12 +29,15 @@ from typing import Any, Iterable
 
 from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
+from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
 from exprag.io import atomic_write_json, replace_dir
 from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
 
 BANK_FORMAT = "exprag-bank"
-BANK_VERSION = 1
+# 2: procedure-scored banks (a reader of version 1 would silently score them as plain dense / BM25);
+# banks with plain scoring are still written as 1, so that older exprag reads them.
+BANK_VERSION = 2
 MODES = ("static", "dynamic")
 
 
@@ -65,7 +72,7 @@ class Bank:
         if mode not in MODES:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if mode not in self._indexes:
-            self._indexes[mode] = self.encoder.load(self.path / mode)
+            self._indexes[mode] = load_index(self.retrieval, self.encoder, self.path / mode)
             if self._indexes[mode].size != len(self.trajectories):
                 raise BankError(
                     f"{self.path / mode}: index holds {self._indexes[mode].size} keys but the bank "
@@ -74,12 +81,19 @@ class Bank:
         return self._indexes[mode]
 
     @property
+    def retrieval(self) -> RetrievalConfig:
+        """The scoring the bank was built with (plain dense / BM25 for banks older than the field)."""
+        return RetrievalConfig.from_manifest(self.manifest, str(self.path / "manifest.json"))
+
+    @property
     def envs(self) -> list[str]:
         return list(self.manifest.get("envs", []))
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
-        return {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created") if k in m}
+        d = {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created") if k in m}
+        d["retrieval"] = self.retrieval.to_manifest()
+        return d
 
 
 def _summary(trajs: list[Trajectory]) -> dict[str, Any]:
@@ -100,8 +114,12 @@ def build_bank(
     *,
     sources: list[str | Path] = (),
     progress: bool = False,
+    retrieval: RetrievalConfig | str | None = None,
 ) -> Bank:
-    """Encode static and dynamic keys and write a bank atomically to ``out``."""
+    """Encode static and dynamic keys and write a bank atomically to ``out``.
+
+    ``retrieval``: how keys are scored (a ``RetrievalConfig`` or a scoring name); default
+    ``procedure``. The keys' task types are read here, at build time, by ``procedure`` scoring."""
     trajs = list(trajectories)
     if not trajs:
         raise BankError(f"{out}: no trajectories to build a bank from")
@@ -109,24 +127,26 @@ def build_bank(
     dup = next((i for i, c in ids.items() if c > 1), None)
     if dup is not None:
         raise DataFormatError(f"field 'id': trajectory id {dup!r} appears {ids[dup]} times")
-    enc = make_encoder(encoder) if isinstance(encoder, str) else encoder
+    cfg = retrieval if isinstance(retrieval, RetrievalConfig) else RetrievalConfig(retrieval or "procedure")
+    enc = make_scoring_encoder(encoder, cfg.scoring)
+    cfg.check(enc)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
-        indexes = {
-            "static": enc.build([static_key(t) for t in trajs], progress=progress),
-            "dynamic": enc.build([dynamic_key(t) for t in trajs], progress=progress),
-        }
+        labels = [t.task_type for t in trajs]
+        indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
+                   for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
         for mode, index in indexes.items():
             index.save(staging / mode)
         manifest = {
             "format": BANK_FORMAT,
-            "bank_version": BANK_VERSION,
+            "bank_version": BANK_VERSION if cfg.scoring == "procedure" else 1,
             "exprag_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "encoder": enc.identity,
+            "retrieval": cfg.to_manifest(),
             "keys": {"static": "task description", "dynamic": "whole trajectory text"},
             **_summary(trajs),
             "inputs": [{"path": str(p), "sha256": _sha256(Path(p))} for p in sources],
@@ -140,8 +160,9 @@ def build_bank(
 
 
 def build_bank_from_files(paths: list[str | Path], out: str | Path, encoder: str = "minilm",
-                          progress: bool = False) -> Bank:
-    return build_bank(read_jsonl(*paths), out, encoder, sources=list(paths), progress=progress)
+                          progress: bool = False, retrieval: RetrievalConfig | str | None = None) -> Bank:
+    return build_bank(read_jsonl(*paths), out, encoder, sources=list(paths), progress=progress,
+                      retrieval=retrieval)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -185,7 +206,9 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
             f"{path / 'manifest.json'}: field 'count' is {manifest.get('count')} but "
             f"trajectories.jsonl holds {len(trajs)}; the bank is corrupt, rebuild it"
         )
-    return Bank(path, manifest, trajs, make_encoder(identity))
+    bank = Bank(path, manifest, trajs, make_encoder(identity))
+    bank.retrieval  # validate the retrieval block now, not at the first query
+    return bank
 
 
 def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
@@ -198,19 +221,14 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
         raise DataFormatError(f"field 'id': trajectory id {clash!r} is already in {bank.path}")
     trajs = bank.trajectories + list(new)
     enc = bank.encoder
+    cfg = bank.retrieval
+    labels = [t.task_type for t in trajs]
     staging = Path(tempfile.mkdtemp(prefix=f".{bank.path.name}.append-", dir=bank.path.parent))
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
         indexes: dict[str, Index] = {}
         for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
-            old = bank.index(mode)
-            if hasattr(old, "emb") and hasattr(enc, "from_embeddings"):
-                import numpy as np
-
-                added = enc.encode([key(t) for t in new])
-                indexes[mode] = enc.from_embeddings(np.concatenate([old.emb, added]))
-            else:
-                indexes[mode] = enc.build([key(t) for t in trajs])
+            indexes[mode] = extend_index(cfg, enc, bank.index(mode), [key(t) for t in trajs], labels, mode)
             indexes[mode].save(staging / mode)
         manifest = dict(bank.manifest)
         manifest.update(_summary(trajs))

@@ -17,6 +17,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, metavar="BANK_DIR")
     b.add_argument("--encoder", default="minilm",
                    help="minilm (bundled all-MiniLM-L6-v2) | bm25 | a sentence-transformers id or local path")
+    b.add_argument("--scoring", default="procedure", choices=["procedure", "dense", "bm25"],
+                   help="procedure (default): key terms weighted by how well they tell the bank's task types "
+                        "apart (learned at build time from the stored task_type; object/receptacle names get "
+                        "~0 weight) + a small dense term, diversity among ties; dense: the paper's plain "
+                        "dot product of the encoder's embeddings; bm25: plain BM25, no model")
+    b.add_argument("--dense-weight", type=float, default=None, metavar="W",
+                   help="procedure: weight of the dense dot product added to the lexical cosine (default 0.05; "
+                        "0 = lexical only)")
+    b.add_argument("--no-diversity", action="store_true",
+                   help="procedure: keep exact-text copies where they rank (default: behind keys of equal score)")
+    b.add_argument("--alpha", type=float, default=None,
+                   help="procedure: strength of the prior on term weights (default grows with the bank)")
     b.add_argument("--only-success", action="store_true", help="store successful trajectories only")
     b.set_defaults(func=run_build)
 
@@ -43,11 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_info)
 
     e = bsub.add_parser("eval-retrieval",
-                        help="how often retrieval returns the query's task type (top-1, any/all of K)")
+                        help="how often retrieval returns the query's task type (top-1, any/all of K), per "
+                             "type, confusion, duplicates; overall and on queries with no exact-text twin")
     e.add_argument("bank", metavar="BANK_DIR")
     e.add_argument("--queries", nargs="+", required=True, metavar="F.jsonl",
                    help="held-out trajectories used as queries")
-    e.add_argument("-k", type=int, default=2)
+    e.add_argument("-k", type=int, default=2, help="slots per query (default 2, the training K)")
     e.add_argument("--mode", default="static", choices=["static", "dynamic"])
     e.add_argument("--out", default=None, metavar="PREFIX",
                    help="write PREFIX.json and PREFIX.md (default: print markdown)")
@@ -61,10 +74,15 @@ def run_build(args: argparse.Namespace) -> int:
     trajs = read_jsonl(*args.trajectories)
     if args.only_success:
         trajs = [t for t in trajs if t.success]
-    bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty())
+    from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, RetrievalConfig
+
+    cfg = RetrievalConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
+                          dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight)
+    bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty(),
+                      retrieval=cfg)
     d = bank.describe()
     print(f"built bank {args.out}: {d['count']} trajectories, envs {', '.join(d['envs'])}, "
-          f"encoder {d['encoder']['name']}")
+          f"encoder {d['encoder']['name']}, scoring {d['retrieval']['scoring']}")
     return 0
 
 
@@ -106,7 +124,7 @@ def run_query(args: argparse.Namespace) -> int:
                            "success": h.trajectory.success, "num_steps": h.trajectory.num_steps}
                           for r, h in enumerate(hits)], indent=2))
         return 0
-    print(f"query ({args.mode}, k={args.k}): {args.task}")
+    print(f"query ({args.mode}, k={args.k}, scoring {bank.retrieval.scoring}): {args.task}")
     for r, h in enumerate(hits, 1):
         t = h.trajectory
         print(f"{r}. score {h.score:.4f}  [{t.task_type}] {'success' if t.success else 'failure'}, "
@@ -122,8 +140,13 @@ def run_query(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from exprag.bank.store import read_manifest
 
+    from exprag.bank.scoring import RetrievalConfig
+
     m = read_manifest(args.bank)
-    print(json.dumps({k: v for k, v in m.items() if k != "inputs"}, indent=2))
+    out = {k: v for k, v in m.items() if k != "inputs"}
+    if "retrieval" not in out:  # a bank from before scoring options: say what it is read with
+        out["retrieval"] = {**RetrievalConfig.from_manifest(m).to_manifest(), "inferred": True}
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -136,6 +159,9 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
     bank = load_bank(args.bank)
     report = evaluate_retrieval(bank, read_jsonl(*args.queries), k=args.k, mode=args.mode)
     md = report.markdown()
+    if report.skipped_in_bank:
+        md += (f"\n{report.skipped_in_bank} of the queries are stored in the bank and were skipped "
+               "(they would retrieve themselves).\n")
     if args.out:
         atomic_write_json(f"{args.out}.json", report.as_dict())
         atomic_write_text(f"{args.out}.md", md)

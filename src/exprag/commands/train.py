@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # CLI flag dest -> TrainConfig field (dotted for nested sections); None values leave the config alone.
@@ -14,6 +15,7 @@ _OVERRIDES = {
     "max_length": "max_length", "overlong": "overlong", "epochs": "epochs", "lr": "lr",
     "batch_size": "batch_size", "max_batch_tokens": "max_batch_tokens", "micro_batch_size": "micro_batch_size",
     "precision": "precision", "optimizer": "optimizer", "seed": "seed",
+    "gradient_checkpointing": "gradient_checkpointing",
     "save_every_steps": "save_every_steps", "keep_checkpoints": "keep_checkpoints",
     "eval_every": "selection.every", "eval_env": "selection.env", "eval_split": "selection.split",
     "eval_task_types": "selection.task_types", "eval_per_type": "selection.per_type",
@@ -33,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-trajectories", nargs="+", metavar="F.jsonl", help="validation-loss trajectories")
     p.add_argument("--model", help="bundled alias (smollm2-135m), local directory / .gguf, or cached hub id")
     p.add_argument("--out", metavar="RUN_DIR")
-    p.add_argument("--bank", metavar="BANK_DIR", help="training bank: ExpRAG-LoRA (none: plain LoRA)")
+    bank = p.add_mutually_exclusive_group()
+    bank.add_argument("--bank", metavar="BANK_DIR", help="training bank: ExpRAG-LoRA (none: plain LoRA)")
+    bank.add_argument("--no-bank", action="store_true", help="plain LoRA even if the config names a bank")
     p.add_argument("-k", type=int, dest="k", help="memory trajectories per example (default 2)")
     p.add_argument("--mode", choices=["static", "dynamic"], help="retrieval mode (default static)")
     p.add_argument("--memory-format", choices=["json", "text"])
@@ -52,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--optimizer", choices=["auto", "paged_adamw_8bit", "adamw"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward: less memory, ~30%% slower")
     p.add_argument("--save-every-steps", type=int, metavar="N")
     p.add_argument("--keep-checkpoints", type=int, metavar="N")
     p.add_argument("--eval-every", type=int, metavar="E",
@@ -86,7 +92,10 @@ def run_train(args: argparse.Namespace) -> int:
     from exprag.train.lora import train
 
     overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()}
+    if args.no_bank:
+        overrides["retrieval.bank"] = ""
     cfg = load_train_config(args.config, overrides)
+    cfg.retrieval.bank = cfg.retrieval.bank or None
     missing = [flag for flag, value in (("--trajectories", cfg.trajectories), ("--model", cfg.model)) if not value]
     if missing:
         _err(f"error: train needs {' and '.join(missing)} (flags or --config)")
@@ -96,6 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     res = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                 log=_err)
+    if int(os.environ.get("RANK", "0")) != 0:  # multi-GPU: the main process reports
+        return 0
     print(f"trained {res.epochs_done} epochs ({res.steps} steps) in {res.wall_s:.1f}s, "
           f"{res.tokens_per_s:.0f} tokens/s; adapter: {res.last_checkpoint}")
     if res.best_checkpoint is not None:

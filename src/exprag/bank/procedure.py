@@ -1,0 +1,264 @@
+"""Procedure-weighted keys: the bank learns which key terms name the procedure, and scores by them.
+
+Why: a plain embedding (or BM25) of "cool some tomato and put it in diningtable" is dominated by the
+object and the receptacle, so it retrieves "put a hot tomato in diningtable" — the wrong procedure.
+
+At build time each term of the keys gets a weight from the bank's own ``task_type`` labels: how
+concentrated the term's keys are in few task types, ``1 - H(type | term) / log(#types)``, with a
+Dirichlet prior of ``alpha`` pseudo-keys spread over the types so that a rare term (an object seen in
+three keys of one type) still counts as spread. Words that name the procedure ("hot", "cool", "two",
+"unknown", "melting") get the highest weights; object, receptacle, colour and room names, which the
+bank shows across many types, get weights near 0: a soft mask of the entities, learned, not listed.
+
+Keys and queries become binary term vectors scaled by these weights (L2-normalised); the score is
+their cosine, plus ``dense_weight`` x the dense encoder's dot product on the raw texts (it orders keys
+of the same procedure by entity similarity and covers words the bank's vocabulary lacks).
+Labels are read at build time only; a query is only text, and its terms unknown to the bank weigh 0.
+
+Diversity: two keys with the same template — the same text once entity-like words are masked
+(``TermWeights.mask``: "put a hot something in something") — show the same procedure. When a key's
+text repeats one ranked above it, the best-ranked key of the same template with a new text takes its
+slot, and the copy moves one place down; so the K slots show different tasks of the same procedure.
+A copy is only ever replaced by a key of its own template, so diversity does not trade a
+same-procedure slot for variety.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from exprag.bank.encoders import _STOP, _TOKEN, _top_from_scores, lexical_tokens
+from exprag.errors import BankError
+
+TOKENIZER = "lower-alnum-stop-v1"
+# procedure words: weight >= this fraction of the bank's top weight (the rest is masked as entities)
+MASK_FRACTION = 0.5
+# extra candidates looked at beyond k so that diversity has copies to skip
+_DIVERSITY_WINDOW = 64
+
+
+def procedure_tokens(text: str) -> set[str]:
+    """Binary bag of words, less the stop list shared with BM25. Function words would otherwise be
+    learned as procedure words from template artefacts (generated ALFWorld: "the" only in
+    look-at-object tasks) and pull every paraphrase that uses them to that type."""
+    return set(lexical_tokens(text))
+
+
+def default_alpha(n_keys: int, mode: str = "static") -> float:
+    """The prior's strength grows with the bank: more keys, more evidence needed to trust a term.
+    Static keys (task descriptions): max(5, 1.5 sqrt(n)); dynamic keys (whole trajectories, whose
+    procedure words also occur in observations): max(5, 0.5 sqrt(n)). Tuned on ALFWorld banks of
+    30-432 keys and the ScienceWorld train split (3592); see docs/retrieval-quality.md."""
+    return max(5.0, (1.5 if mode == "static" else 0.5) * math.sqrt(max(n_keys, 1)))
+
+
+@dataclass
+class TermWeights:
+    """Per-term weight in [0, 1]: how much a term tells the procedure (task type) apart."""
+
+    weights: dict[str, float]
+    alpha: float
+    source: str  # "task-type" (learned from labels) | "idf" (a bank of one type: no labels to learn from)
+    n_keys: int
+    n_types: int
+    _vocab_cache: dict[str, int] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def learn(cls, texts: Sequence[str], labels: Sequence[str], alpha: float) -> "TermWeights":
+        if len(texts) != len(labels):
+            raise ValueError("one label per key text")
+        types = sorted(set(labels))
+        tix = {t: i for i, t in enumerate(types)}
+        vocab: dict[str, int] = {}
+        rows, cols = [], []
+        for r, text in enumerate(texts):
+            for w in procedure_tokens(text):
+                rows.append(r)
+                cols.append(vocab.setdefault(w, len(vocab)))
+        terms = list(vocab)
+        if not terms:
+            return cls({}, alpha, "task-type", len(texts), len(types))
+        # df[t, c] = number of keys of type c holding term t
+        df = np.zeros((len(terms), len(types)), np.float64)
+        np.add.at(df, (np.asarray(cols), np.asarray([tix[labels[r]] for r in rows])), 1.0)
+        if len(types) < 2:
+            n = len(texts)
+            idf = np.log1p(n / df.sum(1)) / math.log1p(n)
+            return cls(dict(zip(terms, idf.round(6).tolist())), alpha, "idf", n, len(types))
+        n_c = np.bincount([tix[lab] for lab in labels], minlength=len(types)).astype(np.float64)
+        prior = n_c / n_c.sum()
+        p = (df + alpha * prior) / n_c  # P(term | type), smoothed toward the bank-wide rate
+        q = p / p.sum(1, keepdims=True)  # P(type | term) under equal type priors
+        ent = -(q * np.log(np.clip(q, 1e-300, None))).sum(1)
+        w = np.clip(1.0 - ent / math.log(len(types)), 0.0, 1.0)
+        return cls(dict(zip(terms, w.round(6).tolist())), alpha, "task-type", len(texts), len(types))
+
+    def vectors(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text, (term ids, weights) of its known terms, L2-normalised; zero weights left out."""
+        vocab = self._vocab()
+        out = []
+        for text in texts:
+            row = sorted((vocab[w], self.weights[w]) for w in procedure_tokens(text)
+                         if self.weights.get(w, 0.0) > 0.0)
+            ids = np.fromiter((j for j, _ in row), np.int64, len(row))
+            vals = np.fromiter((v for _, v in row), np.float32, len(row))
+            norm = float(np.linalg.norm(vals))
+            out.append((ids, vals / norm if norm > 0 else vals))
+        return out
+
+    def _vocab(self) -> dict[str, int]:
+        if self._vocab_cache is None:
+            self._vocab_cache = {w: i for i, w in enumerate(self.weights)}
+        return self._vocab_cache
+
+    @property
+    def mask_threshold(self) -> float:
+        """Weights below this mark entity-like words (weights shrink with the prior, so relative)."""
+        return MASK_FRACTION * max(self.weights.values(), default=0.0)
+
+    def mask(self, text: str, threshold: float | None = None, placeholder: str = "something") -> str:
+        """The text with entity-like words (weight below ``threshold``, default ``mask_threshold``,
+        or unknown to the bank) replaced by ``placeholder``: a hard mask."""
+        thr = self.mask_threshold if threshold is None else threshold
+        return " ".join(w if self.weights.get(w, 0.0) >= thr or w in _STOP else placeholder
+                        for w in _TOKEN.findall(text.lower()))
+
+    def top_terms(self, n: int = 20, reverse: bool = False) -> list[tuple[str, float]]:
+        return sorted(self.weights.items(), key=lambda kv: (kv[1], kv[0]) if reverse else (-kv[1], kv[0]))[:n]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokenizer": TOKENIZER, "alpha": self.alpha, "source": self.source, "n_keys": self.n_keys,
+                "n_types": self.n_types, "weights": self.weights}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str) -> "TermWeights":
+        if obj.get("tokenizer") != TOKENIZER:
+            raise BankError(f"{where}: field 'tokenizer' is {obj.get('tokenizer')!r}, this exprag reads "
+                            f"{TOKENIZER!r}; rebuild the bank")
+        try:
+            return cls({str(k): float(v) for k, v in obj["weights"].items()}, float(obj["alpha"]),
+                       str(obj["source"]), int(obj["n_keys"]), int(obj["n_types"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BankError(f"{where}: malformed term weights ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class ProcedureIndex:
+    """Procedure-weighted lexical cosine (+ a small dense term), with diversity among ties."""
+
+    texts: list[str]
+    weights: TermWeights
+    dense: Any = None  # a DenseIndex over the same raw texts, or None (lexical only)
+    dense_weight: float = 0.05
+    diversity: bool = True
+    _postings: Any = field(default=None, repr=False)  # (term start offsets, key ids, values)
+    _templates: list[str] | None = field(default=None, repr=False)  # masked keys, for diversity
+
+    def __post_init__(self) -> None:
+        if self.dense is not None and self.dense.size != len(self.texts):
+            raise BankError(f"dense index holds {self.dense.size} keys, the lexical one {len(self.texts)}")
+        if self._postings is None:
+            self._postings = _postings(self.weights.vectors(self.texts), len(self.weights.weights))
+
+    @property
+    def size(self) -> int:
+        return len(self.texts)
+
+    def lexical(self, queries: list[str]) -> np.ndarray:
+        """(n_queries, size) cosine of the weighted term vectors, through the inverted index."""
+        start, keys, vals = self._postings
+        out = np.zeros((len(queries), self.size), np.float32)
+        for q, (ids, wq) in enumerate(self.weights.vectors(queries)):
+            for t, w in zip(ids.tolist(), wq.tolist()):
+                a, b = start[t], start[t + 1]
+                out[q, keys[a:b]] += w * vals[a:b]  # a key holds a term once: no repeated indices
+        return out
+
+    def scores(self, queries: list[str]) -> np.ndarray:
+        lex = self.lexical(queries)
+        if self.dense is None or self.dense_weight == 0:
+            return lex
+        return lex + np.float32(self.dense_weight) * self.dense.scores(queries)
+
+    def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        fused = self.scores(queries)
+        if not self.diversity:
+            return _top_from_scores(fused, k)
+        _, ids = _top_from_scores(fused, min(self.size, k + _DIVERSITY_WINDOW))
+        order = np.asarray([self._diverse(row)[:k] for row in ids], dtype=np.int64).reshape(len(queries), -1)
+        return np.take_along_axis(fused, order, axis=1), order
+
+    def rank_all(self, query: str) -> np.ndarray:
+        """Every key, best first (the retriever's fallback when filters reject the top window)."""
+        s = self.scores([query])[0]
+        order = np.argsort(-s, kind="stable")
+        if not self.diversity:
+            return order
+        head = 4 * _DIVERSITY_WINDOW  # diversity reorders the head only: copies far down do not matter
+        return np.concatenate([np.asarray(self._diverse(order[:head]), dtype=np.int64), order[head:]])
+
+    def _diverse(self, ids: Sequence[int]) -> list[int]:
+        if self._templates is None:
+            self._templates = [self.weights.mask(t) for t in self.texts]
+        return diverse_order(ids, self.texts, self._templates)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+        (path / "weights.json").write_text(json.dumps(self.weights.to_json(), ensure_ascii=False), encoding="utf-8")
+        if self.dense is not None:
+            self.dense.save(path)
+
+
+def _postings(vectors: list[tuple[np.ndarray, np.ndarray]], n_terms: int) -> tuple[np.ndarray, ...]:
+    """Key vectors regrouped by term: keys[start[t]:start[t+1]] hold term t, with its values."""
+    terms = np.concatenate([ids for ids, _ in vectors] or [np.zeros(0, np.int64)])
+    keys = np.repeat(np.arange(len(vectors), dtype=np.int64), [len(ids) for ids, _ in vectors])
+    vals = np.concatenate([v for _, v in vectors] or [np.zeros(0, np.float32)])
+    order = np.argsort(terms, kind="stable")
+    start = np.zeros(n_terms + 1, np.int64)
+    np.cumsum(np.bincount(terms, minlength=n_terms), out=start[1:])
+    return start, keys[order], vals[order]
+
+
+def diverse_order(ids: Sequence[int], texts: Sequence[str], templates: Sequence[str]) -> list[int]:
+    """``ids`` (best first) reordered so that a key whose text repeats an earlier one gives its slot
+    to the best later key of the same template with a new text, if the window holds one."""
+    pending = [int(i) for i in ids]
+    out: list[int] = []
+    seen: set[str] = set()
+    while pending:
+        i = pending.pop(0)
+        if _norm(texts[i]) in seen:
+            j = next((j for j in pending if templates[j] == templates[i] and _norm(texts[j]) not in seen), None)
+            if j is not None:
+                pending.remove(j)
+                pending.insert(0, i)
+                i = j
+        out.append(i)
+        seen.add(_norm(texts[i]))
+    return out
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, diversity: bool) -> ProcedureIndex:
+    keys, wfile = path / "keys.json", path / "weights.json"
+    for f in (keys, wfile):
+        if not f.is_file():
+            raise BankError(f"{f}: missing; the bank is incomplete, rebuild it")
+    try:
+        texts = json.loads(keys.read_text(encoding="utf-8"))
+        wobj = json.loads(wfile.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    dense = dense_encoder.load(path) if dense_encoder is not None else None
+    return ProcedureIndex(texts, TermWeights.from_json(wobj, str(wfile)), dense, dense_weight, diversity)

@@ -1,0 +1,125 @@
+"""How a bank scores keys against a query: the ``retrieval`` block of the bank manifest.
+
+``procedure`` (default for new banks): procedure-weighted lexical cosine + ``dense_weight`` x dense dot
+product, with diversity among ties (``exprag.bank.procedure``). With ``--encoder bm25`` it is lexical
+only (no model).
+``dense``: the paper's plain dot product of the dense encoder's normalised embeddings (SPEC §1).
+``bm25``: plain BM25 over the key texts (no model).
+
+Banks written before this block existed have no ``retrieval`` field: they are read with the plain
+scoring of their encoder (``dense`` or ``bm25``), exactly as they were built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from exprag.bank.encoders import BM25Encoder, DenseEncoder, Encoder, Index
+from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, load_procedure_index
+from exprag.errors import BankError
+
+SCORINGS = ("procedure", "dense", "bm25")
+DEFAULT_SCORING = "procedure"
+DEFAULT_DENSE_WEIGHT = 0.05
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    scoring: str = DEFAULT_SCORING
+    dense_weight: float = DEFAULT_DENSE_WEIGHT  # procedure only
+    diversity: bool = True  # procedure only
+    alpha: float | None = None  # procedure only; None: default_alpha(number of keys, mode)
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise BankError(f"unknown scoring {self.scoring!r} (choose one of: {', '.join(SCORINGS)})")
+        if self.dense_weight < 0:
+            raise BankError(f"dense_weight must be >= 0, got {self.dense_weight}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise BankError(f"alpha must be > 0, got {self.alpha}")
+
+    def to_manifest(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.scoring != "procedure":
+            return {"scoring": self.scoring}
+        return d
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest.json") -> "RetrievalConfig":
+        block = manifest.get("retrieval")
+        if block is None:  # a bank from before scoring options: its encoder's plain scoring
+            kind = (manifest.get("encoder") or {}).get("kind")
+            return cls(scoring="bm25" if kind == "bm25" else "dense")
+        if not isinstance(block, dict):
+            raise BankError(f"{where}: field 'retrieval' must be an object")
+        known = {"scoring", "dense_weight", "diversity", "alpha"}
+        try:
+            return cls(**{k: v for k, v in block.items() if k in known})
+        except (TypeError, BankError) as e:
+            raise BankError(f"{where}: field 'retrieval': {e}") from None
+
+    def check(self, encoder: Encoder) -> None:
+        dense = isinstance(encoder, DenseEncoder)
+        if self.scoring == "dense" and not dense:
+            raise BankError("scoring 'dense' needs a dense encoder (minilm or a sentence-transformers model)")
+        if self.scoring == "bm25" and dense:
+            raise BankError("scoring 'bm25' uses no dense model: build it with encoder 'bm25'")
+
+
+def _dense(encoder: Encoder) -> DenseEncoder | None:
+    return encoder if isinstance(encoder, DenseEncoder) else None
+
+
+def build_index(cfg: RetrievalConfig, encoder: Encoder, texts: list[str], labels: Sequence[str], mode: str,
+                progress: bool = False) -> Index:
+    """An index over ``texts``; ``labels`` (the keys' task types) are read by ``procedure`` only."""
+    cfg.check(encoder)
+    if cfg.scoring != "procedure":
+        return encoder.build(texts, progress=progress)
+    alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
+    weights = TermWeights.learn(texts, list(labels), alpha)
+    dense = _dense(encoder)
+    dense_index = dense.build(texts, progress=progress) if dense is not None else None
+    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity)
+
+
+def load_index(cfg: RetrievalConfig, encoder: Encoder, path: Path) -> Index:
+    if cfg.scoring != "procedure":
+        return encoder.load(path)
+    return load_procedure_index(path, _dense(encoder), cfg.dense_weight, cfg.diversity)
+
+
+def extend_index(cfg: RetrievalConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],
+                 mode: str) -> Index:
+    """``old`` (over ``texts[:old.size]``) extended to all ``texts``: dense embeddings are encoded for
+    the new keys only; term weights are learned again over the whole bank (cheap, and new task types
+    bring new procedure words)."""
+    n_old = old.size
+    new = texts[n_old:]
+    dense = _dense(encoder)
+    if cfg.scoring == "dense" and hasattr(old, "emb") and dense is not None:
+        return dense.from_embeddings(np.concatenate([old.emb, dense.encode(new)]))
+    if cfg.scoring != "procedure":
+        return encoder.build(texts)
+    alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
+    weights = TermWeights.learn(texts, list(labels), alpha)
+    dense_index = None
+    if dense is not None:
+        prev = getattr(old, "dense", None)
+        emb = (np.concatenate([prev.emb, dense.encode(new)]) if prev is not None
+               else dense.encode(texts))
+        dense_index = dense.from_embeddings(emb)
+    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity)
+
+
+def make_scoring_encoder(encoder: str | Encoder, scoring: str) -> Encoder:
+    """The encoder a build uses: ``bm25`` scoring needs no model whatever ``encoder`` says."""
+    from exprag.bank.encoders import make_encoder
+
+    if scoring == "bm25" and not isinstance(encoder, BM25Encoder):
+        return BM25Encoder()
+    return make_encoder(encoder) if isinstance(encoder, str) else encoder

@@ -1,0 +1,135 @@
+"""The training recipe as a typed config: defaults are the paper's LoRA recipe (SPEC §4, §5).
+
+No ``from __future__ import annotations`` here on purpose: ``exprag.config.from_dict`` resolves
+nested dataclass fields from real annotations, so YAML sections (``lora:``, ``retrieval:``,
+``selection:``) load into their dataclasses.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exprag.config import RetrievalConfig, from_dict, load_yaml
+from exprag.errors import ExpragError
+
+SERIALIZATIONS = ("trajectory", "step")
+OVERLONG = ("trim", "drop")
+PRECISIONS = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw")
+
+
+class TrainConfigError(ExpragError):
+    """An invalid training configuration value; names the field."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    # None = the attention q/k/v/o projections of the architecture (see lora.attention_targets).
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class SelectionConfig:
+    """Checkpoint selection by rollout success on held-out tasks (SPEC §4: not by validation loss)."""
+
+    every: int | None = None  # evaluate every N epochs (and after the last); None = no rollouts
+    env: str | None = None  # None = the training trajectories' env
+    split: str = "dev"  # never select on the split you report
+    task_types: str = "hard"
+    per_type: int | None = 5
+    limit: int | None = None
+    bank: str | None = None  # memory at evaluation; None = the training bank (none for plain LoRA)
+    max_steps: int | None = None
+    batch_size: int = 4
+
+
+@dataclass
+class TrainConfig:
+    trajectories: list[str] = field(default_factory=list)
+    val_trajectories: list[str] = field(default_factory=list)  # validation loss (plotted, not selected on)
+    model: str = "smollm2-135m"
+    out: str = "runs/train"
+    # ExpRAG-LoRA when retrieval.bank is set: the same retrieval as inference (K=2, static, chat JSON).
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    empty_memory_fraction: float = 0.0  # examples trained with an empty memory block (SPEC §7)
+    only_successful: bool = True  # SFT imitates successes; failures are skipped and counted
+    serialization: str = "trajectory"  # one example per trajectory | per step (benchmark baseline)
+    max_length: int = 8192
+    overlong: str = "trim"  # trim: drop lowest-ranked memory, then whole trailing turns | drop
+    train_eot: bool = True  # also train the end-of-turn token, so the model learns to stop
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    epochs: int = 9
+    lr: float = 5e-5  # constant
+    weight_decay: float = 0.0
+    batch_size: int = 8  # examples per optimizer step (length-bucketed)
+    # Examples per forward pass; None = auto: 1 on CPU (a padded batch forces PyTorch's quadratic-
+    # memory attention kernel there), batch_size on GPU. Gradients accumulate over micro-batches.
+    micro_batch_size: int | None = None
+    max_batch_tokens: int | None = None  # cap on padded tokens per micro-batch
+    precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
+    optimizer: str = "auto"  # auto = PagedAdamW8bit when bitsandbytes imports, else torch AdamW
+    gradient_checkpointing: bool = False
+    seed: int = 2025
+    save_every_steps: int | None = None  # extra mid-epoch checkpoints (an epoch always ends with one)
+    log_every_steps: int = 10
+    keep_checkpoints: int | None = None  # adapters kept (latest N + best); None = all
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def validate(self) -> "TrainConfig":
+        def bad(name: str, why: str) -> TrainConfigError:
+            return TrainConfigError(f"train config field {name!r}: {why}")
+
+        if self.serialization not in SERIALIZATIONS:
+            raise bad("serialization", f"{self.serialization!r} is not one of {', '.join(SERIALIZATIONS)}")
+        if self.overlong not in OVERLONG:
+            raise bad("overlong", f"{self.overlong!r} is not one of {', '.join(OVERLONG)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.empty_memory_fraction <= 1.0:
+            raise bad("empty_memory_fraction", "must be within [0, 1]")
+        for name in ("epochs", "batch_size", "max_length", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise bad("micro_batch_size", "must be >= 1")
+        if self.lr <= 0:
+            raise bad("lr", "must be > 0")
+        if self.retrieval.mode not in ("static", "dynamic"):
+            raise bad("retrieval.mode", f"{self.retrieval.mode!r} is not static or dynamic")
+        if self.retrieval.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
+            # Dynamic retrieval changes the memory every step: one example per trajectory cannot
+            # carry it; per-step examples can (each with the memory retrieved at that step).
+            raise bad("retrieval.mode", "dynamic retrieval needs serialization: step")
+        if self.selection.every is not None and self.selection.every < 1:
+            raise bad("selection.every", "must be >= 1")
+        return self
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then ``overrides`` (dotted keys, e.g. ``retrieval.k``; None skipped)."""
+    cfg = load_yaml(TrainConfig, path) if path else TrainConfig()
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target: Any = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        if not hasattr(target, last):
+            raise TrainConfigError(f"train config has no field {key!r}")
+        setattr(target, last, value)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> TrainConfig:
+    return from_dict(TrainConfig, data, where).validate()
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,151 @@
+"""Checkpoint selection by rollout success, not by validation loss (SPEC §4: out-of-distribution
+success keeps rising after the validation loss turns up).
+
+``Selection`` keeps the metric history in RUN_DIR/selection.json, points RUN_DIR/best at the best
+checkpoint (a relative symlink; a copy where symlinks fail), and plots success and validation loss
+against epochs in RUN_DIR/selection.png. Ties keep the earlier checkpoint (fewer epochs, same
+success).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from exprag.errors import ExpragError
+from exprag.io import atomic_write_json
+
+HISTORY = "selection.json"
+PLOT = "selection.png"
+BEST = "best"
+
+
+class Selection:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        f = self.run_dir / HISTORY
+        self.history: list[dict[str, Any]] = (
+            json.loads(f.read_text(encoding="utf-8"))["history"] if f.is_file() else []
+        )
+
+    def has(self, epoch: int) -> bool:
+        return any(h["epoch"] == epoch for h in self.history)
+
+    def best_record(self) -> dict[str, Any] | None:
+        best = None
+        for h in self.history:  # strictly greater: ties keep the earlier checkpoint
+            if best is None or h["success_rate"] > best["success_rate"]:
+                best = h
+        return best
+
+    def best(self) -> Path | None:
+        rec = self.best_record()
+        return self.run_dir / rec["checkpoint"] if rec else None
+
+    def add(self, epoch: int, checkpoint: str | Path, success_rate: float, *,
+            val_loss: float | None = None, train_loss: float | None = None) -> Path:
+        """Record one evaluated checkpoint; returns the best checkpoint so far (RUN_DIR/best points at it)."""
+        ckpt = Path(checkpoint)
+        rel = ckpt.relative_to(self.run_dir) if ckpt.is_absolute() else ckpt
+        self.history.append({"epoch": epoch, "checkpoint": str(rel), "success_rate": success_rate,
+                             "val_loss": val_loss, "train_loss": train_loss})
+        self.history.sort(key=lambda h: h["epoch"])
+        best = self.best_record()
+        assert best is not None
+        atomic_write_json(self.run_dir / HISTORY, {"best": best, "history": self.history})
+        self._point_best(best["checkpoint"])
+        self.plot()
+        return self.run_dir / best["checkpoint"]
+
+    def _point_best(self, rel: str) -> None:
+        link = self.run_dir / BEST
+        tmp = self.run_dir / f".{BEST}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp)
+        try:
+            os.symlink(rel, tmp, target_is_directory=True)
+        except OSError:  # filesystems without symlinks: copy the adapter
+            shutil.copytree(self.run_dir / rel, tmp)
+        if link.exists() and not link.is_symlink():
+            shutil.rmtree(link)
+        os.replace(tmp, link)
+
+    def plot(self) -> Path | None:
+        """Success and validation loss vs epoch; None when matplotlib is not installed."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        epochs = [h["epoch"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(epochs, [100 * h["success_rate"] for h in self.history], "o-", color="tab:blue",
+                label="rollout success (%)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("success (%)", color="tab:blue")
+        best = self.best_record()
+        if best:
+            ax.axvline(best["epoch"], color="tab:blue", ls=":", lw=1)
+        losses = [(h["epoch"], h["val_loss"]) for h in self.history if h.get("val_loss") is not None]
+        train = [(h["epoch"], h["train_loss"]) for h in self.history if h.get("train_loss") is not None]
+        if losses or train:
+            ax2 = ax.twinx()
+            if losses:
+                ax2.plot(*zip(*losses), "s--", color="tab:red", label="validation loss")
+            if train:
+                ax2.plot(*zip(*train), "^:", color="tab:gray", label="train loss")
+            ax2.set_ylabel("loss", color="tab:red")
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8)
+        ax.set_title("checkpoint selection by rollout success")
+        fig.tight_layout()
+        out = self.run_dir / PLOT
+        tmp = out.with_name(f".{PLOT}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+
+def make_rollout_eval(cfg: Any, run_dir: str | Path) -> Callable[[Path], float]:
+    """``adapter_dir -> success rate`` through the rollout evaluation (``exprag.evaluate``), on the
+    selection split with the model's inference-time retrieval. Results go to RUN_DIR/eval/<ckpt>;
+    evaluate() resumes them, so an interrupted selection does not replay finished episodes."""
+    from exprag.config import EvalConfig, RetrievalConfig
+
+    sel = cfg.selection
+    env = sel.env or _env_of(cfg)
+    bank = sel.bank or cfg.retrieval.bank
+
+    def rollout_eval(adapter_dir: Path) -> float:
+        try:
+            from exprag.evaluate import evaluate
+        except ImportError as e:
+            raise ExpragError(f"checkpoint selection needs exprag.evaluate, which is unavailable ({e})") from None
+        ecfg = EvalConfig(
+            env=env, split=sel.split, task_types=sel.task_types, per_type=sel.per_type, limit=sel.limit,
+            model=cfg.model, adapter=str(adapter_dir), backend="hf",
+            retrieval=RetrievalConfig(bank=bank, k=cfg.retrieval.k, mode=cfg.retrieval.mode,
+                                      memory_format=cfg.retrieval.memory_format,
+                                      token_budget=cfg.retrieval.token_budget),
+            max_steps=sel.max_steps, batch_size=sel.batch_size, seed=cfg.seed,
+            out=str(Path(run_dir) / "eval" / Path(adapter_dir).name),
+        )
+        return float(evaluate(ecfg).success_rate)
+
+    return rollout_eval
+
+
+def _env_of(cfg: Any) -> str:
+    from exprag.trajectory import iter_jsonl
+
+    for p in cfg.trajectories:
+        for t in iter_jsonl(p):
+            return t.env
+    raise ExpragError("selection.env is not set and the training files are empty")

@@ -1,0 +1,257 @@
+"""Retrieval quality (issue 7): procedure-weighted scoring, diversity, manifest compatibility, and
+`exprag bank eval-retrieval` on small banks of all three environments."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from exprag.bank import Retriever, append_to_bank, build_bank, load_bank
+from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, diverse_order
+from exprag.bank.quality import evaluate_retrieval
+from exprag.bank.scoring import RetrievalConfig
+from exprag.cli import main
+from exprag.errors import BankError
+from exprag.trajectory import Trajectory, write_jsonl
+
+
+def rec(i: int, task: str, task_type: str, split: str = "train", env: str = "synthetic") -> Trajectory:
+    return Trajectory(f"{split}-{i}", env, "0", split, task_type, f"{split}/g{i}", task,
+                      [{"role": "user", "content": f"You are in a room. Your task is to: {task}"},
+                       {"role": "assistant", "content": "look"}], True, 1.0, 1, "test", {})
+
+
+# ALFWorld-style templates: the procedure word is one word among object and receptacle names.
+TEMPLATES = {"heat": "put a hot {o} in {r}.", "cool": "cool some {o} and put it in {r}.",
+             "clean": "put a clean {o} in {r}.", "simple": "put some {o} on {r}."}
+OBJS = ["apple", "tomato", "egg", "mug", "potato", "bread", "cup", "plate", "knife", "lettuce"]
+RECEPS = ["diningtable", "countertop", "fridge", "cabinet", "shelf", "sidetable", "desk", "garbagecan"]
+
+
+def alfworld_like(n_per_type: int, split: str, offset: int = 0) -> list[Trajectory]:
+    out = []
+    for t, tpl in TEMPLATES.items():
+        for j in range(n_per_type):
+            o, r = OBJS[(j + offset) % len(OBJS)], RECEPS[(3 * j + offset + len(t)) % len(RECEPS)]
+            out.append(rec(len(out) + 1000 * offset, tpl.format(o=o, r=r), t, split))
+    return out
+
+
+def test_term_weights_learn_procedure_words_not_entities():
+    bank = alfworld_like(12, "train")
+    w = TermWeights.learn([t.task for t in bank], [t.task_type for t in bank], default_alpha(len(bank)))
+    assert w.source == "task-type" and w.n_types == 4
+    for proc in ("hot", "cool", "clean"):
+        for entity in ("apple", "tomato", "diningtable", "countertop"):
+            assert w.weights[proc] > 3 * w.weights[entity], (proc, entity, w.weights)
+    assert "the" not in w.weights and "a" not in w.weights  # stop words are never learned
+    assert w.mask("put a hot apple in fridge.") == "something a hot something in something"
+    one = TermWeights.learn(["heat an egg", "heat a mug"], ["t", "t"], 5.0)  # one type: IDF fallback
+    assert one.source == "idf" and one.weights["egg"] > one.weights["heat"]
+
+
+def test_procedure_beats_entity_overlap_without_query_metadata(tmp_path):
+    bank, queries = alfworld_like(12, "train"), alfworld_like(6, "test", offset=5)
+    built = build_bank(bank, tmp_path / "b", "bm25")
+    rep = evaluate_retrieval(built, queries, k=2).as_dict()
+    assert rep["retrieval"]["scoring"] == "procedure"
+    assert rep["overall"]["top1"] == 1.0 and rep["overall"]["all_at_k"] == 1.0
+    # the failure mode of the issue: same object and receptacle, other procedure
+    hits = Retriever(built).retrieve("cool some tomato and put it in diningtable.", k=2)
+    assert [h.trajectory.task_type for h in hits] == ["cool", "cool"]
+
+
+def test_diverse_order_swaps_copies_within_a_template_only():
+    texts = ["put a hot apple in desk", "put a hot apple in desk", "put a cool apple in desk",
+             "put a hot egg in shelf"]
+    templates = ["put a hot X in X", "put a hot X in X", "put a cool X in X", "put a hot X in X"]
+    assert diverse_order([0, 1, 2, 3], texts, templates) == [0, 3, 1, 2]
+    assert diverse_order([0, 1, 2], texts, templates) == [0, 1, 2]  # no same-template alternative
+    assert diverse_order([1, 2, 0], texts, templates) == [1, 2, 0]
+
+
+def test_diversity_never_costs_a_same_type_slot(tmp_path):
+    # three exact copies of the query's best match, and other heat keys further down
+    bank = [rec(i, "put a hot apple in desk.", "heat") for i in range(3)]
+    bank += [rec(10 + i, f"put a hot {o} in desk.", "heat") for i, o in enumerate(["egg", "mug"])]
+    bank += [rec(20 + i, f"put a cool apple in {r}.", "cool") for i, r in enumerate(["desk", "shelf", "sofa"])]
+    bank += [rec(30 + i, f"cool some {o} and put it in desk.", "cool") for i, o in enumerate(["egg", "cup"])]
+    div = build_bank(bank, tmp_path / "div", "bm25")
+    flat = build_bank(bank, tmp_path / "flat", "bm25", retrieval=RetrievalConfig(diversity=False))
+    q = "put a hot apple in desk."
+    with_div = Retriever(div).retrieve(q, k=3)
+    without = Retriever(flat).retrieve(q, k=3)
+    assert [h.trajectory.task for h in without].count(q) == 3
+    assert all(h.trajectory.task_type == "heat" for h in with_div)
+    assert len({h.trajectory.task for h in with_div}) == 3
+    assert with_div[0].trajectory.task == q and with_div[0].score >= with_div[1].score
+
+
+def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
+    train, test = twx_trajs[0][::2], twx_trajs[1]  # 12 keys of 8 games: enough, and quick to encode
+    new = build_bank(train, tmp_path / "new", "minilm")
+    m = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert m["retrieval"] == {"scoring": "procedure", "dense_weight": 0.05, "diversity": True, "alpha": None}
+    assert m["bank_version"] == 2  # an exprag that predates procedure scoring refuses it, not misreads it
+    assert sorted(p.name for p in (tmp_path / "new" / "static").iterdir()) == \
+        ["embeddings.npy", "keys.json", "weights.json"]
+    again = load_bank(tmp_path / "new")
+    assert isinstance(again.index("static"), ProcedureIndex) and again.index("static").dense is not None
+    q = test[0].task
+    assert [h.trajectory.id for h in Retriever(again).retrieve(q, k=3)] == \
+        [h.trajectory.id for h in Retriever(new).retrieve(q, k=3)]
+    # banks written before the field: plain dot product (dense) or plain BM25, as they were built
+    for scoring, enc in (("dense", "minilm"), ("bm25", "bm25")):
+        path = tmp_path / f"old-{scoring}"
+        plain = build_bank(train, path, enc, retrieval=scoring)
+        want = [h.trajectory.id for h in Retriever(plain).retrieve(q, k=3)]
+        mf = path / "manifest.json"
+        old = json.loads(mf.read_text())
+        assert old["bank_version"] == 1  # plain banks stay readable by older exprag
+        del old["retrieval"]
+        mf.write_text(json.dumps(old))
+        legacy = load_bank(path)
+        assert legacy.retrieval.scoring == scoring
+        assert [h.trajectory.id for h in Retriever(legacy).retrieve(q, k=3)] == want
+        assert not isinstance(legacy.index("static"), ProcedureIndex)
+    with pytest.raises(BankError, match="scoring 'dense' needs a dense encoder"):
+        build_bank(train, tmp_path / "x", "bm25", retrieval="dense")
+    bad = dict(m, retrieval={"scoring": "magic"})
+    (tmp_path / "bad").mkdir()
+    shutil.copy(tmp_path / "new" / "trajectories.jsonl", tmp_path / "bad")
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(BankError, match="field 'retrieval': unknown scoring 'magic'"):
+        load_bank(tmp_path / "bad")
+
+
+def test_append_relearns_weights_and_keeps_embeddings(tmp_path):
+    bank = build_bank(alfworld_like(4, "train"), tmp_path / "b", "minilm")
+    emb = bank.index("static").dense.emb.copy()
+    new = [rec(900 + i, f"put two {o} in desk.", "two") for i, o in enumerate(["apple", "egg", "mug"])]
+    grown = append_to_bank(bank, new)
+    idx = load_bank(tmp_path / "b").index("static")
+    assert idx.size == 19 and np.allclose(idx.dense.emb[:16], emb)
+    assert "two" in idx.weights.weights and idx.weights.n_types == 5
+    assert Retriever(grown).retrieve("put two tomato in shelf.", k=1)[0].trajectory.task_type == "two"
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["retrieval"]["scoring"] == "procedure"
+
+
+def test_filters_and_fallback_with_procedure_scoring(tmp_path):
+    from exprag.bank import Filters
+
+    bank = build_bank(alfworld_like(30, "train"), tmp_path / "b", "bm25")
+    r = Retriever(bank)
+    q = "put a hot apple in desk."
+    heat_ids = {t.id for t in bank.trajectories if t.task_type == "heat"}
+    # excluding every heat key forces the retriever past its over-fetch window, to rank_all
+    hits = r.retrieve(q, k=2, filters=Filters(exclude_ids=heat_ids))
+    assert len(hits) == 2 and not heat_ids & {h.trajectory.id for h in hits}
+    hits = r.retrieve(q, k=2, filters=Filters(task_types={"simple"}))
+    assert [h.trajectory.task_type for h in hits] == ["simple", "simple"]
+
+
+# ---- the command on small banks of the three environments --------------------------------------------
+def _eval_cli(tmp_path, capsys, bank_trajs, queries, name, *build_args) -> dict:
+    data, qfile, bank, out = (tmp_path / f"{name}-bank.jsonl", tmp_path / f"{name}-q.jsonl",
+                              tmp_path / f"{name}-bank", tmp_path / f"{name}-quality")
+    write_jsonl(data, bank_trajs)
+    write_jsonl(qfile, queries)
+    assert main(["bank", "build", "--trajectories", str(data), "--out", str(bank), *build_args]) == 0
+    assert main(["bank", "eval-retrieval", str(bank), "--queries", str(qfile), "-k", "2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    d = json.loads((tmp_path / f"{name}-quality.json").read_text())
+    md = (tmp_path / f"{name}-quality.md").read_text()
+    for key in ("overall", "no_twin", "per_type", "confusion", "no_twin_per_type", "no_twin_confusion",
+                "exact_duplicate_rate", "copy_rate", "retrieval"):
+        assert key in d, key
+    assert d["overall"]["n"] == len(queries) and set(d["per_type"]) == {q.task_type for q in queries}
+    assert "| no exact-text twin in bank |" in md and "Confusion, queries with no twin" in md and md in printed
+    return d
+
+
+def test_eval_retrieval_twx(tmp_path, capsys, twx_trajs):
+    train, test = twx_trajs
+    d = _eval_cli(tmp_path, capsys, train, test, "twx")
+    assert d["overall"]["top1"] == 1.0 and d["overall"]["all_at_k"] == 1.0
+    assert d["retrieval"]["scoring"] == "procedure"
+    dense = _eval_cli(tmp_path, capsys, train, test, "twx-dense", "--scoring", "dense")
+    assert dense["retrieval"] == {"scoring": "dense"} and dense["encoder"]["name"] == "minilm"
+    assert main(["bank", "info", str(tmp_path / "twx-dense-bank")]) == 0
+    assert '"scoring": "dense"' in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def sw_records():
+    """Reset-only records (task + first observation) of a few ScienceWorld variations of the task
+    types that dense retrieval confuses (issue 7): known vs unknown substances."""
+    pytest.importorskip("scienceworld")
+    from exprag.envs import make_env
+
+    types = ["test-conductivity", "test-conductivity-of-unknown-substances",
+             "measure-melting-point-known-substance", "measure-melting-point-unknown-substance"]
+    out: dict[str, list[Trajectory]] = {"train": [], "test": []}
+    with make_env("scienceworld", gold=False) as env:
+        for split, n in (("train", 4), ("test", 2)):
+            for tt in types:
+                for task in env.tasks(split, [tt])[:n]:
+                    r = env.reset(task)
+                    out[split].append(Trajectory(
+                        f"sw:{split}:{task.task_id}", "scienceworld", env.version, split, tt, task.task_id, r.task,
+                        [{"role": "user", "content": r.observation}], True, 0.0, 0, "reset-only", {}))
+    return out
+
+
+def test_eval_retrieval_scienceworld(tmp_path, capsys, sw_records):
+    d = _eval_cli(tmp_path, capsys, sw_records["train"], sw_records["test"], "sw", "--encoder", "bm25")
+    assert d["overall"]["top1"] == 1.0 and d["overall"]["all_at_k"] == 1.0, d["confusion"]
+
+
+@pytest.fixture(scope="module")
+def alfworld_trajs(tmp_path_factory):
+    """Expert trajectories of freshly generated ALFWorld games: 2 train / 1 test per task type."""
+    pytest.importorskip("alfworld")
+    from exprag.envs import alfworld_gen as gen
+    from exprag.envs.alfworld import ALFWorldEnv
+    from exprag.expert import collect
+
+    out = tmp_path_factory.mktemp("alfworld") / "gen"
+    for split, n in (("train", 2), ("test", 1)):
+        gen.generate(out, split=split, per_type=n, seed=0)
+    with ALFWorldEnv(data_dir=out) as env:
+        types = list(env.task_types())
+        return {split: list(collect(env, env.tasks(split, types))) for split in ("train", "test")}
+
+
+def test_eval_retrieval_alfworld(tmp_path, capsys, alfworld_trajs):
+    train, test = alfworld_trajs["train"], alfworld_trajs["test"]
+    assert len(train) == 12 and len(test) == 6 and all(t.success for t in train)
+    d = _eval_cli(tmp_path, capsys, train, test, "alf")
+    # 2 keys per type: the bank is too small to promise the target, but the procedure must show
+    assert d["overall"]["top1"] >= 0.8, d["confusion"]
+    bank = load_bank(tmp_path / "alf-bank")
+    dyn = evaluate_retrieval(bank, test, k=2, mode="dynamic").as_dict()
+    assert dyn["overall"]["n"] == 6 and dyn["mode"] == "dynamic"
+
+
+# ---- full sizes (minutes): the issue's targets -------------------------------------------------------
+@pytest.mark.slow
+def test_targets_at_full_size(tmp_path):
+    """The benchmark's data (reset-only records, cached) and the default configuration, through
+    build_bank, hit the issue's targets on all three envs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_retrieval_quality as bq
+
+    from exprag.bank.encoders import DenseEncoder
+
+    dense = DenseEncoder("minilm")
+    for env in ("twx", "scienceworld", "alfworld"):
+        data = bq.load_env_data(env, refresh=False, log=lambda m: None)
+        bank = build_bank(data["train"], tmp_path / env, dense)
+        rep = evaluate_retrieval(bank, data["test"], k=2).as_dict()
+        judged = rep["no_twin"] if env == "alfworld" else rep["overall"]
+        assert judged["top1"] >= 0.95 and judged["all_at_k"] >= 0.90, (env, judged, rep["confusion"])
