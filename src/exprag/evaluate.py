@@ -236,7 +236,8 @@ def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_
     model = LazyModel(model_spec)
     per_type = max(1, max(sum(t.task_type == tt for t in tasks) for tt in {t.task_type for t in tasks}))
     base = EvalConfig(env=env, split=tasks[0].split, task_types=",".join(dict.fromkeys(t.task_type for t in tasks)),
-                      per_type=per_type, model=model_spec, max_steps=max_steps, batch_size=len(tasks))
+                      per_type=per_type, model=model_spec, max_steps=max_steps, batch_size=len(tasks),
+                      max_new_tokens=16)  # actions are a few words; a 135M model rambles
     rows = []
     for name, retrieval in (("no bank", RetrievalConfig()),
                             ("static k=2", RetrievalConfig(bank=str(bank_dir), k=2, mode="static"))):
