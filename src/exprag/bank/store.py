@@ -18,7 +18,6 @@ interrupted build leaves the previous bank intact.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
 from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
-from exprag.io import atomic_write_json, replace_dir
+from exprag.io import atomic_write_json, replace_dir, sha256_file
 from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
 
 BANK_FORMAT = "exprag-bank"
@@ -47,14 +46,6 @@ def static_key(t: Trajectory) -> str:
 
 def dynamic_key(t: Trajectory) -> str:
     return t.text()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -149,7 +140,7 @@ def build_bank(
             "retrieval": cfg.to_manifest(),
             "keys": {"static": "task description", "dynamic": "whole trajectory text"},
             **_summary(trajs),
-            "inputs": [{"path": str(p), "sha256": _sha256(Path(p))} for p in sources],
+            "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
         }
         atomic_write_json(staging / "manifest.json", manifest)
         replace_dir(staging, out)

@@ -22,7 +22,6 @@ Run directory layout::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import random
 import shutil
@@ -37,7 +36,7 @@ from typing import Any, Callable
 import yaml
 
 from exprag.errors import ExpragError
-from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, replace_dir
+from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, replace_dir, sha256_file
 from exprag.train.config import TrainConfig, TrainConfigError, to_dict
 from exprag.train.data import (
     BuildReport,
@@ -169,16 +168,8 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
 
 
 # ---- run directory ---------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _inputs(cfg: TrainConfig) -> list[dict[str, str]]:
-    return [{"path": str(p), "sha256": _sha256(Path(p))} for p in cfg.trajectories]
+    return [{"path": str(p), "sha256": sha256_file(Path(p))} for p in cfg.trajectories]
 
 
 def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool, main: bool = True) -> Path | None:
