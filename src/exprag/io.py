@@ -82,3 +82,13 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def staging_dir(target: str | Path, tag: str = "tmp") -> Path:
+    """A temp dir beside ``target`` (same filesystem, so the final rename is atomic) with the
+    permissions of a normal mkdir rather than mkdtemp's 0700."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_UMASK)
+    return tmp

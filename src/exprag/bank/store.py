@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
 from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
-from exprag.io import atomic_write_json, replace_dir, sha256_file
+from exprag.io import atomic_write_json, replace_dir, sha256_file, staging_dir
 from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
 
 BANK_FORMAT = "exprag-bank"
@@ -123,7 +122,7 @@ def build_bank(
     cfg.check(enc)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    staging = staging_dir(out, "build")
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
         labels = [t.task_type for t in trajs]
@@ -214,7 +213,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     enc = bank.encoder
     cfg = bank.retrieval
     labels = [t.task_type for t in trajs]
-    staging = Path(tempfile.mkdtemp(prefix=f".{bank.path.name}.append-", dir=bank.path.parent))
+    staging = staging_dir(bank.path, "append")
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
         indexes: dict[str, Index] = {}

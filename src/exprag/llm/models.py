@@ -20,7 +20,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -274,8 +273,6 @@ def tiny_random_model(
 
 
 def _mkdtemp_shared(target: Path) -> Path:
-    """A temp dir beside ``target`` (same filesystem, so the final rename is atomic), with the
-    permissions of a normal mkdir rather than mkdtemp's 0700."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)
-    return tmp
+    from exprag.io import staging_dir
+
+    return staging_dir(target)
