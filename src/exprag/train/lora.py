@@ -627,7 +627,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = N
     if not base_spec:
         raise RunDirError(f"{cfg_file}: no base_model_name_or_path; pass --model")
     tokenizer, base, _ = load_model(str(base_spec), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.merge-tmp")
     shutil.rmtree(staging, ignore_errors=True)

@@ -63,8 +63,10 @@ class Selection:
     def _point_best(self, rel: str) -> None:
         link = self.run_dir / BEST
         tmp = self.run_dir / f".{BEST}.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp)
+        if tmp.is_symlink():
+            tmp.unlink()
+        elif tmp.exists():
+            shutil.rmtree(tmp)
         try:
             os.symlink(rel, tmp, target_is_directory=True)
         except OSError:  # filesystems without symlinks: copy the adapter
@@ -100,11 +102,14 @@ class Selection:
             if train:
                 ax2.plot(*zip(*train), "^:", color="tab:gray", label="train loss")
             ax2.set_ylabel("loss", color="tab:red")
-            h1, l1 = ax.get_legend_handles_labels()
-            h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8)
-        ax.set_title("checkpoint selection by rollout success")
-        fig.tight_layout()
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+        labels = [lab for a in fig.axes for lab in a.get_legend_handles_labels()[1]]
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        ax.set_title("checkpoint selection by rollout success (dotted: best)")
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         out = self.run_dir / PLOT
         tmp = out.with_name(f".{PLOT}.tmp.png")
         fig.savefig(tmp, dpi=110)
