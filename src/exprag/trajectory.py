@@ -134,7 +134,8 @@ def history_text(task: str, messages: Iterable[dict[str, str]]) -> str:
 
 
 # ---- JSONL ---------------------------------------------------------------------------------------
-def iter_jsonl(path: str | Path) -> Iterator[Trajectory]:
+def iter_jsonl_located(path: str | Path) -> Iterator[tuple[str, Trajectory]]:
+    """Validated trajectories with where each came from (``file:line``), for errors found later."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
@@ -147,7 +148,12 @@ def iter_jsonl(path: str | Path) -> Iterator[Trajectory]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield Trajectory.from_dict(obj, where=where)
+            yield where, Trajectory.from_dict(obj, where=where)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Trajectory]:
+    for _, t in iter_jsonl_located(path):
+        yield t
 
 
 def read_jsonl(*paths: str | Path) -> list[Trajectory]:

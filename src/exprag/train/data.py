@@ -21,7 +21,6 @@ ExpRAG-LoRA examples carry a memory block retrieved from the training bank exact
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from exprag.bank import Bank, Filters, Hit, Retriever, render_memory
 from exprag.envs import action_templates
 from exprag.errors import DataFormatError, ExpragError
 from exprag.prompt import conversation, system_prompt
-from exprag.trajectory import Trajectory
+from exprag.trajectory import Trajectory, iter_jsonl_located
 
 IGNORE = -100
 _SENTINEL = "\ue000exprag-action-{}\ue001"  # private-use code points: never in real text
@@ -58,31 +57,19 @@ def load_trajectories(paths: Sequence[str | Path], *, only_successful: bool = Tr
     seen: dict[str, str] = {}
     empty: list[tuple[str, str]] = []  # (file:line, id)
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise DataFormatError(f"{path}: no such file")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                t = Trajectory.from_dict(obj, where=where)
-                if t.id in seen:
-                    raise DataFormatError(f"{where}: field 'id' {t.id!r} duplicates a trajectory in {seen[t.id]}")
-                seen[t.id] = where
-                report.read += 1
-                if not t.actions():
-                    empty.append((where, t.id))
-                    continue
-                if only_successful and not t.success:
-                    report.skipped_unsuccessful.append(t.id)
-                    continue
-                report.splits[t.split] = report.splits.get(t.split, 0) + 1
-                out.append(t)
+        for where, t in iter_jsonl_located(p):
+            if t.id in seen:
+                raise DataFormatError(f"{where}: field 'id' {t.id!r} duplicates a trajectory in {seen[t.id]}")
+            seen[t.id] = where
+            report.read += 1
+            if not t.actions():
+                empty.append((where, t.id))
+                continue
+            if only_successful and not t.success:
+                report.skipped_unsuccessful.append(t.id)
+                continue
+            report.splits[t.split] = report.splits.get(t.split, 0) + 1
+            out.append(t)
     if empty:
         more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
         raise DataFormatError(
