@@ -23,3 +23,7 @@ class BankError(ExpragError):
 
 class EnvError(ExpragError):
     """An environment could not start or failed on a task; names the task."""
+
+
+class RunConfigError(ExpragError):
+    """A run directory that holds a run made with other settings (resuming it would mix two runs)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exprag.config import EvalConfig, RetrievalConfig, to_dict
-from exprag.errors import BankError, DataFormatError, ExpragError
+from exprag.errors import BankError, DataFormatError, RunConfigError
 from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, truncate_torn_tail
 
 # Agent runs need no expert: skipping it saves seconds per reset (ScienceWorld's gold agent plays
@@ -121,7 +121,7 @@ def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
         diff = [k for k in sorted(set(want) | set(have)) if k not in _RESUMABLE and want.get(k) != have.get(k)]
         if diff:
             k = diff[0]
-            raise ExpragError(
+            raise RunConfigError(
                 f"{path}: field '{k}' is {have.get(k)!r} in the existing run but {want.get(k)!r} now; "
                 "use another --out, or --overwrite to discard the old run"
             )
@@ -242,7 +242,10 @@ def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_
     for name, retrieval in (("no bank", RetrievalConfig()),
                             ("static k=2", RetrievalConfig(bank=str(bank_dir), k=2, mode="static"))):
         cfg = replace(base, retrieval=retrieval, out=str(out / f"eval-{name.replace(' ', '-').replace('=', '')}"))
-        res = evaluate(cfg, model=model, progress=True)
+        try:
+            res = evaluate(cfg, model=model, progress=True)
+        except RunConfigError:  # a run left by other quickstart settings: a demo run is redone, not refused
+            res = evaluate(cfg, model=model, progress=True, overwrite=True)
         m = res.metrics
         rows.append(f"| {name} | {m['successes']}/{m['n']} ({m['success_rate']:.0%}) | {m['mean_steps']} | "
                     f"{m['tokens_per_s']} | {m.get('valid_action_rate', '–')} | {res.out} |")

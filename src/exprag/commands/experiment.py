@@ -1,0 +1,48 @@
+"""`exprag experiment CONFIG.yaml`: the paper's method grid, resumably, into one results table.
+
+Methods (no retrieval, ExpRAG frozen, LoRA, LoRA + retrieval at inference, ExpRAG-LoRA) x splits
+(easy / hard) x banks (matched, mismatched, all, empty) x K x static/dynamic x seeds, as declared in
+the YAML file's ``grid:`` blocks. Expert data, banks and adapters are made once; rerunning the same
+command skips finished cells. Render the results with ``exprag report RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="run a grid of methods x splits x banks x K (resumable)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML (see configs/small-cpu.yaml)")
+    p.add_argument("--out", help="experiment directory (default: the config's out, else runs/experiments/<name>)")
+    p.add_argument("--list", action="store_true", help="print the grid's cells and exit")
+    p.add_argument("--no-report", action="store_true", help="do not render report.md and plots at the end")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exprag.experiment import expand, load_experiment_config, run_experiment
+
+    cfg = load_experiment_config(args.config)
+    if args.out:
+        cfg.out = args.out
+    if args.list:
+        cells = expand(cfg)
+        for c in cells:
+            print(c.id)
+        print(f"{len(cells)} cells -> {cfg.out_dir}")
+        return 0
+    command = " ".join(["exprag", "experiment", *sys.argv[2:]]) if sys.argv[1:2] == ["experiment"] \
+        else f"exprag experiment {args.config}" + (f" --out {args.out}" if args.out else "")
+    res = run_experiment(cfg, command=command, progress=not args.no_progress,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"{len(res.rows)} cells ({res.cells_run} run, {res.cells_reused} reused): {res.out / 'results.md'}")
+    if not args.no_report:
+        from exprag.report import write_report
+
+        rep = write_report([res.out], res.out)
+        print(f"report: {rep.report}")
+    return 0

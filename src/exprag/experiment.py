@@ -1,0 +1,552 @@
+"""`exprag experiment`: the paper's method grid (SPEC §6) from one YAML file, resumably.
+
+An experiment directory holds, each stage reused when it is already there::
+
+    experiment.json   the resolved config, the command, commit, machine, and time spent per stage
+    data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss)
+    banks/            easy, hard and all (easy + hard) train banks
+    adapters/         one LoRA and one ExpRAG-LoRA adapter per (model, seed), each trained once
+    cells/            one evaluation run (exprag.evaluate) per cell: model x method x split x bank x K x mode x seed
+    results.jsonl     one row per finished cell (rewritten atomically after every cell); results.md: the table
+    training.json     per adapter: loss and rollout success by epoch
+
+A killed run resumes where it stopped: finished cells are not rerun, a half-finished cell resumes
+episode by episode, an interrupted training resumes from its last checkpoint.
+
+No ``from __future__ import annotations``: ``exprag.config.from_dict`` reads the nested sections
+(``data:``, ``eval:``) into their dataclasses from the real annotations.
+"""
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from exprag.config import EvalConfig, RetrievalConfig, from_dict
+from exprag.errors import DataFormatError, ExpragError
+from exprag.io import atomic_write_json, atomic_write_text
+from exprag.methods import BANKS, METHODS, SPLITS
+
+Log = Callable[[str], None]
+# Fields of the training config that the runner sets itself (data, model, output, seed, memory).
+_RUNNER_TRAIN_FIELDS = ("trajectories", "val_trajectories", "model", "out", "seed", "retrieval")
+# Eval fields that may differ between a finished cell and its rerun without changing the measurement.
+_CELL_RESUMABLE = {"out", "batch_size"}
+
+
+@dataclass
+class DataSettings:
+    train_per_type: int = 10  # expert trajectories per train task type, easy and hard
+    val_per_type: int = 2  # easy dev expert trajectories, for validation loss; 0 = none
+    test_per_type: int = 5  # evaluation tasks per task type
+    test_split: str = "test"
+
+
+@dataclass
+class EvalSettings:
+    max_steps: int | None = None  # None = the env's cap
+    max_new_tokens: int = 32
+    batch_size: int = 4
+    memory_format: str = "json"
+    token_budget: int | None = None  # memory tokens; the same budget is used to train ExpRAG-LoRA
+    show_admissible: bool = False
+    backend: str = "hf"
+    base_url: str | None = None
+
+
+@dataclass
+class GridBlock:
+    """A Cartesian product of grid axes; the experiment is the union of its blocks."""
+
+    methods: list[str]
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    banks: list[str] = field(default_factory=lambda: ["matched"])
+    k: list[int] | None = None  # None = [main_k]
+    modes: list[str] = field(default_factory=lambda: ["static"])
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    env: str = "alfworld"
+    env_args: dict[str, Any] = field(default_factory=dict)
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    encoder: str = "minilm"
+    out: str | None = None  # None = runs/experiments/<name>
+    seeds: list[int] = field(default_factory=lambda: [2025])
+    main_k: int = 2  # K of the main table and of ExpRAG-LoRA's training memory (SPEC §5)
+    data: DataSettings = field(default_factory=DataSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (epochs, lr, lora, selection...)
+    grid: list[Any] = field(default_factory=list)  # GridBlock mappings
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/experiments/{self.name}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    split: str  # easy | hard: the task types under test
+    bank: str  # matched | mismatched | all | empty | none (a method without retrieval)
+    k: int | None
+    mode: str | None
+    seed: int | None  # None for the frozen model (greedy decoding: nothing random)
+
+    @property
+    def id(self) -> str:
+        parts = [self.method, self.split, self.bank]
+        if self.k is not None:
+            parts += [f"k{self.k}", str(self.mode)]
+        if self.seed is not None:
+            parts.append(f"s{self.seed}")
+        return f"{slug(self.model)}/{'-'.join(parts)}"
+
+    @property
+    def retrieves(self) -> bool:
+        return self.k is not None
+
+
+@dataclass
+class ExperimentResult:
+    out: Path
+    rows: list[dict[str, Any]]
+    cells_run: int = 0
+    cells_reused: int = 0
+
+
+def slug(model: str) -> str:
+    """A directory-safe name for a model id or path."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1]) or "model"
+
+
+# ---- config -------------------------------------------------------------------------------------------
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such experiment config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DataFormatError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
+                              f"({getattr(e, 'problem', e)})") from None
+    return experiment_config_from_dict(data, str(path))
+
+
+def experiment_config_from_dict(data: dict[str, Any], where: str = "<experiment>") -> ExperimentConfig:
+    cfg = from_dict(ExperimentConfig, data, where)
+    cfg.grid = [b if isinstance(b, GridBlock) else from_dict(GridBlock, b, f"{where}.grid[{i}]")
+                for i, b in enumerate(cfg.grid)]
+    return validate(cfg, where)
+
+
+def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentConfig:
+    from exprag.envs.splits import check_env
+    from exprag.train.config import config_from_dict
+
+    def bad(name: str, why: str) -> DataFormatError:
+        return DataFormatError(f"{where}: field {name!r}: {why}")
+
+    check_env(cfg.env)
+    if not cfg.models:
+        raise bad("models", "name at least one model")
+    if not cfg.grid:
+        raise bad("grid", "declare at least one block (methods, splits, banks, k, modes)")
+    for i, b in enumerate(cfg.grid):
+        for name, values, allowed in (("methods", b.methods, METHODS), ("splits", b.splits, SPLITS),
+                                      ("banks", b.banks, BANKS), ("modes", b.modes, ("static", "dynamic"))):
+            unknown = [v for v in values if v not in allowed]
+            if unknown or not values:
+                raise bad(f"grid[{i}].{name}", f"{unknown or 'empty'}; choose from {', '.join(allowed)}")
+        if b.k is not None and (not b.k or any(int(k) < 1 for k in b.k)):
+            raise bad(f"grid[{i}].k", "a list of K >= 1")
+    owned = [k for k in _RUNNER_TRAIN_FIELDS if k in cfg.train]
+    if owned:
+        raise bad(f"train.{owned[0]}", "is set by the experiment (data, models, seeds, main_k and eval set it)")
+    config_from_dict({**cfg.train, "trajectories": ["-"]}, f"{where}.train")  # field names and values
+    if cfg.data.train_per_type < 1 or cfg.data.test_per_type < 1:
+        raise bad("data", "train_per_type and test_per_type must be >= 1")
+    if cfg.eval.backend != "hf" and any(METHODS[m].adapter for b in cfg.grid for m in b.methods):
+        raise bad("eval.backend", "methods with a LoRA adapter run on the hf backend")
+    return cfg
+
+
+def expand(cfg: ExperimentConfig) -> list[Cell]:
+    """The grid's cells, deduplicated, ordered so that each (model, adapter) is loaded once."""
+    cells: dict[Cell, None] = {}
+    for b in cfg.grid:
+        for model in cfg.models:
+            for method in b.methods:
+                m = METHODS[method]
+                for split in b.splits:
+                    for bank in b.banks if m.retrieval else ["none"]:
+                        retrieves = m.retrieval and bank != "empty"
+                        for k in (b.k or [cfg.main_k]) if retrieves else [None]:
+                            for mode in b.modes if retrieves else [None]:
+                                for seed in cfg.seeds if m.adapter else [None]:
+                                    cells[Cell(model, method, split, bank, k, mode, seed)] = None
+    order = {name: i for i, name in enumerate(METHODS)}
+    return sorted(cells, key=lambda c: (cfg.models.index(c.model), METHODS[c.method].adapter or "",
+                                        c.seed or 0, order[c.method], SPLITS.index(c.split),
+                                        BANKS.index(c.bank) if c.bank in BANKS else -1, c.k or 0, c.mode or ""))
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def run_experiment(cfg: ExperimentConfig, *, command: str = "", progress: bool = False,
+                   log: Log | None = None, on_cell: Callable[[dict[str, Any]], None] | None = None
+                   ) -> ExperimentResult:
+    """Run (or resume) the grid. ``on_cell(row)`` is called after each finished cell."""
+    say: Log = log or (lambda s: None)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cells = expand(cfg)
+    info = _start_info(cfg, out, command)
+    t0 = time.perf_counter()
+    stages = info["stages"]
+
+    def timed(stage: str, fn: Callable[[], Any]) -> Any:
+        s = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            stages[stage] = round(stages.get(stage, 0.0) + time.perf_counter() - s, 1)
+            _save_info(out, info, t0)
+
+    adapters_needed = sorted({(c.model, METHODS[c.method].adapter, c.seed) for c in cells
+                              if METHODS[c.method].adapter}, key=lambda a: (cfg.models.index(a[0]), a[1], a[2]))
+    say(f"experiment {cfg.name}: {len(cells)} cells, {len(adapters_needed)} adapters -> {out}")
+    data = timed("data_s", lambda: _ensure_data(cfg, out, adapters_needed, progress, say))
+    banks = timed("banks_s", lambda: _ensure_banks(cfg, out, data, say))
+    adapters: dict[tuple[str, str, int], Path] = {}
+    for model, kind, seed in adapters_needed:
+        adapters[(model, kind, seed)] = timed(
+            "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks, progress, say))
+    _write_training_summary(out, cfg, adapters_needed)
+
+    rows: dict[Cell, dict[str, Any]] = {}
+    run = reused = 0
+    model_key, model_obj = None, None
+    for i, cell in enumerate(cells, 1):
+        adapter = adapters.get((cell.model, METHODS[cell.method].adapter, cell.seed))
+        ecfg = _cell_eval_config(cfg, out, cell, banks, adapter)
+        cell_dir = Path(ecfg.out)
+        done = _finished_cell(cell_dir, ecfg)
+        if done is None:
+            if model_key != (cell.model, adapter):
+                model_obj = None
+                gc.collect()
+                model_key, model_obj = (cell.model, adapter), _lazy_model(ecfg)
+            say(f"[cell {i}/{len(cells)}] {cell.id}")
+            done = timed("eval_s", lambda: _run_cell(ecfg, cell, model_obj, progress))
+            run += 1
+        else:
+            reused += 1
+        rows[cell] = _row(cfg, out, cell, ecfg, done)
+        _write_results(out, [rows[c] for c in cells if c in rows])
+        if on_cell:
+            on_cell(rows[cell])
+    info["finished"] = _now()
+    _save_info(out, info, t0)
+    say(f"experiment {cfg.name}: {run} cells run, {reused} reused; results: {out / 'results.md'}")
+    return ExperimentResult(out, [rows[c] for c in cells], cells_run=run, cells_reused=reused)
+
+
+def _lazy_model(ecfg: EvalConfig) -> Any:
+    from exprag.evaluate import LazyModel
+
+    return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url)
+
+
+def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool) -> dict[str, Any]:
+    from exprag.config import to_dict
+    from exprag.evaluate import evaluate
+
+    res = evaluate(ecfg, model=model, progress=progress)
+    done = {"cell": dataclasses.asdict(cell), "eval_config": to_dict(ecfg), "metrics": res.metrics,
+            "finished": _now()}
+    atomic_write_json(Path(ecfg.out) / "cell.json", done)
+    return done
+
+
+def _finished_cell(cell_dir: Path, ecfg: EvalConfig) -> dict[str, Any] | None:
+    """The cell's record when it finished with this very configuration, else None (run or resume it)."""
+    from exprag.config import to_dict
+
+    path = cell_dir / "cell.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text(encoding="utf-8"))
+    want, have = to_dict(ecfg), done.get("eval_config", {})
+    if any(want.get(k) != have.get(k) for k in set(want) | set(have) if k not in _CELL_RESUMABLE):
+        return None  # evaluate() then refuses it, naming the field that changed
+    return done
+
+
+def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[str, Path],
+                      adapter: Path | None) -> EvalConfig:
+    e = cfg.eval
+    retrieval = RetrievalConfig()
+    if cell.retrieves:
+        other = {"easy": "hard", "hard": "easy"}[cell.split]
+        name = {"matched": cell.split, "mismatched": other, "all": "all"}[cell.bank]
+        retrieval = RetrievalConfig(bank=str(banks[name]), k=cell.k, mode=cell.mode,
+                                    memory_format=e.memory_format, token_budget=e.token_budget)
+    return EvalConfig(
+        env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cell.split,
+        per_type=cfg.data.test_per_type, model=cell.model, adapter=str(adapter) if adapter else None,
+        backend=e.backend, base_url=e.base_url, retrieval=retrieval, max_steps=e.max_steps,
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, show_admissible=e.show_admissible,
+        seed=cell.seed if cell.seed is not None else 2025, out=str(out / "cells" / cell.id),
+    )
+
+
+def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: dict[str, Any]) -> dict[str, Any]:
+    m = done["metrics"]
+    row = {"cell": cell.id, **dataclasses.asdict(cell), "method_label": METHODS[cell.method].label,
+           "env": cfg.env, "adapter": _rel(ecfg.adapter, out)}
+    for key in ("n", "successes", "success_rate", "ci95", "mean_steps", "tokens_per_s",
+                "unparsable_rate", "valid_action_rate"):
+        if key in m:
+            row[key] = m[key]
+    row["per_type"] = {t: {k: b[k] for k in ("n", "successes", "success_rate", "ci95", "mean_steps")}
+                       for t, b in m.get("per_type", {}).items()}
+    row["run_dir"] = _rel(ecfg.out, out)
+    return row
+
+
+def _rel(path: str | Path | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    head = ["| model | method | split | bank | K | mode | seed | success | 95% CI | mean steps | valid actions |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    body = []
+    for r in rows:
+        lo, hi = r["ci95"]
+        va = r.get("valid_action_rate")
+        body.append(
+            f"| {r['model']} | {r['method_label']} | {r['split']} | {r['bank']} | {r['k'] or '–'} | "
+            f"{r['mode'] or '–'} | {r['seed'] if r['seed'] is not None else '–'} | "
+            f"{100 * r['success_rate']:.1f}% ({r['successes']}/{r['n']}) | {100 * lo:.1f}–{100 * hi:.1f} | "
+            f"{r['mean_steps']} | {'–' if va is None else f'{100 * va:.1f}%'} |")
+    atomic_write_text(out / "results.md", "\n".join(head + body) + "\n")
+
+
+# ---- stages -------------------------------------------------------------------------------------------
+def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: bool, say: Log) -> dict[str, Path]:
+    """Expert trajectories of the train games (easy, hard) and, for validation loss, easy dev games."""
+    from exprag.envs import make_env
+    from exprag.envs.splits import resolve_task_types, select_tasks, write_manifest
+    from exprag.expert import collect
+    from exprag.progress import bar
+    from exprag.trajectory import write_jsonl
+
+    wanted = {f"train-{s}": ("train", s, cfg.data.train_per_type) for s in SPLITS}
+    if adapters and cfg.data.val_per_type:
+        wanted["dev-easy"] = ("dev", "easy", cfg.data.val_per_type)
+    paths = {name: out / "data" / f"{name}.jsonl" for name in wanted}
+    todo = [name for name, p in paths.items() if not p.is_file()]
+    if todo:
+        with make_env(cfg.env, **cfg.env_args) as env:
+            for name in todo:
+                split, group, per_type = wanted[name]
+                tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, group)), per_type)
+                trajs = list(collect(env, bar(tasks, desc=f"expert {name}", unit="ep", enabled=progress or None)))
+                ok = [t for t in trajs if t.success]
+                if not ok:
+                    raise ExpragError(f"{cfg.env}: the expert solved none of the {len(tasks)} {split} tasks "
+                                      f"of the {group} types; no data for {paths[name]}")
+                write_jsonl(paths[name], ok)
+                write_manifest(paths[name], tasks, collected=len(ok))
+                say(f"data: {len(ok)}/{len(tasks)} expert trajectories -> {paths[name]}")
+    return paths
+
+
+def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], say: Log) -> dict[str, Path]:
+    from exprag.bank import build_bank
+    from exprag.bank.store import read_manifest
+    from exprag.errors import BankError
+    from exprag.io import sha256_file
+    from exprag.trajectory import read_jsonl
+
+    sources = {"easy": [data["train-easy"]], "hard": [data["train-hard"]],
+               "all": [data["train-easy"], data["train-hard"]]}
+    banks = {}
+    for name, files in sources.items():
+        path = out / "banks" / name
+        want = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
+        try:
+            manifest = read_manifest(path)
+            fresh = manifest.get("inputs") == want and manifest["encoder"]["name"] == cfg.encoder
+        except BankError:
+            fresh = False
+        if not fresh:
+            bank = build_bank(read_jsonl(*files), path, cfg.encoder, sources=files)
+            say(f"bank {name}: {len(bank.trajectories)} trajectories -> {path}")
+        banks[name] = path
+    return banks
+
+
+def adapter_dir(out: Path, model: str, kind: str, seed: int) -> Path:
+    return out / "adapters" / slug(model) / f"{kind}-s{seed}"
+
+
+def _train_config(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed: int,
+                  data: dict[str, Path], banks: dict[str, Path]) -> Any:
+    from exprag.train.config import config_from_dict
+
+    retrieval = {"bank": None}
+    if kind == "exprag_lora":  # the memory block of inference: main K, static, from the easy train bank
+        retrieval = {"bank": str(banks["easy"]), "k": cfg.main_k, "mode": "static",
+                     "memory_format": cfg.eval.memory_format, "token_budget": cfg.eval.token_budget}
+    tcfg = config_from_dict({
+        **cfg.train, "trajectories": [str(data["train-easy"])],
+        "val_trajectories": [str(data["dev-easy"])] if "dev-easy" in data else [],
+        "model": model, "out": str(adapter_dir(out, model, kind, seed)), "seed": seed, "retrieval": retrieval,
+    }, f"{cfg.name}.train")
+    return tcfg
+
+
+def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed: int,
+                    data: dict[str, Path], banks: dict[str, Path], progress: bool, say: Log) -> Path:
+    """Train (or resume, or reuse) one adapter; returns the checkpoint the cells evaluate: the best by
+    rollout success when selection is configured (SPEC §4), else the last epoch."""
+    from exprag.train.lora import train
+
+    tcfg = _train_config(cfg, out, model, kind, seed, data, banks)
+    run_dir = Path(tcfg.out)
+    marker = run_dir / "experiment_done.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        if done.get("train_config") == dataclasses.asdict(tcfg):
+            return run_dir / done["checkpoint"]
+        say(f"adapter {run_dir}: the training settings changed; resuming checks what may change")
+    say(f"train {kind} (seed {seed}) on {model} -> {run_dir}")
+    rollout = _selection_eval(cfg, tcfg, kind, banks) if tcfg.selection.every else None
+    res = train(tcfg, resume=True, rollout_eval=rollout, progress=progress, log=say)
+    ckpt = res.best_checkpoint or res.last_checkpoint
+    if ckpt is None:
+        raise ExpragError(f"{run_dir}: training produced no checkpoint")
+    atomic_write_json(marker, {"train_config": dataclasses.asdict(tcfg), "checkpoint": _rel(ckpt, run_dir),
+                               "wall_s": round(res.wall_s, 1), "finished": _now()})
+    return ckpt
+
+
+def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str, Path]) -> Callable[[Path], float]:
+    """Rollout success of a checkpoint on the selection split, with the memory the method uses at test
+    time: the train bank of the selection task types for ExpRAG-LoRA, none for plain LoRA."""
+    from exprag.evaluate import evaluate
+
+    sel = tcfg.selection
+    bank = sel.bank or (str(banks[sel.task_types]) if sel.task_types in banks else str(banks["all"]))
+
+    def rollout_eval(ckpt: Path) -> float:
+        retrieval = RetrievalConfig()
+        if kind == "exprag_lora":
+            retrieval = RetrievalConfig(bank=bank, k=cfg.main_k, mode="static",
+                                        memory_format=cfg.eval.memory_format, token_budget=cfg.eval.token_budget)
+        e = cfg.eval
+        ecfg = EvalConfig(env=cfg.env, env_args=dict(cfg.env_args), split=sel.split, task_types=sel.task_types,
+                          per_type=sel.per_type, limit=sel.limit, model=tcfg.model, adapter=str(ckpt),
+                          retrieval=retrieval, max_steps=sel.max_steps or e.max_steps,
+                          max_new_tokens=e.max_new_tokens, batch_size=sel.batch_size,
+                          show_admissible=e.show_admissible, seed=tcfg.seed,
+                          out=str(Path(tcfg.out) / "eval" / ckpt.name))
+        return float(evaluate(ecfg).success_rate)
+
+    return rollout_eval
+
+
+def _write_training_summary(out: Path, cfg: ExperimentConfig, adapters: list) -> None:
+    summary = []
+    for model, kind, seed in adapters:
+        run_dir = adapter_dir(out, model, kind, seed)
+        marker = run_dir / "experiment_done.json"
+        done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        epochs: dict[int, dict[str, Any]] = {}
+        metrics = run_dir / "metrics.jsonl"
+        for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []:
+            ev = json.loads(line)
+            if ev.get("event") == "epoch":
+                e = epochs.setdefault(int(ev["epoch"]), {"epoch": int(ev["epoch"]), "success_rate": None})
+                e.update(train_loss=ev.get("train_loss"), val_loss=ev.get("val_loss"),
+                         train_s=ev.get("train_s"), tokens_per_s=ev.get("tokens_per_s"))
+            elif ev.get("event") == "eval":
+                epochs.setdefault(int(ev["epoch"]), {"epoch": int(ev["epoch"])})["success_rate"] = ev["success_rate"]
+        summary.append({"model": model, "kind": kind, "seed": seed, "dir": _rel(run_dir, out),
+                        "checkpoint": _rel(run_dir / done["checkpoint"], out) if "checkpoint" in done else None,
+                        "wall_s": done.get("wall_s"), "epochs": [epochs[k] for k in sorted(epochs)]})
+    atomic_write_json(out / "training.json", summary)
+
+
+# ---- provenance ---------------------------------------------------------------------------------------
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _commit() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpus": os.cpu_count(), "gpu": None, "torch_threads": None}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def _start_info(cfg: ExperimentConfig, out: Path, command: str) -> dict[str, Any]:
+    """experiment.json: kept across resumptions (first start, time spent summed over the runs)."""
+    path = out / "experiment.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    runs = old.get("runs", [])
+    runs.append({"started": _now(), "command": command, "commit": _commit(), "machine": machine_info()})
+    info = {
+        "name": cfg.name, "env": cfg.env, "models": cfg.models, "command": command or old.get("command", ""),
+        "commit": runs[-1]["commit"], "machine": runs[-1]["machine"],
+        "started": old.get("started", runs[-1]["started"]), "finished": None,
+        "duration_s": old.get("duration_s", 0.0), "stages": old.get("stages", {}),
+        "config": {**dataclasses.asdict(cfg), "grid": [dataclasses.asdict(b) for b in cfg.grid]},
+        "runs": runs,
+    }
+    info["_base_duration"] = info["duration_s"]
+    _save_info(out, info, time.perf_counter())
+    return info
+
+
+def _save_info(out: Path, info: dict[str, Any], t0: float) -> None:
+    info["duration_s"] = round(info["_base_duration"] + time.perf_counter() - t0, 1)
+    atomic_write_json(out / "experiment.json", {k: v for k, v in info.items() if not k.startswith("_")})

@@ -1,0 +1,116 @@
+"""The experiment grid end to end on real TWX episodes with a tiny random model: data, banks, two
+adapters, every cell, kill-and-resume, and the report."""
+
+import json
+
+import pytest
+
+from exprag.errors import DataFormatError, ExpragError
+from exprag.experiment import Cell, expand, experiment_config_from_dict, run_experiment
+
+
+def _grid(model: str, out: str) -> dict:
+    return {
+        "name": "tiny", "env": "twx", "models": [model], "encoder": "bm25", "out": out, "seeds": [7],
+        "main_k": 1,
+        "data": {"train_per_type": 1, "val_per_type": 1, "test_per_type": 1},
+        "eval": {"max_steps": 2, "max_new_tokens": 4, "batch_size": 4, "token_budget": 300},
+        "train": {"epochs": 2, "lr": 1e-3, "batch_size": 2, "max_length": 1024, "log_every_steps": 1,
+                  "selection": {"every": 1, "split": "dev", "task_types": "hard", "per_type": 1,
+                                "limit": 2, "max_steps": 2}},
+        "grid": [
+            {"methods": ["no_retrieval", "exprag_frozen", "lora", "lora_retrieval", "exprag_lora"]},
+            {"methods": ["exprag_lora"], "splits": ["hard"], "banks": ["mismatched", "empty"]},
+            {"methods": ["exprag_frozen"], "splits": ["hard"], "k": [1, 2], "modes": ["static", "dynamic"]},
+        ],
+    }
+
+
+def test_expand_dedups_and_normalises():
+    cfg = experiment_config_from_dict(_grid("m", "x"))
+    cells = expand(cfg)
+    ids = [c.id for c in cells]
+    assert len(ids) == len(set(ids))
+    # 10 main cells + 2 robustness + 3 new (k, mode) variants of the frozen hard cell (k1-static is a main cell)
+    assert len(cells) == 15
+    assert Cell("m", "no_retrieval", "easy", "none", None, None, None) in cells
+    assert Cell("m", "exprag_lora", "hard", "empty", None, None, 7) in cells  # empty: no memory block
+    assert "m/exprag_lora-hard-mismatched-k1-static-s7" in ids
+    # Frozen cells first (one model load), then each adapter's cells together.
+    kinds = [c.method for c in cells]
+    assert kinds.index("lora") > max(i for i, k in enumerate(kinds) if k in ("no_retrieval", "exprag_frozen"))
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"grid": [{"methods": ["lora_plus"]}]}, r"grid\[0\].methods"),
+    ({"grid": [{"methods": ["lora"], "banks": ["mine"]}]}, r"grid\[0\].banks"),
+    ({"train": {"model": "other"}}, "train.model"),
+    ({"train": {"epochs": 0}}, "epochs"),
+    ({"colour": 1}, "unknown field 'colour'"),
+    ({"grid": []}, "field 'grid'"),
+])
+def test_bad_configs_name_the_field(patch, match):
+    with pytest.raises(ExpragError, match=match):
+        experiment_config_from_dict({**_grid("m", "x"), **patch}, "cfg.yaml")
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    from exprag.experiment import load_experiment_config
+
+    p = tmp_path / "e.yaml"
+    p.write_text("name: x\ngrid: [\n")
+    with pytest.raises(DataFormatError, match=r"e.yaml:\d+: invalid YAML"):
+        load_experiment_config(p)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from exprag.llm.models import tiny_random_model
+
+    return str(tiny_random_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def test_grid_runs_resumes_and_reports(tmp_path, tiny_model):
+    out = tmp_path / "exp"
+    cfg = experiment_config_from_dict(_grid(tiny_model, str(out)))
+    seen = []
+
+    def kill_after_three(row):
+        seen.append(row["cell"])
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # a kill between cells
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, command="pytest", on_cell=kill_after_three)
+    first = {json.loads(line)["cell"] for line in (out / "results.jsonl").read_text().splitlines()}
+    assert first == set(seen)
+    stamps = {c: (out / "cells" / c / "results.jsonl").stat().st_mtime_ns for c in seen}
+
+    res = run_experiment(cfg, command="pytest")
+    assert res.cells_reused == 3 and res.cells_run == 12
+    assert all((out / "cells" / c / "results.jsonl").stat().st_mtime_ns == t for c, t in stamps.items())
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 15 and all(r["n"] == 4 for r in rows)  # 4 TWX types per split, 1 task each
+    by = {r["cell"]: r for r in rows}
+    lora = by[f"model/lora-hard-none-s7"]
+    assert lora["adapter"].startswith("adapters/model/lora-s7/") and lora["method_label"] == "LoRA"
+    assert by["model/exprag_lora-hard-matched-k1-static-s7"]["adapter"].startswith("adapters/model/exprag_lora-s7/")
+    assert by["model/no_retrieval-easy-none"]["adapter"] is None
+    cell_cfg = json.loads((out / "cells/model/exprag_lora-hard-mismatched-k1-static-s7/config.json").read_text())
+    assert cell_cfg["retrieval"]["bank"].endswith("banks/easy")  # hard tests, easy bank
+    assert "| LoRA | hard | none |" in (out / "results.md").read_text()
+
+    training = json.loads((out / "training.json").read_text())
+    assert [(t["kind"], len(t["epochs"])) for t in training] == [("exprag_lora", 2), ("lora", 2)]
+    assert all(e["val_loss"] is not None and e["success_rate"] is not None for t in training for e in t["epochs"])
+    info = json.loads((out / "experiment.json").read_text())
+    assert info["finished"] and len(info["runs"]) == 2 and info["stages"]["train_s"] > 0
+
+    again = run_experiment(cfg, command="pytest")
+    assert again.cells_run == 0 and again.cells_reused == 15
+
+    from exprag.cli import main
+
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "ExpRAG-LoRA" in report and (out / "success_by_method.png").stat().st_size > 0

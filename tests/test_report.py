@@ -1,0 +1,255 @@
+"""The report renderer on hand-written experiment run directories (the experiment runner's output format)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exprag.cli import main
+from exprag.errors import DataFormatError
+from exprag.evaluate import wilson
+from exprag.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def row(model, method, split, s, n, *, bank="matched", k=4, mode="static", seed=None):
+    """One results.jsonl row; per-type counts split the episodes in halves (pick first, then clean)."""
+    pick = min(s, n // 2)
+    per_type = {t: {"n": n // 2, "successes": ts, "success_rate": ts / (n // 2), "ci95": list(wilson(ts, n // 2)),
+                    "mean_steps": 10.0} for t, ts in (("pick", pick), ("clean", s - pick))}
+    return {"cell": f"{model}/{method}/{split}/{bank}/k{k}/{mode}/s{seed}", "model": model, "method": method,
+            "method_label": method, "split": split, "bank": bank, "k": k, "mode": mode, "seed": seed,
+            "adapter": None, "n": n, "successes": s, "success_rate": s / n, "ci95": list(wilson(s, n)),
+            "mean_steps": 12.5, "valid_action_rate": 0.9, "per_type": per_type, "run_dir": "cells/x"}
+
+
+def make_run(path, name, models, rows, training=None, main_k=4):
+    path.mkdir(parents=True)
+    meta = {"name": name, "env": "alfworld", "models": models, "command": f"exprag experiment {name}.yaml",
+            "commit": "abc1234", "machine": {"platform": "Linux-x86_64", "cpus": 16, "gpu": "NVIDIA H100",
+                                             "torch_threads": 8},
+            "started": "2025-01-02T03:04:05", "finished": "2025-01-02T05:34:05", "duration_s": 9000.0,
+            "stages": {"data_s": 60.0, "banks_s": 30.0, "train_s": 6000.0, "eval_s": 2910.0},
+            "config": {"data": {"train_per_type": 8, "test_per_type": 4, "split": "both"},
+                       "eval": {"max_steps": 30}, "main_k": main_k}}
+    (path / "experiment.json").write_text(json.dumps(meta))
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if training is not None:
+        (path / "training.json").write_text(json.dumps(training))
+    return path
+
+
+M = "m-8b"
+FULL_ROWS = [
+    row(M, "no_retrieval", "easy", 1, 4, bank="none", k=None, mode=None),
+    row(M, "no_retrieval", "hard", 0, 4, bank="none", k=None, mode=None),
+    # K sweep (static) plus one dynamic cell; the main table reads static K=4.
+    *(row(M, "exprag_frozen", sp, s, 4, k=k) for sp, k, s in
+      (("easy", 1, 0), ("easy", 2, 1), ("easy", 4, 2), ("hard", 1, 0), ("hard", 2, 1), ("hard", 4, 1))),
+    row(M, "exprag_frozen", "easy", 3, 4, k=4, mode="dynamic"),
+    # Two seeds, pooled.
+    row(M, "lora", "easy", 3, 4, bank="none", k=None, mode=None, seed=0),
+    row(M, "lora", "easy", 4, 4, bank="none", k=None, mode=None, seed=1),
+    row(M, "lora", "hard", 1, 4, bank="none", k=None, mode=None, seed=0),
+    row(M, "lora", "hard", 0, 4, bank="none", k=None, mode=None, seed=1),
+    row(M, "lora_retrieval", "easy", 3, 4, seed=0),  # its hard cell is missing
+    row(M, "exprag_lora", "easy", 4, 4, seed=0),
+    row(M, "exprag_lora", "easy", 3, 4, seed=1),
+    row(M, "exprag_lora", "hard", 3, 4, seed=0),
+    row(M, "exprag_lora", "hard", 2, 4, seed=1),
+    # Robustness block on hard.
+    row(M, "exprag_lora", "hard", 1, 4, bank="mismatched", seed=0),
+    row(M, "exprag_lora", "hard", 0, 4, bank="empty", seed=0),
+]
+TRAINING = [
+    {"model": M, "kind": "exprag_lora", "seed": 0, "dir": "train/x", "checkpoint": "train/x/best", "wall_s": 3000.0,
+     "epochs": [{"epoch": e, "train_loss": tl, "val_loss": vl, "success_rate": sr}
+                for e, tl, vl, sr in ((1, 1.25, 1.1, 0.5), (2, 0.8, 0.9, 0.75), (3, 0.5, 0.95, 0.625))]},
+    {"model": M, "kind": "lora", "seed": 0, "dir": "train/y", "checkpoint": "train/y/best", "wall_s": 2400.0,
+     "epochs": [{"epoch": e, "train_loss": 1.0 / e, "val_loss": None, "success_rate": None} for e in (1, 2, 3)]},
+]
+
+
+def section(md: str, heading: str) -> str:
+    start = md.index(heading)
+    nxt = md.find("\n## ", start + 1)
+    return md[start: nxt if nxt >= 0 else None]
+
+
+def table(text: str) -> list[list[str]]:
+    """The first markdown table in ``text``, header included, as lists of stripped cells."""
+    lines = text.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    block = []
+    for ln in lines[first:]:
+        if not ln.startswith("|"):
+            break
+        if not ln.startswith("|---"):
+            block.append([c.strip() for c in ln.strip("|").split("|")])
+    return block
+
+
+def by_label(rows: list[list[str]]) -> dict[str, list[str]]:
+    return {r[0]: r[1:] for r in rows[1:]}
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("r") / "run", "paper-grid", [M], FULL_ROWS, TRAINING)
+    res = write_report([run], run)
+    return run, res, res.report.read_text()
+
+
+def test_header_and_main_table(full):
+    run, res, md = full
+    assert res.report == run / "report.md"
+    head = section(md, "## Experiments")
+    for text in ("paper-grid", "alfworld", "`exprag experiment paper-grid.yaml`", "abc1234", "NVIDIA H100",
+                 "16 CPUs", "duration (h:mm): 2:30", "2025-01-02T03:04:05", "train per type 8",
+                 "test per type 4", "max steps 30"):
+        assert text in head, text
+    main_md = section(md, "## Success rate")
+    rows = table(main_md)
+    assert rows[0] == ["method", f"{M} (easy / hard)"]
+    # Rows in METHODS order, each cell "success% (s/n)" for easy / hard.
+    assert [r[0] for r in rows[1:]] == ["No retrieval, frozen model", "ExpRAG, frozen model", "LoRA",
+                                        "LoRA, retrieval at inference only", "ExpRAG-LoRA"]
+    t = by_label(rows)
+    assert t["No retrieval, frozen model"] == ["25.0 (1/4) / 0.0 (0/4)"]
+    assert t["ExpRAG, frozen model"] == ["50.0 (2/4) / 25.0 (1/4)"]  # static K=4, not dynamic, not K=1/2
+    assert t["LoRA"] == ["87.5 (7/8) / 12.5 (1/8)"]  # two seeds pooled
+    assert t["LoRA, retrieval at inference only"] == ["75.0 (3/4) / –"]
+    assert t["ExpRAG-LoRA"] == ["87.5 (7/8) / 62.5 (5/8)"]  # the mismatched / empty banks stay out
+    assert "LoRA on m-8b: 2 seeds" in main_md and "ExpRAG-LoRA on m-8b: 2 seeds" in main_md
+    ci = by_label(table(main_md[main_md.index("95% Wilson"):]))
+    lo, hi = wilson(7, 8)
+    lo2, hi2 = wilson(1, 8)
+    assert ci["LoRA"] == [f"[{100 * lo:.1f}, {100 * hi:.1f}] / [{100 * lo2:.1f}, {100 * hi2:.1f}]"]
+    assert ci["LoRA, retrieval at inference only"][0].endswith(" / –")
+
+
+def test_robustness_depth_per_type_training(full):
+    _, _, md = full
+    robust = table(section(md, "## Robustness"))
+    assert robust[0] == ["model", "method", "bank", "easy", "hard"]
+    assert robust[1:] == [[M, "ExpRAG-LoRA", "matched", "87.5 (7/8)", "62.5 (5/8)"],
+                          [M, "ExpRAG-LoRA", "mismatched", "–", "25.0 (1/4)"],
+                          [M, "ExpRAG-LoRA", "empty", "–", "0.0 (0/4)"]]
+    depth = table(section(md, "## Retrieval depth"))
+    assert depth[0] == ["model", "method", "split", "mode", "K=1", "K=2", "K=4"]
+    assert [M, "ExpRAG, frozen model", "easy", "static", "0.0 (0/4)", "25.0 (1/4)", "50.0 (2/4)"] in depth
+    assert [M, "ExpRAG, frozen model", "easy", "dynamic", "–", "–", "75.0 (3/4)"] in depth
+    assert [M, "ExpRAG, frozen model", "hard", "static", "0.0 (0/4)", "25.0 (1/4)", "25.0 (1/4)"] in depth
+    assert not any(r[1] == "ExpRAG-LoRA" for r in depth)  # not swept
+
+    per_type = section(md, "## Per task type")
+    easy = table(per_type[per_type.index(f"### {M}, easy"):])
+    assert easy[0][0] == "task type" and easy[0][1:] == ["No retrieval, frozen model", "ExpRAG, frozen model",
+                                                         "LoRA", "LoRA, retrieval at inference only", "ExpRAG-LoRA"]
+    t = by_label(easy)
+    assert t["pick"][2] == "100.0 (4/4)" and t["clean"][2] == "75.0 (3/4)"  # LoRA, seeds pooled
+    hard = by_label(table(per_type[per_type.index(f"### {M}, hard"):]))
+    assert len(hard["pick"]) == 4  # lora_retrieval has no hard cell: no column
+
+    train = table(section(md, "## Training"))
+    assert train[0] == ["adapter", "wall (h:mm)", "epoch", "train loss", "val loss", "rollout success (%)"]
+    assert train[1] == [f"{M} exprag_lora seed 0", "0:50", "1", "1.2500", "1.1000", "50.0"]
+    assert train[3] == ["", "", "3", "0.5000", "0.9500", "62.5"]
+    assert train[4][:5] == [f"{M} lora seed 0", "0:40", "1", "1.0000", "–"]
+
+
+def test_pngs_written_and_linked(full):
+    run, res, md = full
+    names = [p.name for p in res.plots]
+    assert names == ["success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png"]
+    for p in res.plots:
+        data = p.read_bytes()
+        assert p.parent == run and len(data) > 1000 and data.startswith(PNG_MAGIC)
+        assert f"]({p.name})" in md
+
+
+def test_merge_runs_missing_cells_and_optional_plots(tmp_path, full):
+    run_a, _, _ = full
+    # A second model with one method only, no sweep, no robustness, no training.
+    run_b = make_run(tmp_path / "b", "small", ["m-4b"],
+                     [row("m-4b", "no_retrieval", "easy", 1, 2, bank="none", k=None, mode=None)])
+    res = write_report([run_b], run_b)
+    md = res.report.read_text()
+    assert [p.name for p in res.plots] == ["success_by_method.png"]
+    for name in ("success_vs_k.png", "robustness.png", "training_curves.png"):
+        assert name not in md and not (run_b / name).exists()
+    assert "## Robustness" not in md and "## Retrieval depth" not in md and "## Training" not in md
+    assert by_label(table(section(md, "## Success rate")))["No retrieval, frozen model"] == ["50.0 (1/2) / –"]
+
+    out = tmp_path / "merged"
+    md = write_report([run_a, run_b], out).report.read_text()
+    rows = table(section(md, "## Success rate"))
+    assert rows[0] == ["method", f"{M} (easy / hard)", "m-4b (easy / hard)"]
+    t = by_label(rows)
+    assert t["No retrieval, frozen model"] == ["25.0 (1/4) / 0.0 (0/4)", "50.0 (1/2) / –"]
+    assert t["ExpRAG-LoRA"] == ["87.5 (7/8) / 62.5 (5/8)", "–"]
+    assert "# Report: paper-grid, small" in md and (out / "robustness.png").is_file()
+
+
+def test_stale_plot_removed(tmp_path):
+    run = make_run(tmp_path / "r", "x", [M], FULL_ROWS, TRAINING)
+    write_report([run], run)
+    (run / "training.json").unlink()
+    res = write_report([run], run)
+    assert not (run / "training_curves.png").exists() and "training_curves" not in res.report.read_text()
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda rows: rows[2].pop("success_rate"), "results.jsonl:3: field 'success_rate' missing"),
+    (lambda rows: rows[0].update(n="4"), "results.jsonl:1: field 'n' must be int, got str"),
+    (lambda rows: rows[1].update(method="rag"), "results.jsonl:2: field 'method' is 'rag'"),
+    (lambda rows: rows[1].update(successes=5), "results.jsonl:2: field 'successes' is 5"),
+    (lambda rows: rows[0]["per_type"]["pick"].pop("n"), "results.jsonl:1: field 'per_type.pick.n' missing"),
+])
+def test_bad_row_names_file_line_field(tmp_path, mutate, expect):
+    rows = json.loads(json.dumps(FULL_ROWS[:4]))
+    mutate(rows)
+    run = make_run(tmp_path / "r", "x", [M], rows)
+    with pytest.raises(DataFormatError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        write_report([run], run)
+    assert not (run / "report.md").exists()
+
+
+def test_bad_files(tmp_path):
+    run = make_run(tmp_path / "r", "x", [M], FULL_ROWS[:2])
+    with (run / "results.jsonl").open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(DataFormatError, match=r"results.jsonl:3: invalid JSON"):
+        write_report([run], run)
+    (run / "results.jsonl").unlink()
+    with pytest.raises(DataFormatError, match=r"results.jsonl: no such file"):
+        write_report([run], run)
+    meta = json.loads((run / "experiment.json").read_text())
+    del meta["config"]["main_k"]
+    (run / "experiment.json").write_text(json.dumps(meta))
+    with pytest.raises(DataFormatError, match=r"experiment.json: field 'config.main_k' missing"):
+        write_report([run], run)
+
+
+def test_cli(tmp_path, capsys):
+    a = make_run(tmp_path / "a", "a", [M], FULL_ROWS[:4])
+    b = make_run(tmp_path / "b", "b", ["m-4b"],
+                 [row("m-4b", "lora", "hard", 1, 4, bank="none", k=None, mode=None, seed=0)])
+    assert main(["report", str(a)]) == 0
+    out, _ = capsys.readouterr()
+    assert f"wrote {a / 'report.md'}" in out and f"wrote {a / 'success_by_method.png'}" in out
+
+    assert main(["report", str(a), str(b)]) == 2
+    _, err = capsys.readouterr()
+    assert "--out is required" in err and err.count("\n") == 1
+
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    assert "m-4b (easy / hard)" in (tmp_path / "m" / "report.md").read_text()
+    capsys.readouterr()
+
+    (b / "results.jsonl").write_text(json.dumps({"cell": "c"}) + "\n")
+    assert main(["report", str(b)]) == 2
+    _, err = capsys.readouterr()
+    assert f"{b / 'results.jsonl'}:1: field 'model' missing" in err and err.count("\n") == 1
