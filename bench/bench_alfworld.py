@@ -164,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
             err = f"  ({r['errors']} steps raised inside alfworld)" if r["errors"] else ""
             print(f"  {path:14s} {r['steps_per_s']:8.1f} steps/s   x{r['vs_raw']:.2f} vs raw{err}")
         if args.json:
+            from headlines import alfworld_headline
+
             g.pop("games")
-            Path(args.json).write_text(json.dumps({"generation": g, "stepping": s}, indent=2) + "\n")
+            result = {"generation": g, "stepping": s}
+            result["headline"] = alfworld_headline(result)
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

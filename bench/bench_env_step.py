@@ -1,7 +1,7 @@
 """Environment stepping speed: ScienceWorld's fast path (simulator step + score) vs the package's
 ``env.step`` (which enumerates every valid action after each step), on the same gold replays.
 
-    python bench/bench_env_step.py [--steps N]
+    python bench/bench_env_step.py [--steps N] [--json OUT]
 
 Both paths replay identical action sequences in one process and one JVM; the ratio is what matters
 (absolute steps/s depend on the machine and its load). Resets are not timed.
@@ -10,7 +10,11 @@ Both paths replay identical action sequences in one process and one JVM; the rat
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+
+from headlines import env_step_headline
 
 # Deterministic worlds with gold sequences of 8-40 steps and a mix of room, device and thermal dynamics.
 BENCH_TYPES = ("boil", "power-component", "chemistry-mix-paint-secondary-color", "use-thermometer",
@@ -58,12 +62,16 @@ def bench_scienceworld(n_steps: int = 200, task_types: tuple[str, ...] = BENCH_T
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here")
     args = p.parse_args(argv)
     r = bench_scienceworld(args.steps)
     print(f"scienceworld: {r['steps']} gold-replay steps per path")
     print(f"  fast path (simulator step):   {r['fast_steps_per_s']:8.1f} steps/s")
     print(f"  package env.step (enumerates): {r['package_steps_per_s']:8.1f} steps/s")
     print(f"  speedup: {r['speedup']:.2f}x")
+    if args.json:
+        r["headline"] = env_step_headline(r)
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
 
 
 if __name__ == "__main__":

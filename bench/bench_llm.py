@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     d, b = micro["dynamic_layer"], micro["exprag_buffer"]
     print(f"decode step at batch 4, {args.system_tokens + 500}-token context: DynamicLayer {d * 1e3:.1f} ms, "
           f"exprag buffers {b * 1e3:.1f} ms ({d / b:.2f}x)")
+    from headlines import llm_headline
+
+    report["headline"] = llm_headline(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -25,6 +25,7 @@ from exprag.bank.encoders import BM25Encoder, DenseEncoder  # noqa: E402
 from exprag.bank.retriever import Filters, Retriever  # noqa: E402
 from exprag.bank.store import Bank  # noqa: E402
 from exprag.trajectory import Trajectory  # noqa: E402
+from headlines import retrieval_headline  # noqa: E402
 
 VERBS = ["heat", "cool", "clean", "put", "examine", "find", "take", "boil", "melt", "sort"]
 OBJS = ["egg", "apple", "mug", "knife", "potato", "book", "lamp", "coin", "bowl", "plate", "tomato", "key"]
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             sw = bench_scienceworld()
             result["scienceworld_stepping"] = sw
             print(f"ScienceWorld stepping: {json.dumps(sw)}")
+    result["headline"] = retrieval_headline(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -45,6 +45,9 @@ from exprag.bank.scoring import RetrievalConfig, build_index
 from exprag.bank.store import Bank, build_bank
 from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from headlines import retrieval_quality_headline  # noqa: E402
+
 TARGET_TOP1, TARGET_ALL = 0.95, 0.90
 TWX_PER_GAME = {"train": 10, "test": 5}
 
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["alfworld_episodes"] = dyn
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["headline"] = retrieval_quality_headline(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
     return out

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill_reduction": round(a["prefill_tokens_per_step"] / b["prefill_tokens_per_step"], 2),
         "identical_actions": same,
     }
+    from headlines import rollout_headline
+
+    result["headline"] = rollout_headline(result)
     print("| variant | wall / episode (s) | prefill tokens / step | prompt tokens / step |")
     print("|---|---|---|---|")
     for name, r in (("naive (batch 1, full re-encode)", a), (f"exprag (KV reuse, batch {args.batch})", b)):

@@ -204,11 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import torch
 
-        Path(args.json).write_text(json.dumps({
+        from headlines import train_headline
+
+        out = {
             "model": args.model, "per_type": args.per_type, "k": args.k, "batch": args.batch,
             "threads": args.threads, "repeats": args.repeats, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "results": results, "ratios": ratios,
-        }, indent=2) + "\n")
+        }
+        out["headline"] = train_headline(out)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

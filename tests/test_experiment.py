@@ -48,6 +48,7 @@ def test_expand_dedups_and_normalises():
     ({"train": {"epochs": 0}}, "epochs"),
     ({"colour": 1}, "unknown field 'colour'"),
     ({"grid": []}, "field 'grid'"),
+    ({"grid": [{"methods": ["lora"], "models": ["not-in-models"]}]}, r"grid\[0\].models"),
 ])
 def test_bad_configs_name_the_field(patch, match):
     with pytest.raises(ExpragError, match=match):
@@ -114,3 +115,23 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model):
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "ExpRAG-LoRA" in report and (out / "success_by_method.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name,cells", [("small-cpu", 16), ("paper-alfworld", 62), ("paper-scienceworld", 36)])
+def test_shipped_configs_load(name, cells):
+    from pathlib import Path
+
+    from exprag.experiment import load_experiment_config
+
+    cfg = load_experiment_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert len(expand(cfg)) == cells
+
+
+def test_cli_lists_the_grid(capsys):
+    from pathlib import Path
+
+    from exprag.cli import main
+
+    assert main(["experiment", str(Path(__file__).parent.parent / "configs" / "small-cpu.yaml"), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m/exprag_lora-hard-empty-s2025" in out and "16 cells" in out

@@ -45,9 +45,9 @@ _CELL_RESUMABLE = {"out", "batch_size"}
 
 @dataclass
 class DataSettings:
-    train_per_type: int = 10  # expert trajectories per train task type, easy and hard
+    train_per_type: int | None = 10  # expert trajectories per train task type, easy and hard; None = all
     val_per_type: int = 2  # easy dev expert trajectories, for validation loss; 0 = none
-    test_per_type: int = 5  # evaluation tasks per task type
+    test_per_type: int | None = 5  # evaluation tasks per task type; None = all
     test_split: str = "test"
 
 
@@ -72,6 +72,7 @@ class GridBlock:
     banks: list[str] = field(default_factory=lambda: ["matched"])
     k: list[int] | None = None  # None = [main_k]
     modes: list[str] = field(default_factory=lambda: ["static"])
+    models: list[str] | None = None  # None = every model of the experiment
 
 
 @dataclass
@@ -172,12 +173,17 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
                 raise bad(f"grid[{i}].{name}", f"{unknown or 'empty'}; choose from {', '.join(allowed)}")
         if b.k is not None and (not b.k or any(int(k) < 1 for k in b.k)):
             raise bad(f"grid[{i}].k", "a list of K >= 1")
+        stray = [m for m in b.models or [] if m not in cfg.models]
+        if stray:
+            raise bad(f"grid[{i}].models", f"{stray[0]!r} is not in the experiment's models")
     owned = [k for k in _RUNNER_TRAIN_FIELDS if k in cfg.train]
     if owned:
         raise bad(f"train.{owned[0]}", "is set by the experiment (data, models, seeds, main_k and eval set it)")
     config_from_dict({**cfg.train, "trajectories": ["-"]}, f"{where}.train")  # field names and values
-    if cfg.data.train_per_type < 1 or cfg.data.test_per_type < 1:
-        raise bad("data", "train_per_type and test_per_type must be >= 1")
+    for name in ("train_per_type", "test_per_type"):
+        n = getattr(cfg.data, name)
+        if n is not None and n < 1:
+            raise bad(f"data.{name}", "must be >= 1, or null for every game of the split")
     if cfg.eval.backend != "hf" and any(METHODS[m].adapter for b in cfg.grid for m in b.methods):
         raise bad("eval.backend", "methods with a LoRA adapter run on the hf backend")
     return cfg
@@ -187,7 +193,7 @@ def expand(cfg: ExperimentConfig) -> list[Cell]:
     """The grid's cells, deduplicated, ordered so that each (model, adapter) is loaded once."""
     cells: dict[Cell, None] = {}
     for b in cfg.grid:
-        for model in cfg.models:
+        for model in b.models or cfg.models:
             for method in b.methods:
                 m = METHODS[method]
                 for split in b.splits:
