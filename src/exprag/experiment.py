@@ -452,6 +452,7 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
     ckpt = res.best_checkpoint or res.last_checkpoint
     if ckpt is None:
         raise ExpragError(f"{run_dir}: training produced no checkpoint")
+    ckpt = run_dir / _rel(ckpt.resolve(), run_dir)  # the checkpoint itself, not the moving RUN_DIR/best link
     atomic_write_json(marker, {"train_config": dataclasses.asdict(tcfg), "checkpoint": _rel(ckpt, run_dir),
                                "wall_s": round(res.wall_s, 1), "finished": _now()})
     return ckpt

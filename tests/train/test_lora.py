@@ -187,7 +187,7 @@ def test_selection_keeps_the_best_checkpoint_by_rollout_success(short_files, tin
     hist = json.loads((run / "selection.json").read_text())
     assert [h["epoch"] for h in hist["history"]] == [2, 3]
     assert all(h["val_loss"] is not None for h in hist["history"])
-    best_name = max(scored, key=lambda x: x[1])[0]
+    best_name = max(reversed(scored), key=lambda x: x[1])[0]  # ties: the later one
     assert os.path.realpath(run / "best") == str((run / "checkpoints" / best_name).resolve())
     assert res.best_checkpoint == run / "best"
     assert (run / "selection.png").stat().st_size > 1000
@@ -199,15 +199,15 @@ def test_selection_keeps_the_best_checkpoint_by_rollout_success(short_files, tin
     assert "epoch-004" in left and best_name in left and len(left) == 2
 
 
-def test_selection_ties_keep_the_earlier_checkpoint(tmp_path):
-    for e in (1, 2, 3):
+def test_selection_ties_go_to_the_later_checkpoint(tmp_path):
+    for e in (1, 2, 3, 4):
         (tmp_path / "checkpoints" / f"epoch-{e:03d}").mkdir(parents=True)
     sel = Selection(tmp_path)
-    for epoch, s in ((1, 0.2), (2, 0.5), (3, 0.5)):
+    for epoch, s in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4)):
         sel.add(epoch, tmp_path / "checkpoints" / f"epoch-{epoch:03d}", s, val_loss=1.0 / epoch)
-    assert sel.best() == tmp_path / "checkpoints" / "epoch-002"
-    assert os.readlink(tmp_path / "best") == "checkpoints/epoch-002"
-    assert Selection(tmp_path).has(3) and not Selection(tmp_path).has(4)  # history reloads
+    assert sel.best() == tmp_path / "checkpoints" / "epoch-003"
+    assert os.readlink(tmp_path / "best") == "checkpoints/epoch-003"
+    assert Selection(tmp_path).has(4) and not Selection(tmp_path).has(5)  # history reloads
 
 
 def test_leakage_warning_for_a_test_split_bank(short_trajs, tmp_path, chatml_tok, tiny_model):

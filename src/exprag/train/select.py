@@ -3,8 +3,9 @@ success keeps rising after the validation loss turns up).
 
 ``Selection`` keeps the metric history in RUN_DIR/selection.json, points RUN_DIR/best at the best
 checkpoint (a relative symlink; a copy where symlinks fail), and plots success and validation loss
-against epochs in RUN_DIR/selection.png. Ties keep the earlier checkpoint (fewer epochs, same
-success).
+against epochs in RUN_DIR/selection.png. Ties go to the later checkpoint: out-of-distribution
+success keeps rising with training (SPEC §4), so an equal score is no reason to stop early; with a
+small selection set (or a small model scoring 0 everywhere) the earlier rule kept epoch 1.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class Selection:
 
     def best_record(self) -> dict[str, Any] | None:
         best = None
-        for h in self.history:  # strictly greater: ties keep the earlier checkpoint
-            if best is None or h["success_rate"] > best["success_rate"]:
+        for h in self.history:  # history is sorted by epoch: >= lets ties go to the later checkpoint
+            if best is None or h["success_rate"] >= best["success_rate"]:
                 best = h
         return best
 
