@@ -210,6 +210,15 @@ def test_selection_ties_go_to_the_later_checkpoint(tmp_path):
     assert Selection(tmp_path).has(4) and not Selection(tmp_path).has(5)  # history reloads
 
 
+def test_selection_in_a_run_dir_given_relative_to_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/a")
+    (run / "checkpoints" / "epoch-001").mkdir(parents=True)
+    best = Selection(run).add(1, run / "checkpoints" / "epoch-001", 0.5)
+    assert best == run / "checkpoints" / "epoch-001"
+    assert os.readlink(run / "best") == "checkpoints/epoch-001" and (run / "best").resolve().is_dir()
+
+
 def test_leakage_warning_for_a_test_split_bank(short_trajs, tmp_path, chatml_tok, tiny_model):
     from exprag.bank import build_bank
     from exprag.trajectory import write_jsonl

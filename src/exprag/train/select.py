@@ -49,8 +49,8 @@ class Selection:
     def add(self, epoch: int, checkpoint: str | Path, success_rate: float, *,
             val_loss: float | None = None, train_loss: float | None = None) -> Path:
         """Record one evaluated checkpoint; returns the best checkpoint so far (RUN_DIR/best points at it)."""
-        ckpt = Path(checkpoint)
-        rel = ckpt.relative_to(self.run_dir) if ckpt.is_absolute() else ckpt
+        # Relative to the run directory, whether the paths given are absolute or relative to the cwd.
+        rel = Path(os.path.relpath(Path(checkpoint).resolve(), self.run_dir.resolve()))
         self.history.append({"epoch": epoch, "checkpoint": str(rel), "success_rate": success_rate,
                              "val_loss": val_loss, "train_loss": train_loss})
         self.history.sort(key=lambda h: h["epoch"])
