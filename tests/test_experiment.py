@@ -2,6 +2,7 @@
 adapters, every cell, kill-and-resume, and the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,8 +72,9 @@ def tiny_model(tmp_path_factory):
     return str(tiny_random_model(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def test_grid_runs_resumes_and_reports(tmp_path, tiny_model):
-    out = tmp_path / "exp"
+def test_grid_runs_resumes_and_reports(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an experiment directory relative to the cwd, as users give it
+    out = Path("exp")
     cfg = experiment_config_from_dict(_grid(tiny_model, str(out)))
     seen = []
 
@@ -93,7 +95,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 15 and all(r["n"] == 4 for r in rows)  # 4 TWX types per split, 1 task each
     by = {r["cell"]: r for r in rows}
-    lora = by[f"model/lora-hard-none-s7"]
+    lora = by["model/lora-hard-none-s7"]
     assert lora["adapter"].startswith("adapters/model/lora-s7/") and lora["method_label"] == "LoRA"
     assert by["model/exprag_lora-hard-matched-k1-static-s7"]["adapter"].startswith("adapters/model/exprag_lora-s7/")
     assert by["model/no_retrieval-easy-none"]["adapter"] is None
@@ -104,6 +106,9 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model):
     training = json.loads((out / "training.json").read_text())
     assert [(t["kind"], len(t["epochs"])) for t in training] == [("exprag_lora", 2), ("lora", 2)]
     assert all(e["val_loss"] is not None and e["success_rate"] is not None for t in training for e in t["epochs"])
+    # Cells evaluate the selected checkpoint itself (ties go to the later epoch), and it exists.
+    assert all(t["checkpoint"].endswith("checkpoints/epoch-002") for t in training)
+    assert all((out / r["adapter"] / "adapter_config.json").is_file() for r in rows if r["adapter"])
     info = json.loads((out / "experiment.json").read_text())
     assert info["finished"] and len(info["runs"]) == 2 and info["stages"]["train_s"] > 0
 
@@ -119,8 +124,6 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("name,cells", [("small-cpu", 16), ("paper-alfworld", 62), ("paper-scienceworld", 36)])
 def test_shipped_configs_load(name, cells):
-    from pathlib import Path
-
     from exprag.experiment import load_experiment_config
 
     cfg = load_experiment_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
@@ -128,8 +131,6 @@ def test_shipped_configs_load(name, cells):
 
 
 def test_cli_lists_the_grid(capsys):
-    from pathlib import Path
-
     from exprag.cli import main
 
     assert main(["experiment", str(Path(__file__).parent.parent / "configs" / "small-cpu.yaml"), "--list"]) == 0

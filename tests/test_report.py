@@ -123,6 +123,8 @@ def test_header_and_main_table(full):
     assert t["LoRA, retrieval at inference only"] == ["75.0 (3/4) / –"]
     assert t["ExpRAG-LoRA"] == ["87.5 (7/8) / 62.5 (5/8)"]  # the mismatched / empty banks stay out
     assert "LoRA on m-8b: 2 seeds" in main_md and "ExpRAG-LoRA on m-8b: 2 seeds" in main_md
+    valid = main_md[main_md.index("Valid-action rate"):]
+    assert "| ExpRAG-LoRA | 90.0 / 90.0 |" in valid and "| LoRA, retrieval at inference only | 90.0 / – |" in valid
     ci = by_label(table(main_md[main_md.index("95% Wilson"):]))
     lo, hi = wilson(7, 8)
     lo2, hi2 = wilson(1, 8)
@@ -154,7 +156,7 @@ def test_robustness_depth_per_type_training(full):
     assert len(hard["pick"]) == 4  # lora_retrieval has no hard cell: no column
 
     train = table(section(md, "## Training"))
-    assert train[0] == ["adapter", "wall (h:mm)", "epoch", "train loss", "val loss", "rollout success (%)"]
+    assert train[0] == ["adapter", "training steps (h:mm)", "epoch", "train loss", "val loss", "rollout success (%)"]
     assert train[1] == [f"{M} exprag_lora seed 0", "0:50", "1", "1.2500", "1.1000", "50.0"]
     assert train[3] == ["", "", "3", "0.5000", "0.9500", "62.5"]
     assert train[4][:5] == [f"{M} lora seed 0", "0:40", "1", "1.0000", "–"]

@@ -46,6 +46,8 @@ class Cell:
     successes: int
     per_type: dict[str, tuple[int, int]]  # task type -> (successes, n)
     main_k: int  # the K of its experiment's main grid
+    steps: float = 0.0  # episode steps in all (n x mean steps): the weight of the valid-action rate
+    valid_action_rate: float | None = None  # share of steps whose action the env accepted
 
 
 @dataclass
@@ -159,7 +161,11 @@ def _read_cell(obj: Any, where: str, main_k: int) -> tuple[str, Cell]:
             raise DataFormatError(f"{where}: field 'per_type.{t}' must be an object")
         per_type[t] = (_get(block, "successes", where, int, prefix=f"per_type.{t}."),
                        _get(block, "n", where, int, prefix=f"per_type.{t}."))
-    return cell_id, Cell(model, method, split, bank, k, mode, seed, n, successes, per_type, main_k)
+    mean_steps = obj.get("mean_steps")
+    valid = obj.get("valid_action_rate")
+    steps = n * mean_steps if isinstance(mean_steps, (int, float)) else 0.0
+    valid = float(valid) if isinstance(valid, (int, float)) and not isinstance(valid, bool) else None
+    return cell_id, Cell(model, method, split, bank, k, mode, seed, n, successes, per_type, main_k, steps, valid)
 
 
 def _read_cells(path: Path, main_k: int) -> list[Cell]:
@@ -332,6 +338,11 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
         if seeded:
             lines += ["Pooled over seeds: " + "; ".join(seeded) + ".", ""]
         lines += ["95% Wilson intervals (%), from the pooled counts:", ""] + _table(header, ci_rows)
+        valid_rows = [[METHODS[meth].label, *(" / ".join(_valid_text(groups.get((m, meth, s), [])) for s in SPLITS)
+                                              for m in models)] for meth in methods]
+        if any(c.valid_action_rate is not None for cs in groups.values() for c in cs):
+            lines += ["Valid-action rate (%): the share of steps whose action the environment accepted "
+                      "(same cells, weighted by steps):", ""] + _table(header, valid_rows)
 
     if robust:
         lines += ["## Robustness to the bank at inference (%)", "",
@@ -385,6 +396,13 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     return ReportResult(report, plots)
 
 
+def _valid_text(cells: list[Cell]) -> str:
+    got = [c for c in cells if c.valid_action_rate is not None and c.steps > 0]
+    if not got:
+        return _DASH
+    return f"{100 * sum(c.valid_action_rate * c.steps for c in got) / sum(c.steps for c in got):.1f}"
+
+
 def _per_type(cells: list[Cell], task_type: str) -> Pooled | None:
     got = [c.per_type[task_type] for c in cells if task_type in c.per_type]
     return Pooled(sum(s for s, _ in got), sum(n for _, n in got), 0) if got else None
@@ -396,11 +414,13 @@ def _num(v: float | None, fmt: str) -> str:
 
 def _training_table(training: list[dict[str, Any]]) -> list[str]:
     with_success = any(ep.get("success_rate") is not None for t in training for ep in t["epochs"])
-    header = ["adapter", "wall (h:mm)", "epoch", "train loss", "val loss",
+    header = ["adapter", "training steps (h:mm)", "epoch", "train loss", "val loss",
               *(["rollout success (%)"] if with_success else [])]
     rows = []
     for t in training:
-        name, wall = f"{t['model']} {t['kind']} seed {t['seed']}", _hmm(t.get("wall_s"))
+        # Time in optimizer steps, summed over epochs (a resumed run's own wall clock would undercount).
+        spent = [ep["train_s"] for ep in t["epochs"] if isinstance(ep.get("train_s"), (int, float))]
+        name, wall = f"{t['model']} {t['kind']} seed {t['seed']}", _hmm(sum(spent) if spent else t.get("wall_s"))
         for i, ep in enumerate(t["epochs"] or [{}]):
             row = [name if i == 0 else "", wall if i == 0 else "", _num(ep.get("epoch"), "d"),
                    _num(ep.get("train_loss"), ".4f"), _num(ep.get("val_loss"), ".4f")]
