@@ -120,6 +120,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model, monkeypatch):
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "ExpRAG-LoRA" in report and (out / "success_by_method.png").stat().st_size > 0
+    assert "resumed: 3 invocations" in report  # killed, resumed, rerun: each start recorded
 
 
 @pytest.mark.parametrize("name,cells", [("small-cpu", 16), ("paper-alfworld", 62), ("paper-scienceworld", 36)])

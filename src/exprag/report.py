@@ -287,6 +287,9 @@ def _header(exp: Experiment) -> list[str]:
         f"- machine: {show(mach.get('platform'))}, {show(mach.get('cpus'))} CPUs, "
         f"GPU {mach.get('gpu') or 'none'}, torch threads {show(mach.get('torch_threads'))}",
         f"- duration (h:mm): {_hmm(m.get('duration_s'))}" + (f" ({stages})" if stages else ""),
+        *([f"- resumed: {len(m['runs'])} invocations (start, commit): "
+           + "; ".join(f"{r.get('started')} at {r.get('commit')}" for r in m["runs"])]
+          if len(m.get("runs") or []) > 1 else []),
         f"- dates: {show(m.get('started'))} → {show(m.get('finished'))}",
         f"- settings: train per type {show(data.get('train_per_type'))}, test per type "
         f"{show(data.get('test_per_type'))}, split {show(data.get('test_split', data.get('split')))}, max steps "
