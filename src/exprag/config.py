@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 
@@ -67,17 +67,28 @@ def _dataclass_type(ftype: Any) -> type | None:
     return ftype if dataclasses.is_dataclass(ftype) else None
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content (an empty file reads as ``{}``); errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"{path}: no such config file")
+        raise DataFormatError(f"{path}: no such {what}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise DataFormatError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    return from_dict(cls, data, str(path))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, read_yaml(path), str(path))
+
+
+def changed_fields(have: dict[str, Any], want: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """Top-level fields whose values differ between two resolved configs (sorted), ``ignore`` left out:
+    what decides whether a run directory may be resumed with the config given now."""
+    skip = set(ignore)
+    return [k for k in sorted(set(have) | set(want)) if k not in skip and have.get(k) != want.get(k)]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

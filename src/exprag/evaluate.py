@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from exprag.config import EvalConfig, RetrievalConfig, to_dict
+from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
 from exprag.errors import BankError, DataFormatError, RunConfigError
 from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, truncate_torn_tail
 
@@ -118,7 +118,7 @@ def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
     want = to_dict(cfg)
     if path.is_file() and not overwrite:
         have = json.loads(path.read_text(encoding="utf-8"))
-        diff = [k for k in sorted(set(want) | set(have)) if k not in _RESUMABLE and want.get(k) != have.get(k)]
+        diff = changed_fields(have, want, _RESUMABLE)
         if diff:
             k = diff[0]
             raise RunConfigError(

@@ -29,11 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from exprag.config import EvalConfig, RetrievalConfig, from_dict
+from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
-from exprag.io import atomic_write_json, atomic_write_text
+from exprag.io import atomic_write_json, atomic_write_text, iter_json_lines
 from exprag.methods import BANKS, METHODS, SPLITS
 
 Log = Callable[[str], None]
@@ -134,16 +132,7 @@ def slug(model: str) -> str:
 
 # ---- config -------------------------------------------------------------------------------------------
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such experiment config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise DataFormatError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
-                              f"({getattr(e, 'problem', e)})") from None
-    return experiment_config_from_dict(data, str(path))
+    return experiment_config_from_dict(read_yaml(path, "experiment config"), str(path))
 
 
 def experiment_config_from_dict(data: dict[str, Any], where: str = "<experiment>") -> ExperimentConfig:
@@ -219,7 +208,7 @@ def run_experiment(cfg: ExperimentConfig, *, command: str = "", progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     cells = expand(cfg)
     info = _start_info(cfg, out, command)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - info["duration_s"]  # the time spent by earlier invocations counts
     stages = info["stages"]
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
@@ -288,14 +277,13 @@ def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool) -> dict[
 
 def _finished_cell(cell_dir: Path, ecfg: EvalConfig) -> dict[str, Any] | None:
     """The cell's record when it finished with this very configuration, else None (run or resume it)."""
-    from exprag.config import to_dict
+    from exprag.config import changed_fields, to_dict
 
     path = cell_dir / "cell.json"
     if not path.is_file():
         return None
     done = json.loads(path.read_text(encoding="utf-8"))
-    want, have = to_dict(ecfg), done.get("eval_config", {})
-    if any(want.get(k) != have.get(k) for k in set(want) | set(have) if k not in _CELL_RESUMABLE):
+    if changed_fields(done.get("eval_config", {}), to_dict(ecfg), _CELL_RESUMABLE):
         return None  # evaluate() then refuses it, naming the field that changed
     return done
 
@@ -491,8 +479,7 @@ def _write_training_summary(out: Path, cfg: ExperimentConfig, adapters: list) ->
         done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
         epochs: dict[int, dict[str, Any]] = {}
         metrics = run_dir / "metrics.jsonl"
-        for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []:
-            ev = json.loads(line)
+        for _, ev in iter_json_lines(metrics) if metrics.is_file() else []:
             if ev.get("event") == "epoch":
                 e = epochs.setdefault(int(ev["epoch"]), {"epoch": int(ev["epoch"]), "success_rate": None})
                 e.update(train_loss=ev.get("train_loss"), val_loss=ev.get("val_loss"),
@@ -549,11 +536,11 @@ def _start_info(cfg: ExperimentConfig, out: Path, command: str) -> dict[str, Any
         "config": {**dataclasses.asdict(cfg), "grid": [dataclasses.asdict(b) for b in cfg.grid]},
         "runs": runs,
     }
-    info["_base_duration"] = info["duration_s"]
-    _save_info(out, info, time.perf_counter())
+    atomic_write_json(path, info)
     return info
 
 
 def _save_info(out: Path, info: dict[str, Any], t0: float) -> None:
-    info["duration_s"] = round(info["_base_duration"] + time.perf_counter() - t0, 1)
-    atomic_write_json(out / "experiment.json", {k: v for k, v in info.items() if not k.startswith("_")})
+    """``t0``: the clock reading at which this experiment's summed duration was zero."""
+    info["duration_s"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(out / "experiment.json", info)

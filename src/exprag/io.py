@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 _UMASK = os.umask(0)
@@ -51,6 +51,26 @@ def replace_dir(staging: Path, target: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(file:line, object)`` for each non-blank line of a JSONL file; a missing file or a bad line is
+    a DataFormatError naming the file and line."""
+    from exprag.errors import DataFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield where, obj
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 from exprag.errors import DataFormatError
 from exprag.evaluate import wilson
-from exprag.io import atomic_write_text
+from exprag.io import atomic_write_text, iter_json_lines
 from exprag.methods import BANKS, METHODS, SPLITS
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
@@ -169,20 +169,10 @@ def _read_cell(obj: Any, where: str, main_k: int) -> tuple[str, Cell]:
 
 
 def _read_cells(path: Path, main_k: int) -> list[Cell]:
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such file")
     cells: dict[str, Cell] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            cell_id, cell = _read_cell(obj, where, main_k)
-            cells[cell_id] = cell  # a cell re-evaluated on resume: its last line is its result
+    for where, obj in iter_json_lines(path):
+        cell_id, cell = _read_cell(obj, where, main_k)
+        cells[cell_id] = cell  # a cell re-evaluated on resume: its last line is its result
     return list(cells.values())
 
 

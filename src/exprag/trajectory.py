@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from exprag.errors import DataFormatError
-from exprag.io import atomic_write_text
+from exprag.io import atomic_write_text, iter_json_lines
 
 SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant")
@@ -136,19 +136,8 @@ def history_text(task: str, messages: Iterable[dict[str, str]]) -> str:
 # ---- JSONL ---------------------------------------------------------------------------------------
 def iter_jsonl_located(path: str | Path) -> Iterator[tuple[str, Trajectory]]:
     """Validated trajectories with where each came from (``file:line``), for errors found later."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield where, Trajectory.from_dict(obj, where=where)
+    for where, obj in iter_json_lines(path):
+        yield where, Trajectory.from_dict(obj, where=where)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Trajectory]:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import yaml
 
+from exprag.config import changed_fields
 from exprag.errors import ExpragError
 from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, replace_dir, sha256_file
 from exprag.train.config import TrainConfig, TrainConfigError, to_dict
@@ -191,12 +192,13 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool, main: bo
     if saved_file.is_file():
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
         now = to_dict(cfg)
-        for key in sorted(set(saved) | set(now)):
-            if key not in _RESUMABLE_CHANGES and saved.get(key) != now.get(key):
-                raise RunDirError(
-                    f"{saved_file}: field {key!r} was {saved.get(key)!r}, now {now.get(key)!r}; a resumed "
-                    "run must keep its recipe (only epochs, logging and selection may change); use --overwrite"
-                )
+        changed = changed_fields(saved, now, _RESUMABLE_CHANGES)
+        if changed:
+            key = changed[0]
+            raise RunDirError(
+                f"{saved_file}: field {key!r} was {saved.get(key)!r}, now {now.get(key)!r}; a resumed "
+                "run must keep its recipe (only epochs, logging and selection may change); use --overwrite"
+            )
     report = out / "data_report.json"
     if report.is_file():
         before = json.loads(report.read_text(encoding="utf-8")).get("inputs", [])
