@@ -290,14 +290,26 @@ PAIRED_ROWS = [
     # Frozen, easy: both fail everywhere (b = c = 0, p = 1).
     outcomes(row(M, "no_retrieval", "easy", 0, 4, bank="none", k=None, mode=None), set(), T12[:4]),
     outcomes(row(M, "exprag_frozen", "easy", 0, 4), set(), T12[:4]),
-    # Frozen, hard: rows from before episode outcomes were recorded: 0 pairs, no test.
-    row(M, "no_retrieval", "hard", 0, 4, bank="none", k=None, mode=None),
-    row(M, "exprag_frozen", "hard", 2, 4),
+    # Frozen, hard: rows from before rows carried outcomes; the cells' own episode files give them.
+    dict(row(M, "no_retrieval", "hard", 0, 4, bank="none", k=None, mode=None), run_dir="cells/nr"),
+    dict(row(M, "exprag_frozen", "hard", 2, 4), run_dir="cells/ef"),
+    # ExpRAG-LoRA vs LoRA, easy: no outcomes anywhere (the cell directories are gone): 0 pairs, no test.
+    row(M, "exprag_lora", "easy", 2, 4, seed=0),
+    row(M, "lora", "easy", 1, 4, bank="none", k=None, mode=None, seed=0),
 ]
+
+
+def cell_dir(run, name, wins, tasks):
+    """A cell's episode file, as `exprag eval` writes it."""
+    (run / "cells" / name).mkdir(parents=True)
+    (run / "cells" / name / "results.jsonl").write_text("".join(
+        json.dumps({"task_id": t, "task_type": "pick", "success": t in wins, "reward": 0.0}) + "\n" for t in tasks))
 
 
 def test_paired_section_counts_and_p_values(tmp_path):
     run = make_run(tmp_path / "r", "paired", [M], PAIRED_ROWS)
+    cell_dir(run, "nr", set(), T12[:4])
+    cell_dir(run, "ef", {"t0", "t3"}, T12[:4])
     md = write_report([run], run).report.read_text()
     rows = table(section(md, "## Paired comparisons"))
     assert rows[0] == ["model", "A vs B", "split", "pairs", "b (A only)", "c (B only)", "McNemar p",
@@ -310,8 +322,9 @@ def test_paired_section_counts_and_p_values(tmp_path):
     assert got["LoRA, retrieval at inference only vs LoRA", "hard"][:4] == ["6 (of 6 / 24)", "1", "1", "1.0000"]
     assert got["ExpRAG-LoRA: matched vs empty bank", "hard"][:4] == ["12", "9", "0", "0.0039"]
     assert got["ExpRAG, frozen model vs No retrieval, frozen model", "easy"][:4] == ["4", "0", "0", "1.0000"]
-    assert got["ExpRAG, frozen model vs No retrieval, frozen model", "hard"] == ["0", "–", "–", "–", "–", "–"]
-    assert ("ExpRAG-LoRA vs LoRA", "easy") not in got  # a side is missing: no row
+    assert got["ExpRAG, frozen model vs No retrieval, frozen model", "hard"][:4] == ["4", "2", "0", "0.5000"]
+    assert got["ExpRAG-LoRA vs LoRA", "easy"] == ["0", "–", "–", "–", "–", "–"]
+    assert ("LoRA, retrieval at inference only vs LoRA", "easy") not in got  # a side is missing: no row
 
 
 def test_retrievers_labelled_and_hypotheses_in_header(tmp_path):

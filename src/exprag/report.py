@@ -20,12 +20,12 @@ import math
 import os
 import textwrap
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from exprag.errors import DataFormatError
-from exprag.evaluate import wilson
+from exprag.evaluate import read_results, wilson
 from exprag.io import atomic_write_text, iter_json_lines
 from exprag.methods import BANKS, METHODS, SPLITS
 
@@ -186,8 +186,19 @@ def _read_cells(path: Path, main_k: int) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for where, obj in iter_json_lines(path):
         cell_id, cell = _read_cell(obj, where, main_k)
+        if cell.episodes is None and isinstance(obj.get("run_dir"), str):
+            cell = replace(cell, episodes=_cell_dir_episodes(path.parent / obj["run_dir"], cell.n))
         cells[cell_id] = cell  # a cell re-evaluated on resume: its last line is its result
     return list(cells.values())
+
+
+def _cell_dir_episodes(cell_dir: Path, n: int) -> dict[str, bool] | None:
+    """Per-episode outcomes of a row written before rows carried them, from its cell's own episode
+    file when the run directory still has it and it holds exactly the row's ``n`` episodes."""
+    rows = read_results(cell_dir / "results.jsonl")
+    got = {str(r["task_id"]): bool(r["success"]) for r in rows
+           if isinstance(r, dict) and "task_id" in r and isinstance(r.get("success"), bool)}
+    return got if len(got) == n and len(rows) == n else None
 
 
 def _read_training(path: Path) -> list[dict[str, Any]]:
