@@ -54,6 +54,9 @@ def test_expand_dedups_and_normalises():
     ({"retrieval": {"scoring": "dense", "encoder": "bm25"}}, r"retrieval.encoder.*dense encoder"),
     ({"encoder": "minilm", "retrieval": {"encoder": "other/model"}}, r"field 'encoder'"),
     ({"grid": [{"methods": ["exprag_frozen"], "retrieval": {"scorer": "dense"}}]}, r"grid\[0\].retrieval.scorer"),
+    ({"grid": [{"methods": ["exprag_frozen"], "retrieval": {"scoring": "dense", "encoder": "a/enc"}},
+               {"methods": ["exprag_frozen"], "retrieval": {"scoring": "dense", "encoder": "b/enc"}}]},
+     r"grid\[1\].retrieval.*'dense-enc' would name two retrievers"),
     ({"hypotheses": [{"id": "H1"}]}, r"hypotheses\[0\].text"),
     ({"hypotheses": [{"id": "H1", "text": "t", "why": "x"}]}, r"hypotheses\[0\].why"),
 ])
@@ -166,6 +169,7 @@ def test_cli_lists_the_grid(capsys):
     assert main(["experiment", str(Path(__file__).parent.parent / "configs" / "small-cpu.yaml"), "--list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m/exprag_lora-hard-empty-s2025" in out and "16 cells" in out
+    assert "retriever (unlabelled cells): procedure scoring, encoder minilm" in out
 
 
 def test_grid_with_two_retrievers_and_encoder_fallback(tmp_path, tiny_model):
@@ -187,7 +191,8 @@ def test_grid_with_two_retrievers_and_encoder_fallback(tmp_path, tiny_model):
     by = {r["cell"]: r for r in res.rows}
     assert sorted(by) == ["model/exprag_frozen-hard-matched-k1-static",
                           "model/exprag_frozen-hard-matched-k1-static-procedure-minilm", "model/no_retrieval-hard-none"]
-    dense, proc = by["model/exprag_frozen-hard-matched-k1-static"], by["model/exprag_frozen-hard-matched-k1-static-procedure-minilm"]
+    dense = by["model/exprag_frozen-hard-matched-k1-static"]
+    proc = by["model/exprag_frozen-hard-matched-k1-static-procedure-minilm"]
     assert dense["retriever_info"]["fallback"] and dense["retriever_info"]["encoder_used"] == "minilm"
     assert proc["retriever_info"] == {"key": "procedure-minilm", "scoring": "procedure", "encoder": "minilm",
                                       "encoder_used": "minilm", "fallback": False, "fallback_reason": None}

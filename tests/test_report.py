@@ -338,7 +338,8 @@ def test_retrievers_labelled_and_hypotheses_in_header(tmp_path):
             row(M, "no_retrieval", "hard", 0, 4, bank="none", k=None, mode=None)]
     run = make_run(tmp_path / "r", "retr", [M], rows)
     meta = json.loads((run / "experiment.json").read_text())
-    meta["config"]["hypotheses"] = [{"id": "H1", "text": "retrieval helps", "comparison": "exprag_frozen vs no_retrieval"}]
+    meta["config"]["hypotheses"] = [{"id": "H1", "text": "retrieval helps",
+                                     "comparison": "exprag_frozen vs no_retrieval"}]
     (run / "experiment.json").write_text(json.dumps(meta))
     md = write_report([run], run).report.read_text()
     head = section(md, "## Experiments")

@@ -264,7 +264,7 @@ def _check_retrievers(cfg: ExperimentConfig, bad: Callable[[str, str], DataForma
             raise bad(f"{name}.scoring", f"{r.scoring!r}; choose from {', '.join(_SCORINGS)}")
         spec = cfg.retriever if b is None else cfg.block_retriever(b)
         if spec.scoring == "dense" and _BM25 in (spec.encoder, spec.fallback):
-            raise bad(f"{name}.encoder", "dense scoring needs a dense encoder (minilm or a sentence-transformers model)")
+            raise bad(f"{name}.encoder", "dense scoring needs a dense encoder (minilm or a sentence-transformers id)")
         if spec.fallback == _BM25:
             raise bad(f"{name}.encoder_fallback", "a dense encoder (e.g. minilm), which bm25 is not")
         if seen.setdefault(spec.key, spec) != spec:
