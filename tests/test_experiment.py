@@ -221,3 +221,10 @@ def test_grid_with_two_retrievers_and_encoder_fallback(tmp_path, tiny_model):
     assert "  - H1: retrieval helps the frozen model (comparison: exprag_frozen vs no_retrieval, hard)" in md
     paired = md[md.index("## Paired comparisons"):]
     assert "| ExpRAG, frozen model vs No retrieval, frozen model | hard | 4 |" in paired
+
+
+def test_experiment_scorings_are_the_banks():
+    from exprag.bank.scoring import SCORINGS
+    from exprag.experiment import _SCORINGS
+
+    assert set(_SCORINGS) == set(SCORINGS)  # the config check keeps its own list to avoid loading numpy
