@@ -50,6 +50,15 @@ def test_expand_dedups_and_normalises():
     ({"colour": 1}, "unknown field 'colour'"),
     ({"grid": []}, "field 'grid'"),
     ({"grid": [{"methods": ["lora"], "models": ["not-in-models"]}]}, r"grid\[0\].models"),
+    ({"retrieval": {"scoring": "cosine"}}, r"retrieval.scoring"),
+    ({"retrieval": {"scoring": "dense", "encoder": "bm25"}}, r"retrieval.encoder.*dense encoder"),
+    ({"encoder": "minilm", "retrieval": {"encoder": "other/model"}}, r"field 'encoder'"),
+    ({"grid": [{"methods": ["exprag_frozen"], "retrieval": {"scorer": "dense"}}]}, r"grid\[0\].retrieval.scorer"),
+    ({"grid": [{"methods": ["exprag_frozen"], "retrieval": {"scoring": "dense", "encoder": "a/enc"}},
+               {"methods": ["exprag_frozen"], "retrieval": {"scoring": "dense", "encoder": "b/enc"}}]},
+     r"grid\[1\].retrieval.*'dense-enc' would name two retrievers"),
+    ({"hypotheses": [{"id": "H1"}]}, r"hypotheses\[0\].text"),
+    ({"hypotheses": [{"id": "H1", "text": "t", "why": "x"}]}, r"hypotheses\[0\].why"),
 ])
 def test_bad_configs_name_the_field(patch, match):
     with pytest.raises(ExpragError, match=match):
@@ -100,7 +109,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model, monkeypatch):
     assert by["model/exprag_lora-hard-matched-k1-static-s7"]["adapter"].startswith("adapters/model/exprag_lora-s7/")
     assert by["model/no_retrieval-easy-none"]["adapter"] is None
     cell_cfg = json.loads((out / "cells/model/exprag_lora-hard-mismatched-k1-static-s7/config.json").read_text())
-    assert cell_cfg["retrieval"]["bank"].endswith("banks/easy")  # hard tests, easy bank
+    assert cell_cfg["retrieval"]["bank"].endswith("banks/procedure-bm25/easy")  # hard tests, easy bank
     assert "| LoRA | hard | none |" in (out / "results.md").read_text()
 
     training = json.loads((out / "training.json").read_text())
@@ -121,14 +130,37 @@ def test_grid_runs_resumes_and_reports(tmp_path, tiny_model, monkeypatch):
     report = (out / "report.md").read_text()
     assert "ExpRAG-LoRA" in report and (out / "success_by_method.png").stat().st_size > 0
     assert "resumed: 3 invocations" in report  # killed, resumed, rerun: each start recorded
+    assert "- retriever: procedure-weighted lexical (no dense model)" in report
+    assert "| ExpRAG-LoRA vs LoRA | hard | 4 |" in report  # same seed, the 4 hard tasks paired
 
 
-@pytest.mark.parametrize("name,cells", [("small-cpu", 16), ("paper-alfworld", 62), ("paper-scienceworld", 36)])
+@pytest.mark.parametrize("name,cells", [("small-cpu", 16), ("paper-alfworld", 78), ("paper-scienceworld", 48)])
 def test_shipped_configs_load(name, cells):
-    from exprag.experiment import load_experiment_config
+    from exprag.experiment import RetrieverSpec, load_experiment_config
 
     cfg = load_experiment_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
     assert len(expand(cfg)) == cells
+    if name.startswith("paper-"):  # the paper's dense retriever, MiniLM only as a labelled fallback
+        assert cfg.retriever == RetrieverSpec("dense", "Qwen/Qwen3-Embedding-0.6B", "minilm")
+        assert "mistralai/Ministral-3-8B-Instruct-2512-BF16" in cfg.models
+        extra = [c for c in expand(cfg) if c.retriever]
+        assert extra and {c.retriever for c in extra} == {"procedure-Qwen3-Embedding-0.6B"}
+    else:
+        assert cfg.retriever.legacy  # banks stay where experiments made before retriever choice put them
+
+
+def test_block_retriever_adds_labelled_cells():
+    base = {**_grid("m", "x"), "encoder": None, "retrieval": {"scoring": "dense", "encoder": "minilm"}}
+    cfg = experiment_config_from_dict({**base, "grid": [
+        {"methods": ["no_retrieval", "exprag_frozen"], "splits": ["hard"]},
+        {"methods": ["exprag_frozen"], "splits": ["hard"], "retrieval": {"scoring": "procedure"}},
+        {"methods": ["exprag_frozen"], "splits": ["hard"], "retrieval": {"scoring": "dense"}},  # = the default
+        {"methods": ["exprag_frozen"], "splits": ["hard"], "banks": ["empty"], "retrieval": {"scoring": "bm25"}},
+    ]})
+    ids = [c.id for c in expand(cfg)]
+    assert ids == ["m/no_retrieval-hard-none", "m/exprag_frozen-hard-matched-k1-static",
+                   "m/exprag_frozen-hard-matched-k1-static-procedure-minilm",
+                   "m/exprag_frozen-hard-empty"]  # an empty bank retrieves nothing: no retriever, no new cell
 
 
 def test_cli_lists_the_grid(capsys):
@@ -137,3 +169,62 @@ def test_cli_lists_the_grid(capsys):
     assert main(["experiment", str(Path(__file__).parent.parent / "configs" / "small-cpu.yaml"), "--list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m/exprag_lora-hard-empty-s2025" in out and "16 cells" in out
+    assert "retriever (unlabelled cells): procedure scoring, encoder minilm" in out
+
+
+def test_grid_with_two_retrievers_and_encoder_fallback(tmp_path, tiny_model):
+    """Frozen methods only: the paper's dense retriever (its encoder is not in the offline cache, so the
+    config's MiniLM fallback is used and labelled) beside a block with procedure scoring."""
+    out = tmp_path / "exp"
+    cfg = experiment_config_from_dict({
+        "name": "retr", "env": "twx", "models": [tiny_model], "out": str(out), "main_k": 1,
+        "retrieval": {"scoring": "dense", "encoder": "Qwen/Qwen3-Embedding-0.6B", "encoder_fallback": "minilm"},
+        "data": {"train_per_type": 1, "test_per_type": 1},
+        "eval": {"max_steps": 2, "max_new_tokens": 4, "batch_size": 4},
+        "hypotheses": [{"id": "H1", "text": "retrieval helps the frozen model",
+                        "comparison": "exprag_frozen vs no_retrieval, hard"}],
+        "grid": [{"methods": ["no_retrieval", "exprag_frozen"], "splits": ["hard"]},
+                 {"methods": ["exprag_frozen"], "splits": ["hard"], "retrieval": {"scoring": "procedure",
+                                                                                  "encoder": "minilm"}}],
+    })
+    res = run_experiment(cfg, command="pytest")
+    by = {r["cell"]: r for r in res.rows}
+    assert sorted(by) == ["model/exprag_frozen-hard-matched-k1-static",
+                          "model/exprag_frozen-hard-matched-k1-static-procedure-minilm", "model/no_retrieval-hard-none"]
+    dense = by["model/exprag_frozen-hard-matched-k1-static"]
+    proc = by["model/exprag_frozen-hard-matched-k1-static-procedure-minilm"]
+    assert dense["retriever_info"]["fallback"] and dense["retriever_info"]["encoder_used"] == "minilm"
+    assert proc["retriever_info"] == {"key": "procedure-minilm", "scoring": "procedure", "encoder": "minilm",
+                                      "encoder_used": "minilm", "fallback": False, "fallback_reason": None}
+    assert by["model/no_retrieval-hard-none"]["retriever_info"] is None
+    assert all(len(r["episodes"]) == r["n"] == 4 for r in res.rows)  # 4 TWX hard types, 1 task each
+    # Each retriever has its own banks, built with its scoring; the fallback is in the bank's manifest.
+    cell_cfg = json.loads((out / "cells" / proc["cell"] / "config.json").read_text())
+    assert cell_cfg["retrieval"]["bank"] == str(out / "banks" / "procedure-minilm" / "hard")
+    m_dense = json.loads((out / "banks/dense-Qwen3-Embedding-0.6B/hard/manifest.json").read_text())
+    m_proc = json.loads((out / "banks/procedure-minilm/hard/manifest.json").read_text())
+    assert (m_dense["retrieval"]["scoring"], m_dense["encoder"]["name"]) == ("dense", "minilm")
+    assert "Qwen/Qwen3-Embedding-0.6B" in m_dense["experiment"]["fallback_reason"]
+    assert m_proc["retrieval"]["scoring"] == "procedure" and not (out / "banks/procedure-minilm/easy").exists()
+    info = json.loads((out / "experiment.json").read_text())
+    assert info["retrievers"]["default"]["fallback"] and "procedure-minilm" in info["retrievers"]
+
+    again = run_experiment(cfg, command="pytest")  # the fallback sticks: same banks, every cell reused
+    assert again.cells_reused == 3 and again.rows[1]["retriever_info"] == res.rows[1]["retriever_info"]
+
+    from exprag.report import write_report
+
+    md = write_report([out], out).report.read_text()
+    assert "- retriever: dense dot product over minilm (FALLBACK: Qwen/Qwen3-Embedding-0.6B could not be loaded)" in md
+    assert "- retriever [procedure-minilm]: procedure-weighted lexical + dense over minilm" in md
+    assert "| ExpRAG, frozen model [procedure-minilm] | – / " in md
+    assert "  - H1: retrieval helps the frozen model (comparison: exprag_frozen vs no_retrieval, hard)" in md
+    paired = md[md.index("## Paired comparisons"):]
+    assert "| ExpRAG, frozen model vs No retrieval, frozen model | hard | 4 |" in paired
+
+
+def test_experiment_scorings_are_the_banks():
+    from exprag.bank.scoring import SCORINGS
+    from exprag.experiment import _SCORINGS
+
+    assert set(_SCORINGS) == set(SCORINGS)  # the config check keeps its own list to avoid loading numpy

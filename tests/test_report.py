@@ -255,3 +255,101 @@ def test_cli(tmp_path, capsys):
     assert main(["report", str(b)]) == 2
     _, err = capsys.readouterr()
     assert f"{b / 'results.jsonl'}:1: field 'model' missing" in err and err.count("\n") == 1
+
+
+# ---- paired statistics, retrievers, hypotheses --------------------------------------------------
+
+@pytest.mark.parametrize("b, c, p", [(1, 9, 0.021484375), (9, 1, 0.021484375), (0, 0, 1.0), (0, 1, 1.0),
+                                     (3, 3, 1.0), (9, 0, 0.00390625), (0, 5, 0.0625), (2, 10, 0.0385742187)])
+def test_mcnemar_exact_on_known_tables(b, c, p):
+    from exprag.report import mcnemar_p
+
+    assert mcnemar_p(b, c) == pytest.approx(p, abs=1e-10)
+    scipy_stats = pytest.importorskip("scipy.stats")  # the same test by scipy's exact binomial, when installed
+    if b + c:
+        assert mcnemar_p(b, c) == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+
+
+def outcomes(row_, wins, tasks):
+    """``row_`` with per-episode outcomes: the tasks in ``wins`` succeeded, the other ``tasks`` failed."""
+    row_["episodes"] = {t: t in wins for t in tasks}
+    return row_
+
+
+T12 = [f"t{i}" for i in range(12)]
+PAIRED_ROWS = [
+    # ExpRAG-LoRA vs LoRA, hard, seed 0: A wins t1..t9 (b = 9), B wins t0 only (c = 1), t10/t11 both fail.
+    outcomes(row(M, "exprag_lora", "hard", 9, 12, seed=0), T12[1:10], T12),
+    outcomes(row(M, "lora", "hard", 1, 12, bank="none", k=None, mode=None, seed=0), {"t0"}, T12),
+    # Seed 1 of LoRA has no ExpRAG-LoRA partner: it must not be paired with seed 0.
+    outcomes(row(M, "lora", "hard", 12, 12, bank="none", k=None, mode=None, seed=1), T12, T12),
+    # LoRA + retrieval ran 6 of the 12 tasks: 6 pairs, the missing ones reported.
+    outcomes(row(M, "lora_retrieval", "hard", 1, 6, seed=0), {"t5"}, T12[:6]),
+    # Empty bank: every episode fails; matched vs empty -> b = 9, c = 0.
+    outcomes(row(M, "exprag_lora", "hard", 0, 12, bank="empty", k=None, mode=None, seed=0), set(), T12),
+    # Frozen, easy: both fail everywhere (b = c = 0, p = 1).
+    outcomes(row(M, "no_retrieval", "easy", 0, 4, bank="none", k=None, mode=None), set(), T12[:4]),
+    outcomes(row(M, "exprag_frozen", "easy", 0, 4), set(), T12[:4]),
+    # Frozen, hard: rows from before rows carried outcomes; the cells' own episode files give them.
+    dict(row(M, "no_retrieval", "hard", 0, 4, bank="none", k=None, mode=None), run_dir="cells/nr"),
+    dict(row(M, "exprag_frozen", "hard", 2, 4), run_dir="cells/ef"),
+    # ExpRAG-LoRA vs LoRA, easy: no outcomes anywhere (the cell directories are gone): 0 pairs, no test.
+    row(M, "exprag_lora", "easy", 2, 4, seed=0),
+    row(M, "lora", "easy", 1, 4, bank="none", k=None, mode=None, seed=0),
+]
+
+
+def cell_dir(run, name, wins, tasks):
+    """A cell's episode file, as `exprag eval` writes it."""
+    (run / "cells" / name).mkdir(parents=True)
+    (run / "cells" / name / "results.jsonl").write_text("".join(
+        json.dumps({"task_id": t, "task_type": "pick", "success": t in wins, "reward": 0.0}) + "\n" for t in tasks))
+
+
+def test_paired_section_counts_and_p_values(tmp_path):
+    run = make_run(tmp_path / "r", "paired", [M], PAIRED_ROWS)
+    cell_dir(run, "nr", set(), T12[:4])
+    cell_dir(run, "ef", {"t0", "t3"}, T12[:4])
+    md = write_report([run], run).report.read_text()
+    rows = table(section(md, "## Paired comparisons"))
+    assert rows[0] == ["model", "A vs B", "split", "pairs", "b (A only)", "c (B only)", "McNemar p",
+                       "A % [95% CI]", "B % [95% CI]"]
+    got = {(r[1], r[2]): r[3:] for r in rows[1:]}
+    lo, hi = wilson(9, 12)
+    # LoRA's seed-1 episodes have no partner: 12 pairs of 12 / 24 episodes.
+    assert got["ExpRAG-LoRA vs LoRA", "hard"][:4] == ["12 (of 12 / 24)", "9", "1", "0.0215"]
+    assert got["ExpRAG-LoRA vs LoRA", "hard"][4] == f"75.0 (9/12) [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert got["LoRA, retrieval at inference only vs LoRA", "hard"][:4] == ["6 (of 6 / 24)", "1", "1", "1.0000"]
+    assert got["ExpRAG-LoRA: matched vs empty bank", "hard"][:4] == ["12", "9", "0", "0.0039"]
+    assert got["ExpRAG, frozen model vs No retrieval, frozen model", "easy"][:4] == ["4", "0", "0", "1.0000"]
+    assert got["ExpRAG, frozen model vs No retrieval, frozen model", "hard"][:4] == ["4", "2", "0", "0.5000"]
+    assert got["ExpRAG-LoRA vs LoRA", "easy"] == ["0", "–", "–", "–", "–", "–"]
+    assert ("LoRA, retrieval at inference only vs LoRA", "easy") not in got  # a side is missing: no row
+
+
+def test_retrievers_labelled_and_hypotheses_in_header(tmp_path):
+    dense = {"key": "dense-Qwen3-Embedding-0.6B", "scoring": "dense", "encoder": "Qwen/Qwen3-Embedding-0.6B",
+             "encoder_used": "minilm", "fallback": True}
+    proc = {"key": "procedure-minilm", "scoring": "procedure", "encoder": "minilm", "encoder_used": "minilm",
+            "fallback": False}
+    rows = [dict(row(M, "exprag_frozen", "hard", 1, 4), retriever=None, retriever_info=dense),
+            dict(row(M, "exprag_frozen", "hard", 3, 4), cell="x-proc", retriever="procedure-minilm",
+                 retriever_info=proc),
+            row(M, "no_retrieval", "hard", 0, 4, bank="none", k=None, mode=None)]
+    run = make_run(tmp_path / "r", "retr", [M], rows)
+    meta = json.loads((run / "experiment.json").read_text())
+    meta["config"]["hypotheses"] = [{"id": "H1", "text": "retrieval helps",
+                                     "comparison": "exprag_frozen vs no_retrieval"}]
+    (run / "experiment.json").write_text(json.dumps(meta))
+    md = write_report([run], run).report.read_text()
+    head = section(md, "## Experiments")
+    assert ("- retriever: dense dot product over minilm (FALLBACK: Qwen/Qwen3-Embedding-0.6B could not be "
+            "loaded)") in head
+    assert "- retriever [procedure-minilm]: procedure-weighted lexical + dense over minilm" in head
+    assert "  - H1: retrieval helps (comparison: exprag_frozen vs no_retrieval)" in head
+    t = by_label(table(section(md, "## Success rate")))
+    assert t["ExpRAG, frozen model"] == ["– / 25.0 (1/4)"]  # the two retrievers are not pooled
+    assert t["ExpRAG, frozen model [procedure-minilm]"] == ["– / 75.0 (3/4)"]
+    # Rows from before retrievers were recorded say so.
+    old = make_run(tmp_path / "old", "old", [M], FULL_ROWS[:2])
+    assert "- retriever: not recorded" in write_report([old], old).report.read_text()

@@ -4,10 +4,11 @@ An experiment directory holds, each stage reused when it is already there::
 
     experiment.json   the resolved config, the command, commit, machine, and time spent per stage
     data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss)
-    banks/            easy, hard and all (easy + hard) train banks
+    banks/            easy, hard and all (easy + hard) train banks, per retriever (see RetrieverSettings)
     adapters/         one LoRA and one ExpRAG-LoRA adapter per (model, seed), each trained once
     cells/            one evaluation run (exprag.evaluate) per cell: model x method x split x bank x K x mode x seed
-    results.jsonl     one row per finished cell (rewritten atomically after every cell); results.md: the table
+    results.jsonl     one row per finished cell (rewritten atomically after every cell), with the retriever
+                      it used and its per-episode outcomes (paired statistics); results.md: the table
     training.json     per adapter: loss and rollout success by epoch
 
 A killed run resumes where it stopped: finished cells are not rerun, a half-finished cell resumes
@@ -39,6 +40,41 @@ Log = Callable[[str], None]
 _RUNNER_TRAIN_FIELDS = ("trajectories", "val_trajectories", "model", "out", "seed", "retrieval")
 # Eval fields that may differ between a finished cell and its rerun without changing the measurement.
 _CELL_RESUMABLE = {"out", "batch_size"}
+_SCORINGS = ("procedure", "dense", "bm25")  # exprag.bank.scoring.SCORINGS (not imported: it loads numpy)
+_MINILM, _BM25 = "minilm", "bm25"
+
+
+@dataclass
+class RetrieverSettings:
+    """How the experiment's banks score trajectories against a query (exprag.bank.scoring).
+
+    ``procedure``: exprag's procedure-weighted lexical score (+ a small dense term); ``dense``: the
+    paper's dot product of normalised sentence embeddings; ``bm25``: plain BM25 (no model). ``encoder``
+    is ``minilm`` (bundled), ``bm25``, or a sentence-transformers id / local directory. When it cannot
+    be loaded (offline, not cached) the experiment fails, unless ``encoder_fallback`` names an encoder
+    to use instead; the fallback is then recorded in the bank, every cell's row and the report."""
+
+    scoring: str = "procedure"
+    encoder: str | None = None  # None = the experiment's top-level `encoder` (minilm when unset)
+    encoder_fallback: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrieverSpec:
+    """A resolved retriever; ``key`` names its banks and, for a grid block's override, its cells."""
+
+    scoring: str
+    encoder: str
+    fallback: str | None = None
+
+    @property
+    def key(self) -> str:
+        return _BM25 if self.scoring == _BM25 else f"{self.scoring}-{slug(self.encoder)}"
+
+    @property
+    def legacy(self) -> bool:
+        """The retriever of experiments made before configs chose one (see bank_dir)."""
+        return (self.scoring, self.encoder, self.fallback) == ("procedure", _MINILM, None)
 
 
 @dataclass
@@ -71,6 +107,9 @@ class GridBlock:
     k: list[int] | None = None  # None = [main_k]
     modes: list[str] = field(default_factory=lambda: ["static"])
     models: list[str] | None = None  # None = every model of the experiment
+    # Fields of RetrieverSettings that this block's retrieving cells change (e.g. {scoring: procedure}):
+    # they become extra cells, labelled with the retriever's key, beside the experiment's retriever.
+    retrieval: dict[str, Any] | None = None
 
 
 @dataclass
@@ -79,7 +118,8 @@ class ExperimentConfig:
     env: str = "alfworld"
     env_args: dict[str, Any] = field(default_factory=dict)
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    encoder: str = "minilm"
+    encoder: str | None = None  # shorthand for retrieval.encoder
+    retrieval: RetrieverSettings = field(default_factory=RetrieverSettings)
     out: str | None = None  # None = runs/experiments/<name>
     seeds: list[int] = field(default_factory=lambda: [2025])
     main_k: int = 2  # K of the main table and of ExpRAG-LoRA's training memory (SPEC §5)
@@ -87,10 +127,22 @@ class ExperimentConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (epochs, lr, lora, selection...)
     grid: list[Any] = field(default_factory=list)  # GridBlock mappings
+    # Pre-registered hypotheses, printed in the report header: [{id, text, comparison}], free-form.
+    hypotheses: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/experiments/{self.name}")
+
+    @property
+    def retriever(self) -> RetrieverSpec:
+        """The experiment's retriever: main cells, and ExpRAG-LoRA's training memory."""
+        return _spec(self.retrieval, self.encoder)
+
+    def block_retriever(self, block: GridBlock) -> RetrieverSpec:
+        if not block.retrieval:
+            return self.retriever
+        return _spec(dataclasses.replace(self.retrieval, **block.retrieval), self.encoder)
 
 
 @dataclass(frozen=True)
@@ -102,12 +154,15 @@ class Cell:
     k: int | None
     mode: str | None
     seed: int | None  # None for the frozen model (greedy decoding: nothing random)
+    retriever: str | None = None  # a grid block's retriever key; None = the experiment's retriever
 
     @property
     def id(self) -> str:
         parts = [self.method, self.split, self.bank]
         if self.k is not None:
             parts += [f"k{self.k}", str(self.mode)]
+        if self.retriever is not None:
+            parts.append(self.retriever)
         if self.seed is not None:
             parts.append(f"s{self.seed}")
         return f"{slug(self.model)}/{'-'.join(parts)}"
@@ -128,6 +183,13 @@ class ExperimentResult:
 def slug(model: str) -> str:
     """A directory-safe name for a model id or path."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1]) or "model"
+
+
+def _spec(r: RetrieverSettings, shorthand: str | None) -> RetrieverSpec:
+    encoder = r.encoder or shorthand or _MINILM
+    if r.scoring == _BM25:  # no model: the encoder and its fallback do not apply
+        return RetrieverSpec(_BM25, _BM25)
+    return RetrieverSpec(r.scoring, encoder, r.encoder_fallback if r.encoder_fallback != encoder else None)
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -165,6 +227,8 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
         stray = [m for m in b.models or [] if m not in cfg.models]
         if stray:
             raise bad(f"grid[{i}].models", f"{stray[0]!r} is not in the experiment's models")
+    _check_retrievers(cfg, bad)
+    _check_hypotheses(cfg.hypotheses, bad)
     owned = [k for k in _RUNNER_TRAIN_FIELDS if k in cfg.train]
     if owned:
         raise bad(f"train.{owned[0]}", "is set by the experiment (data, models, seeds, main_k and eval set it)")
@@ -178,10 +242,62 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
     return cfg
 
 
+def _check_retrievers(cfg: ExperimentConfig, bad: Callable[[str, str], DataFormatError]) -> None:
+    if not isinstance(cfg.retrieval, RetrieverSettings):
+        raise bad("retrieval", "a mapping: {scoring, encoder, encoder_fallback}")
+    if cfg.encoder is not None and cfg.retrieval.encoder not in (None, cfg.encoder):
+        raise bad("encoder", f"{cfg.encoder!r} differs from retrieval.encoder {cfg.retrieval.encoder!r}; set one")
+    blocks = [("retrieval", None)] + [(f"grid[{i}].retrieval", b) for i, b in enumerate(cfg.grid)]
+    seen: dict[str, RetrieverSpec] = {}
+    for name, b in blocks:
+        if b is not None and b.retrieval is not None:
+            if not isinstance(b.retrieval, dict):
+                raise bad(name, "a mapping of retrieval fields (scoring, encoder, encoder_fallback)")
+            unknown = set(b.retrieval) - {f.name for f in dataclasses.fields(RetrieverSettings)}
+            if unknown:
+                raise bad(f"{name}.{sorted(unknown)[0]}", "unknown; choose from scoring, encoder, encoder_fallback")
+        r = cfg.retrieval if b is None else dataclasses.replace(cfg.retrieval, **(b.retrieval or {}))
+        for f in ("scoring", "encoder", "encoder_fallback"):
+            if getattr(r, f) is not None and (not isinstance(getattr(r, f), str) or not getattr(r, f)):
+                raise bad(f"{name}.{f}", "a non-empty string")
+        if r.scoring not in _SCORINGS:
+            raise bad(f"{name}.scoring", f"{r.scoring!r}; choose from {', '.join(_SCORINGS)}")
+        spec = cfg.retriever if b is None else cfg.block_retriever(b)
+        if spec.scoring == "dense" and _BM25 in (spec.encoder, spec.fallback):
+            raise bad(f"{name}.encoder", "dense scoring needs a dense encoder (minilm or a sentence-transformers id)")
+        if spec.fallback == _BM25:
+            raise bad(f"{name}.encoder_fallback", "a dense encoder (e.g. minilm), which bm25 is not")
+        if seen.setdefault(spec.key, spec) != spec:
+            raise bad(name, f"retriever key {spec.key!r} would name two retrievers ({seen[spec.key]} and {spec}): "
+                            "two encoders with the same final name, or one encoder with two fallbacks")
+
+
+def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> None:
+    if not isinstance(hyps, list):
+        raise bad("hypotheses", "a list of {id, text, comparison}")
+    ids = set()
+    for i, h in enumerate(hyps):
+        if not isinstance(h, dict):
+            raise bad(f"hypotheses[{i}]", "a mapping {id, text, comparison}")
+        for f in h:
+            if f not in ("id", "text", "comparison"):
+                raise bad(f"hypotheses[{i}].{f}", "unknown; choose from id, text, comparison")
+        for f in ("id", "text"):
+            if not isinstance(h.get(f), str) or not h[f].strip():
+                raise bad(f"hypotheses[{i}].{f}", "a non-empty string")
+        if h.get("comparison") is not None and not isinstance(h["comparison"], str):
+            raise bad(f"hypotheses[{i}].comparison", "a string")
+        if h["id"] in ids:
+            raise bad(f"hypotheses[{i}].id", f"{h['id']!r} is used twice")
+        ids.add(h["id"])
+
+
 def expand(cfg: ExperimentConfig) -> list[Cell]:
     """The grid's cells, deduplicated, ordered so that each (model, adapter) is loaded once."""
     cells: dict[Cell, None] = {}
     for b in cfg.grid:
+        spec = cfg.block_retriever(b)
+        retriever = None if spec == cfg.retriever else spec.key
         for model in b.models or cfg.models:
             for method in b.methods:
                 m = METHODS[method]
@@ -191,11 +307,23 @@ def expand(cfg: ExperimentConfig) -> list[Cell]:
                         for k in (b.k or [cfg.main_k]) if retrieves else [None]:
                             for mode in b.modes if retrieves else [None]:
                                 for seed in cfg.seeds if m.adapter else [None]:
-                                    cells[Cell(model, method, split, bank, k, mode, seed)] = None
+                                    r = retriever if retrieves else None  # no memory: no retriever
+                                    cells[Cell(model, method, split, bank, k, mode, seed, r)] = None
     order = {name: i for i, name in enumerate(METHODS)}
     return sorted(cells, key=lambda c: (cfg.models.index(c.model), METHODS[c.method].adapter or "",
                                         c.seed or 0, order[c.method], SPLITS.index(c.split),
-                                        BANKS.index(c.bank) if c.bank in BANKS else -1, c.k or 0, c.mode or ""))
+                                        BANKS.index(c.bank) if c.bank in BANKS else -1, c.k or 0, c.mode or "",
+                                        c.retriever or ""))
+
+
+def retrievers(cfg: ExperimentConfig) -> dict[str | None, RetrieverSpec]:
+    """The experiment's retriever (key None) and each grid block's other retriever, by cell key."""
+    found: dict[str | None, RetrieverSpec] = {None: cfg.retriever}
+    for b in cfg.grid:
+        spec = cfg.block_retriever(b)
+        if spec != cfg.retriever:
+            found[spec.key] = spec
+    return found
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -223,11 +351,13 @@ def run_experiment(cfg: ExperimentConfig, *, command: str = "", progress: bool =
                               if METHODS[c.method].adapter}, key=lambda a: (cfg.models.index(a[0]), a[1], a[2]))
     say(f"experiment {cfg.name}: {len(cells)} cells, {len(adapters_needed)} adapters -> {out}")
     data = timed("data_s", lambda: _ensure_data(cfg, out, adapters_needed, progress, say))
-    banks = timed("banks_s", lambda: _ensure_banks(cfg, out, data, say))
+    banks, used = timed("banks_s", lambda: _ensure_banks(cfg, out, data, cells, say))
+    info["retrievers"] = {"default" if k is None else k: v for k, v in used.items()}
+    _save_info(out, info, t0)
     adapters: dict[tuple[str, str, int], Path] = {}
     for model, kind, seed in adapters_needed:
         adapters[(model, kind, seed)] = timed(
-            "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks, progress, say))
+            "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks[None], progress, say))
     _write_training_summary(out, cfg, adapters_needed)
 
     rows: dict[Cell, dict[str, Any]] = {}
@@ -248,7 +378,7 @@ def run_experiment(cfg: ExperimentConfig, *, command: str = "", progress: bool =
             run += 1
         else:
             reused += 1
-        rows[cell] = _row(cfg, out, cell, ecfg, done)
+        rows[cell] = _row(cfg, out, cell, ecfg, done, used.get(cell.retriever) if cell.retrieves else None)
         _write_results(out, [rows[c] for c in cells if c in rows])
         if on_cell:
             on_cell(rows[cell])
@@ -288,14 +418,18 @@ def _finished_cell(cell_dir: Path, ecfg: EvalConfig) -> dict[str, Any] | None:
     return done
 
 
-def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[str, Path],
+def _bank_name(cell: Cell) -> str:
+    """The train bank (easy | hard | all) a retrieving cell reads."""
+    other = {"easy": "hard", "hard": "easy"}[cell.split]
+    return {"matched": cell.split, "mismatched": other, "all": "all"}[cell.bank]
+
+
+def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[str | None, dict[str, Path]],
                       adapter: Path | None) -> EvalConfig:
     e = cfg.eval
     retrieval = RetrievalConfig()
     if cell.retrieves:
-        other = {"easy": "hard", "hard": "easy"}[cell.split]
-        name = {"matched": cell.split, "mismatched": other, "all": "all"}[cell.bank]
-        retrieval = RetrievalConfig(bank=str(banks[name]), k=cell.k, mode=cell.mode,
+        retrieval = RetrievalConfig(bank=str(banks[cell.retriever][_bank_name(cell)]), k=cell.k, mode=cell.mode,
                                     memory_format=e.memory_format, token_budget=e.token_budget)
     return EvalConfig(
         env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cell.split,
@@ -306,10 +440,11 @@ def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[
     )
 
 
-def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: dict[str, Any]) -> dict[str, Any]:
+def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: dict[str, Any],
+         retriever: dict[str, Any] | None) -> dict[str, Any]:
     m = done["metrics"]
     row = {"cell": cell.id, **dataclasses.asdict(cell), "method_label": METHODS[cell.method].label,
-           "env": cfg.env, "adapter": _rel(ecfg.adapter, out)}
+           "env": cfg.env, "adapter": _rel(ecfg.adapter, out), "retriever_info": retriever}
     for key in ("n", "successes", "success_rate", "ci95", "mean_steps", "tokens_per_s",
                 "unparsable_rate", "valid_action_rate"):
         if key in m:
@@ -317,7 +452,17 @@ def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: d
     row["per_type"] = {t: {k: b[k] for k in ("n", "successes", "success_rate", "ci95", "mean_steps")}
                        for t, b in m.get("per_type", {}).items()}
     row["run_dir"] = _rel(ecfg.out, out)
+    row["episodes"] = _episodes(Path(ecfg.out), m.get("n"))
     return row
+
+
+def _episodes(cell_dir: Path, n: int | None) -> dict[str, bool] | None:
+    """Success per task id, so that the report can pair episodes across methods (McNemar); None when
+    the cell's episode file does not hold exactly the cell's ``n`` episodes."""
+    from exprag.evaluate import read_results
+
+    got = {str(r["task_id"]): bool(r["success"]) for r in read_results(cell_dir / "results.jsonl")}
+    return got if len(got) == n else None
 
 
 def _rel(path: str | Path | None, base: Path) -> str | None:
@@ -337,8 +482,9 @@ def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         lo, hi = r["ci95"]
         va = r.get("valid_action_rate")
+        label = r["method_label"] + (f" [{r['retriever']}]" if r.get("retriever") else "")
         body.append(
-            f"| {r['model']} | {r['method_label']} | {r['split']} | {r['bank']} | {r['k'] or '–'} | "
+            f"| {r['model']} | {label} | {r['split']} | {r['bank']} | {r['k'] or '–'} | "
             f"{r['mode'] or '–'} | {r['seed'] if r['seed'] is not None else '–'} | "
             f"{100 * r['success_rate']:.1f}% ({r['successes']}/{r['n']}) | {100 * lo:.1f}–{100 * hi:.1f} | "
             f"{r['mean_steps']} | {'–' if va is None else f'{100 * va:.1f}%'} |")
@@ -375,7 +521,20 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
     return paths
 
 
-def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], say: Log) -> dict[str, Path]:
+def bank_dir(out: Path, key: str | None, spec: RetrieverSpec, name: str) -> Path:
+    """banks/<retriever key>/<name>; the experiment's retriever, when it is the one experiments used
+    before configs chose (procedure over minilm), keeps banks/<name> so that their runs still resume."""
+    return out / "banks" / name if key is None and spec.legacy else out / "banks" / spec.key / name
+
+
+def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], cells: list[Cell], say: Log
+                  ) -> tuple[dict[str | None, dict[str, Path]], dict[str | None, dict[str, Any]]]:
+    """The banks of every retriever, each built once: ``{retriever key: {easy|hard|all: path}}``, and
+    what each retriever really used (``{key: provenance}``, the encoder fallback included).
+
+    The experiment's retriever gets all three banks (ExpRAG-LoRA trains and selects with them); a grid
+    block's retriever only those its cells read. A bank built with the fallback encoder stays so (its
+    cells were measured with it): delete its directory to rebuild with the requested encoder."""
     from exprag.bank import build_bank
     from exprag.bank.store import read_manifest
     from exprag.errors import BankError
@@ -384,20 +543,65 @@ def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], say: 
 
     sources = {"easy": [data["train-easy"]], "hard": [data["train-hard"]],
                "all": [data["train-easy"], data["train-hard"]]}
-    banks = {}
-    for name, files in sources.items():
-        path = out / "banks" / name
-        want = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
-        try:
-            manifest = read_manifest(path)
-            fresh = manifest.get("inputs") == want and manifest["encoder"]["name"] == cfg.encoder
-        except BankError:
-            fresh = False
-        if not fresh:
-            bank = build_bank(read_jsonl(*files), path, cfg.encoder, sources=files)
-            say(f"bank {name}: {len(bank.trajectories)} trajectories -> {path}")
-        banks[name] = path
-    return banks
+    specs = retrievers(cfg)
+    needed = {key: set(sources) if key is None else {_bank_name(c) for c in cells if c.retrieves and c.retriever == key}
+              for key in specs}
+    banks: dict[str | None, dict[str, Path]] = {}
+    used: dict[str | None, dict[str, Any]] = {}
+    for key, spec in specs.items():
+        if not needed[key]:
+            continue
+        encoder, why = None, None  # the encoder this retriever builds with, decided at its first build
+        banks[key] = {}
+        for name in sorted(needed[key], key=list(sources).index):
+            files, path = sources[name], bank_dir(out, key, spec, name)
+            want = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
+            try:
+                manifest = read_manifest(path)
+                got = manifest["encoder"]["name"]
+                fresh = (manifest.get("inputs") == want and got in (spec.encoder, spec.fallback)
+                         and (manifest.get("retrieval") or {}).get("scoring", "dense") == spec.scoring
+                         and encoder in (None, got))
+            except (BankError, KeyError, TypeError):
+                fresh = False
+            if fresh:
+                encoder = got
+                why = why or (manifest.get("experiment") or {}).get("fallback_reason")
+            else:
+                if encoder is None:
+                    encoder, why = _usable_encoder(spec)
+                bank = build_bank(read_jsonl(*files), path, encoder, sources=files, retrieval=spec.scoring)
+                if why:
+                    _note_fallback(path, spec, why)
+                say(f"bank {name} ({spec.scoring}, {encoder}"
+                    + (f", fallback for {spec.encoder}" if why else "") + f"): {len(bank.trajectories)} "
+                    f"trajectories -> {path}")
+            banks[key][name] = path
+        used[key] = {"key": spec.key, "scoring": spec.scoring, "encoder": spec.encoder, "encoder_used": encoder,
+                     "fallback": encoder != spec.encoder, "fallback_reason": why if encoder != spec.encoder else None}
+    return banks, used
+
+
+def _usable_encoder(spec: RetrieverSpec) -> tuple[str, str | None]:
+    """``(encoder, None)`` when the retriever's encoder loads; ``(fallback, why)`` when it does not and
+    the config allows a fallback. Without a fallback the bank build itself raises, naming the encoder."""
+    if spec.fallback is None or spec.encoder in (_MINILM, _BM25):
+        return spec.encoder, None
+    from exprag.bank.encoders import make_encoder
+    from exprag.errors import BankError
+
+    try:
+        make_encoder(spec.encoder).model  # the dense model loads here (offline unless HF_HUB_OFFLINE=0)
+        return spec.encoder, None
+    except BankError as e:
+        return spec.fallback, str(e)
+
+
+def _note_fallback(path: Path, spec: RetrieverSpec, why: str) -> None:
+    """Record in the bank's manifest that it was built with the fallback encoder, and why."""
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    manifest["experiment"] = {"requested_encoder": spec.encoder, "fallback_reason": why}
+    atomic_write_json(path / "manifest.json", manifest)
 
 
 def adapter_dir(out: Path, model: str, kind: str, seed: int) -> Path:

@@ -7,6 +7,10 @@ or more experiment run directories::
 
 Cells of several run directories are merged (models become columns); seeds of a cell are pooled by
 summing counts, and every interval is a Wilson interval recomputed from the pooled counts.
+
+Every method is evaluated on the same tasks, so the comparisons that matter are also tested paired:
+episodes are matched by (model, seed, split, task id) and an exact McNemar test is run on the
+discordant pairs (see ``mcnemar_p``).
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import math
 import os
 import textwrap
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from exprag.errors import DataFormatError
-from exprag.evaluate import wilson
+from exprag.evaluate import read_results, wilson
 from exprag.io import atomic_write_text, iter_json_lines
 from exprag.methods import BANKS, METHODS, SPLITS
 
@@ -48,6 +52,9 @@ class Cell:
     main_k: int  # the K of its experiment's main grid
     steps: float = 0.0  # episode steps in all (n x mean steps): the weight of the valid-action rate
     valid_action_rate: float | None = None  # share of steps whose action the env accepted
+    retriever: str | None = None  # a grid block's own retriever (its key); None = the experiment's
+    retriever_info: dict[str, Any] | None = None  # scoring, encoder (requested / used), fallback
+    episodes: dict[str, bool] | None = None  # success per task id; None in rows that predate it
 
 
 @dataclass
@@ -165,15 +172,33 @@ def _read_cell(obj: Any, where: str, main_k: int) -> tuple[str, Cell]:
     valid = obj.get("valid_action_rate")
     steps = n * mean_steps if isinstance(mean_steps, (int, float)) else 0.0
     valid = float(valid) if isinstance(valid, (int, float)) and not isinstance(valid, bool) else None
-    return cell_id, Cell(model, method, split, bank, k, mode, seed, n, successes, per_type, main_k, steps, valid)
+    retriever = _get(obj, "retriever", where, str, nullable=True) if "retriever" in obj else None
+    info = _get(obj, "retriever_info", where, dict, nullable=True) if "retriever_info" in obj else None
+    episodes = _get(obj, "episodes", where, dict, nullable=True) if "episodes" in obj else None
+    for task, ok in (episodes or {}).items():
+        if not isinstance(ok, bool):
+            raise DataFormatError(f"{where}: field 'episodes.{task}' must be true or false, got {ok!r}")
+    return cell_id, Cell(model, method, split, bank, k, mode, seed, n, successes, per_type, main_k, steps, valid,
+                         retriever, info, episodes)
 
 
 def _read_cells(path: Path, main_k: int) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for where, obj in iter_json_lines(path):
         cell_id, cell = _read_cell(obj, where, main_k)
+        if cell.episodes is None and isinstance(obj.get("run_dir"), str):
+            cell = replace(cell, episodes=_cell_dir_episodes(path.parent / obj["run_dir"], cell.n))
         cells[cell_id] = cell  # a cell re-evaluated on resume: its last line is its result
     return list(cells.values())
+
+
+def _cell_dir_episodes(cell_dir: Path, n: int) -> dict[str, bool] | None:
+    """Per-episode outcomes of a row written before rows carried them, from its cell's own episode
+    file when the run directory still has it and it holds exactly the row's ``n`` episodes."""
+    rows = read_results(cell_dir / "results.jsonl")
+    got = {str(r["task_id"]): bool(r["success"]) for r in rows
+           if isinstance(r, dict) and "task_id" in r and isinstance(r.get("success"), bool)}
+    return got if len(got) == n and len(rows) == n else None
 
 
 def _read_training(path: Path) -> list[dict[str, Any]]:
@@ -284,8 +309,60 @@ def _header(exp: Experiment) -> list[str]:
         f"- settings: train per type {show(data.get('train_per_type'))}, test per type "
         f"{show(data.get('test_per_type'))}, split {show(data.get('test_split', data.get('split')))}, max steps "
         f"{show(ev.get('max_steps'))}, main K {cfg['main_k']}",
+        *_retriever_lines(exp),
+        *_hypothesis_lines(cfg.get("hypotheses")),
         f"- run directory: {exp.dir}", "",
     ]
+
+
+_SCORING_TEXT = {"dense": "dense dot product", "procedure": "procedure-weighted lexical + dense", "bm25": "BM25"}
+
+
+def _retriever_text(info: dict[str, Any]) -> str:
+    scoring, encoder = info.get("scoring"), info.get("encoder_used") or info.get("encoder")
+    text = _SCORING_TEXT.get(scoring, str(scoring))
+    if scoring == "procedure" and encoder == "bm25":
+        text = "procedure-weighted lexical (no dense model)"
+    elif scoring != "bm25":
+        text += f" over {encoder}"
+    if info.get("fallback"):
+        text += f" (FALLBACK: {info.get('encoder')} could not be loaded)"
+    return text
+
+
+def _retrievers(exp: Experiment) -> dict[str, dict[str, Any]]:
+    """Retriever key ("default" = the experiment's) -> provenance: as the runner recorded it in
+    experiment.json, else as the rows carry it."""
+    found = {k: v for k, v in (exp.meta.get("retrievers") or {}).items() if isinstance(v, dict)}
+    for c in exp.cells:
+        if c.retriever_info:
+            found.setdefault(c.retriever or "default", c.retriever_info)
+    return found
+
+
+def _retriever_lines(exp: Experiment) -> list[str]:
+    found = _retrievers(exp)
+    if not found:
+        enc = exp.meta["config"].get("encoder") or "minilm"
+        return [f"- retriever: not recorded (experiments before retriever choice used procedure scoring over {enc})"]
+    lines = []
+    for key, info in sorted(found.items(), key=lambda kv: kv[0] != "default"):
+        if key == "default":
+            lines.append(f"- retriever: {_retriever_text(info)} (every retrieving cell not labelled otherwise)")
+        else:
+            lines.append(f"- retriever [{key}]: {_retriever_text(info)} (cells labelled [{key}])")
+    return lines
+
+
+def _hypothesis_lines(hyps: Any) -> list[str]:
+    if not isinstance(hyps, list) or not hyps:
+        return []
+    lines = ["- pre-registered hypotheses:"]
+    for h in hyps:
+        if isinstance(h, dict):
+            comp = f" (comparison: {h['comparison']})" if h.get("comparison") else ""
+            lines.append(f"  - {h.get('id', _DASH)}: {h.get('text', '')}{comp}")
+    return lines
 
 
 def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
@@ -298,16 +375,26 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     training = [t for e in exps for t in e.training]
     models = list(dict.fromkeys([*(m for e in exps for m in e.meta["models"]), *(c.model for c in cells)]))
     methods = [m for m in METHODS if any(c.method == m for c in cells)]
+    # Cells of a grid block's own retriever are extra main-table rows, labelled; every other table
+    # reads the experiment's retriever only, so that different retrievers are never pooled.
+    base = [c for c in cells if c.retriever is None]
+    labels = _row_labels(exps, cells)
+    row_keys = [(meth, None) for meth in methods] + sorted(
+        {(c.method, c.retriever) for c in cells if c.retriever is not None},
+        key=lambda mr: (methods.index(mr[0]), mr[1]))
 
-    groups = _grouped(cells, lambda c: (c.model, c.method, c.split), lambda c: c.bank in ("matched", "none"))
+    every = _grouped(cells, lambda c: (c.model, c.method, c.split, c.retriever),
+                     lambda c: c.bank in ("matched", "none"))
+    groups = {(m, x, s): cs for (m, x, s, r), cs in every.items() if r is None}
     main = {kk: _pool(cs) for kk, cs in groups.items()}
     banks: dict[tuple, set[str]] = defaultdict(set)
-    for c in cells:
+    for c in base:
         banks[c.model, c.method, c.split].add(c.bank)
     robust_keys = {(m, x) for (m, x, _), b in banks.items() if len(b) > 1}
-    robust = {kk: _pool(cs) for kk, cs in _grouped(cells, lambda c: (c.model, c.method, c.bank, c.split),
-                                                   lambda c: (c.model, c.method) in robust_keys).items()}
-    depth = _depth_groups(cells)
+    robust_groups = _grouped(base, lambda c: (c.model, c.method, c.bank, c.split),
+                             lambda c: (c.model, c.method) in robust_keys)
+    robust = {kk: _pool(cs) for kk, cs in robust_groups.items()}
+    depth = _depth_groups(base)
 
     lines = [f"# Report: {', '.join(e.meta['name'] for e in exps)}", "", "## Experiments", ""]
     for e in exps:
@@ -321,21 +408,25 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
                   "(summed successes / summed episodes). Cells: success % (successes/episodes).", ""]
         header = ["method", *(f"{m} (easy / hard)" for m in models)]
         rows, ci_rows, seeded = [], [], []
-        for meth in methods:
-            got = [(main.get((m, meth, "easy")), main.get((m, meth, "hard"))) for m in models]
-            rows.append([METHODS[meth].label, *(_pair(a, b, Pooled.text) for a, b in got)])
-            ci_rows.append([METHODS[meth].label, *(_pair(a, b, Pooled.ci_text) for a, b in got)])
-            seeded += [f"{METHODS[meth].label} on {m}: {max(p.seeds for p in ab if p)} seeds"
+        pooled = {kk: _pool(cs) for kk, cs in every.items()}
+        for meth, r in row_keys:
+            label = labels(meth, r)
+            got = [(pooled.get((m, meth, "easy", r)), pooled.get((m, meth, "hard", r))) for m in models]
+            rows.append([label, *(_pair(a, b, Pooled.text) for a, b in got)])
+            ci_rows.append([label, *(_pair(a, b, Pooled.ci_text) for a, b in got)])
+            seeded += [f"{label} on {m}: {max(p.seeds for p in ab if p)} seeds"
                        for m, ab in zip(models, got) if any(p and p.seeds > 1 for p in ab)]
         lines += _table(header, rows)
         if seeded:
             lines += ["Pooled over seeds: " + "; ".join(seeded) + ".", ""]
         lines += ["95% Wilson intervals (%), from the pooled counts:", ""] + _table(header, ci_rows)
-        valid_rows = [[METHODS[meth].label, *(" / ".join(_valid_text(groups.get((m, meth, s), [])) for s in SPLITS)
-                                              for m in models)] for meth in methods]
-        if any(c.valid_action_rate is not None for cs in groups.values() for c in cs):
+        valid_rows = [[labels(meth, r), *(" / ".join(_valid_text(every.get((m, meth, s, r), [])) for s in SPLITS)
+                                          for m in models)] for meth, r in row_keys]
+        if any(c.valid_action_rate is not None for cs in every.values() for c in cs):
             lines += ["Valid-action rate (%): the share of steps whose action the environment accepted "
                       "(same cells, weighted by steps):", ""] + _table(header, valid_rows)
+
+    lines += _paired_section(models, methods, groups, robust_groups)
 
     if robust:
         lines += ["## Robustness to the bank at inference (%)", "",
@@ -387,6 +478,105 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
     return ReportResult(report, plots)
+
+
+def _row_labels(exps: list[Experiment], cells: list[Cell]) -> Callable[[str, str | None], str]:
+    """Main-table labels: the method, plus ``[retriever key]`` for a grid block's own retriever and a
+    fallback mark when that retriever's encoder could not be loaded."""
+    fallback = {key for e in exps for key, info in _retrievers(e).items() if info.get("fallback")}
+    fallback |= {c.retriever for c in cells if c.retriever and (c.retriever_info or {}).get("fallback")}
+
+    def label(method: str, retriever: str | None) -> str:
+        if retriever is None:
+            return METHODS[method].label
+        return f"{METHODS[method].label} [{retriever}{', encoder fallback' if retriever in fallback else ''}]"
+
+    return label
+
+
+# ------------------------------------------------------------------------------ paired statistics
+
+# (A, B): the method and its baseline; the bank comparison (matched vs empty) is added per method.
+PAIRED = (("exprag_lora", "lora"), ("lora_retrieval", "lora"), ("exprag_frozen", "no_retrieval"))
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: under no difference, each of the ``b + c`` discordant pairs
+    goes either way with probability 1/2, so p = 2 P(Binomial(b + c, 1/2) <= min(b, c)), capped at 1.
+    Integer arithmetic (math.comb): exact, and no statistics package needed."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Episodes of A and B matched by (seed, task id) within one (model, split)."""
+
+    n: int  # pairs
+    a_episodes: int  # episodes with a recorded outcome, each side (some may have no partner)
+    b_episodes: int
+    a_successes: int  # over the pairs
+    b_successes: int
+    b: int  # A succeeded, B failed
+    c: int  # A failed, B succeeded
+
+    @property
+    def p(self) -> float:
+        return mcnemar_p(self.b, self.c)
+
+
+def _outcomes(cells: list[Cell]) -> dict[tuple, bool]:
+    return {(c.seed, task): ok for c in cells for task, ok in (c.episodes or {}).items()}
+
+
+def pair_cells(a: list[Cell], b: list[Cell]) -> Paired:
+    oa, ob = _outcomes(a), _outcomes(b)
+    keys = oa.keys() & ob.keys()
+    return Paired(len(keys), len(oa), len(ob), sum(oa[k] for k in keys), sum(ob[k] for k in keys),
+                  sum(oa[k] and not ob[k] for k in keys), sum(ob[k] and not oa[k] for k in keys))
+
+
+def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, list[Cell]],
+                    robust_groups: dict[tuple, list[Cell]]) -> list[str]:
+    comparisons = []  # (model, label, split, cells A, cells B)
+    for m in models:
+        for a, b in PAIRED:
+            for s in SPLITS:
+                if groups.get((m, a, s)) and groups.get((m, b, s)):
+                    comparisons.append((m, f"{METHODS[a].label} vs {METHODS[b].label}", s,
+                                        groups[m, a, s], groups[m, b, s]))
+        for meth in methods:
+            for s in SPLITS:
+                if robust_groups.get((m, meth, "matched", s)) and robust_groups.get((m, meth, "empty", s)):
+                    comparisons.append((m, f"{METHODS[meth].label}: matched vs empty bank", s,
+                                        robust_groups[m, meth, "matched", s], robust_groups[m, meth, "empty", s]))
+    if not comparisons:
+        return []
+    rows = []
+    for m, label, s, ca, cb in comparisons:
+        pr = pair_cells(ca, cb)
+        used = str(pr.n) if pr.n == pr.a_episodes == pr.b_episodes else f"{pr.n} (of {pr.a_episodes} / {pr.b_episodes})"
+        if not pr.n:
+            rows.append([m, label, s, used, _DASH, _DASH, _DASH, _DASH, _DASH])
+            continue
+        pa, pb = Pooled(pr.a_successes, pr.n, 0), Pooled(pr.b_successes, pr.n, 0)
+        rows.append([m, label, s, used, str(pr.b), str(pr.c), _p_text(pr.p),
+                     f"{pa.text()} {pa.ci_text()}", f"{pb.text()} {pb.ci_text()}"])
+    return ["## Paired comparisons (exact McNemar)", "",
+            "Episodes paired by (model, seed, split, task id), main-table cells (matched bank, main K, "
+            "static where both modes ran); pairs = episodes both sides ran (of each side's episodes when "
+            "some have no partner; 0 when the rows carry no episode outcomes). b = A succeeded and B "
+            "failed, c = the reverse; p = exact two-sided McNemar (binomial on b + c, 1/2). Success % "
+            "(successes/pairs) and 95% Wilson intervals over the pairs.", ""] + _table(
+        ["model", "A vs B", "split", "pairs", "b (A only)", "c (B only)", "McNemar p", "A % [95% CI]",
+         "B % [95% CI]"], rows)
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _valid_text(cells: list[Cell]) -> str:

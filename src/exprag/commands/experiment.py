@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exprag.experiment import expand, load_experiment_config, run_experiment
+    from exprag.experiment import expand, load_experiment_config, retrievers, run_experiment
 
     cfg = load_experiment_config(args.config)
     if args.out:
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         cells = expand(cfg)
         for c in cells:
             print(c.id)
+        for key, spec in retrievers(cfg).items():  # which retriever the cells (labelled or not) use
+            print(f"retriever {key or '(unlabelled cells)'}: {spec.scoring} scoring, encoder {spec.encoder}"
+                  + (f", fallback {spec.fallback}" if spec.fallback else ""))
         print(f"{len(cells)} cells -> {cfg.out_dir}")
         return 0
     command = " ".join(["exprag", "experiment", *sys.argv[2:]]) if sys.argv[1:2] == ["experiment"] \
