@@ -22,6 +22,9 @@ from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 from exprag.validate import read_json
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def traj(i: int, **over) -> dict:
     task_type = ["coin", "sorting", "simonsays"][i % 3]
     d = Trajectory(
@@ -220,6 +223,9 @@ CASES = [
     ("query-encoder", QUERY + ["--encoder", "minilm"], "'bm25' but 'minilm' was asked for"),
     ("info-not-bank", ["bank", "info", "{d}/afile"], "no bank directory here"),
     ("unknown-flag", ["eval", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ("experiment-out-file", ["experiment", str(REPO / "configs" / "small-cpu.yaml"), "--out", "{d}/afile"],
+     "afile: --out exists and is not a directory"),
+    ("report-out-file", ["report", "{d}/bank", "--out", "{d}/afile"], "afile: --out exists and is not a directory"),
 ]
 
 

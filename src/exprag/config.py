@@ -11,7 +11,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 from exprag.errors import DataFormatError
-from exprag.validate import BUDGET, COUNT, FIELD_RULES, K, SEED, check_config, coerce_field
+from exprag.validate import BUDGET, COUNT, FIELD_RULES, K, SEED, check_config, coerce_field, union_args
 
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ def _dataclass_type(ftype: Any) -> type | None:
     g = globals()
     if isinstance(ftype, str):
         ftype = g.get(ftype.split("|")[0].strip())
-    for t in typing.get_args(ftype) or (ftype,):  # X | None
+    for t in union_args(ftype):  # X | None
         if dataclasses.is_dataclass(t):
             return t
     return None

@@ -130,9 +130,9 @@ def check_fields(obj: Any, rules: dict[str, Num], where: str, error: type[Exprag
 
 def coerce_field(value: Any, annotation: Any, where: str, name: str, rule: Num | None = None) -> Any:
     """A YAML value checked against a dataclass field's type: numbers written as strings (``5e-5``,
-    ``"1"``) become numbers, a single string stands for a one-item list; anything else of the wrong
-    type is a DataFormatError naming the file and field."""
-    allowed = _union_args(annotation)
+    ``"1"``) become numbers; anything else of the wrong type is a DataFormatError naming the file and
+    field. ``rule``: the field's range, checked with the type so that one message says both."""
+    allowed = union_args(annotation)
     if value is None:
         if type(None) in allowed or annotation is Any:
             return None
@@ -157,8 +157,8 @@ def coerce_field(value: Any, annotation: Any, where: str, name: str, rule: Num |
             return value
         raise DataFormatError(f"{where}: field {name!r} must be a string, got {value!r}")
     if list in origins:
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, str):  # left to the field's reader (peft takes target_modules: all-linear)
+            return value
         if not isinstance(value, list):
             raise DataFormatError(f"{where}: field {name!r} must be a list, got {value!r}")
         item = next((typing.get_args(a)[0] for a in allowed if typing.get_origin(a) is list and typing.get_args(a)),
@@ -171,7 +171,7 @@ def coerce_field(value: Any, annotation: Any, where: str, name: str, rule: Num |
     return value
 
 
-def _union_args(annotation: Any) -> tuple[Any, ...]:
+def union_args(annotation: Any) -> tuple[Any, ...]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return typing.get_args(annotation)
     return (annotation,)

@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from exprag.progress import bar
     from exprag.trajectory import read_jsonl, write_jsonl
 
+    from exprag.validate import check_output
+
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = check_output(args.out, "dir")
     data = out / "data" / "twx-train-easy-hard.jsonl"
     bank_dir = out / "bank"
     env_name = "twx"
