@@ -71,9 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from exprag.bank import build_bank
-    from exprag.trajectory import read_jsonl
-
     from exprag.errors import DataFormatError
+    from exprag.trajectory import read_jsonl
     from exprag.validate import check_output
 
     check_output(args.out, "dir")
@@ -98,7 +97,6 @@ def run_build(args: argparse.Namespace) -> int:
 def _load_history(path: str) -> list[dict]:
     from exprag.errors import DataFormatError
     from exprag.trajectory import Trajectory
-
     from exprag.validate import read_json
 
     p = Path(path)

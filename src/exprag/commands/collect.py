@@ -30,13 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exprag.commands._args import parse_env_args
-    from exprag.envs import make_env
+    from exprag.envs import check_env_args, make_env
     from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
     from exprag.expert import CollectReport, collect
     from exprag.progress import bar
     from exprag.trajectory import write_jsonl
-
-    from exprag.envs import check_env_args
     from exprag.validate import check_output
 
     check_env(args.env)
