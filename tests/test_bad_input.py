@@ -79,6 +79,8 @@ def ws(tmp_path_factory) -> Path:
         "train-epochs.yaml": 'epochs: "one"\n',
         "train-zero.yaml": "epochs: 0\n",
         "train-lora.yaml": "lora:\n  r: 0\n",
+        "train-bool.yaml": "only_successful: maybe\n",
+        "train-list.yaml": "val_trajectories: [1, 2]\n",
     }
     for name, content in files.items():
         (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -158,6 +160,10 @@ CASES = [
      "train-zero.yaml: field 'epochs' must be an integer >= 1, got 0"),
     ("train-yaml-lora", ["train", "--config", "{d}/train-lora.yaml", *TRAIN[1:]],
      "train-lora.yaml.lora: field 'r' must be an integer >= 1, got 0"),
+    ("train-yaml-bool", ["train", "--config", "{d}/train-bool.yaml", *TRAIN[1:]],
+     "train-bool.yaml: field 'only_successful' must be true or false, got 'maybe'"),
+    ("train-yaml-list", ["train", "--config", "{d}/train-list.yaml", *TRAIN[1:]],
+     "train-list.yaml: field 'val_trajectories' must be a list of strings"),
     # a failed start leaves no run directory (model, adapter, bank, env args, data files, --out)
     ("eval-model-missing", ["eval", "--env", "twx", "--model", "/nonexistent", "--out", "{d}/run"],
      "model '/nonexistent': no such directory"),

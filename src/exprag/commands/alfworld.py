@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from exprag.validate import non_negative_int, positive_int
+from exprag.validate import integer, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--per-type", type=positive_int, default=None,
                    help="solvable games per task type (default: what the env builds on first use: "
                         "train 50, dev 10, test 22)")
-    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--seed", type=integer, default=0)
     g.add_argument("--task-types", default="all", help="easy | hard | all | comma list of task types")
     g.add_argument("--max-expert-steps", type=positive_int, default=50,
                    help="drop games the expert cannot win within this many steps (default 50, the step cap)")
