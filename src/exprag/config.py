@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -10,6 +11,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 from exprag.errors import DataFormatError
+from exprag.validate import BUDGET, COUNT, FIELD_RULES, K, SEED, check_config, coerce_field, union_args
 
 T = TypeVar("T")
 
@@ -46,25 +48,50 @@ class EvalConfig:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>") -> T:
-    """Build a (nested) config dataclass, rejecting unknown keys with the file and field named."""
+    """Build a (nested) config dataclass, rejecting unknown keys and values of the wrong type or range
+    with the file and field named; numbers YAML reads as strings (``lr: 5e-5``) are accepted."""
     if not isinstance(data, dict):
         raise DataFormatError(f"{where}: expected a mapping for {cls.__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
             raise DataFormatError(f"{where}: unknown field {key!r} for {cls.__name__}")
-        ftype = fields[key].type
+        ftype = hints.get(key, fields[key].type)
         sub = _dataclass_type(ftype)
-        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub and isinstance(value, dict) else value
-    return cls(**kwargs)
+        if sub and isinstance(value, dict):
+            kwargs[key] = from_dict(sub, value, f"{where}.{key}")
+        elif sub:
+            if not isinstance(value, sub):
+                raise DataFormatError(f"{where}: field {key!r} must be a mapping, got {value!r}")
+            kwargs[key] = value
+        else:
+            rule = FIELD_RULES.get(cls, {}).get(key)
+            kwargs[key] = coerce_field(value, ftype, where, key, rule) if key in hints else value
+    return check_config(cls(**kwargs), where)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: values pass unchecked, as before
+        return {}
 
 
 def _dataclass_type(ftype: Any) -> type | None:
     g = globals()
     if isinstance(ftype, str):
         ftype = g.get(ftype.split("|")[0].strip())
-    return ftype if dataclasses.is_dataclass(ftype) else None
+    for t in union_args(ftype):  # X | None
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+FIELD_RULES[RetrievalConfig] = {"k": K, "token_budget": BUDGET}
+FIELD_RULES[EvalConfig] = {"per_type": COUNT, "limit": COUNT, "max_steps": COUNT, "max_new_tokens": COUNT,
+                           "batch_size": COUNT, "seed": SEED}
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
@@ -78,6 +105,10 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise DataFormatError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: YAML nested too deeply") from None
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

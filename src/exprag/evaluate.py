@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
-from exprag.errors import BankError, DataFormatError, RunConfigError
+from exprag.errors import DataFormatError, RunConfigError
 from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, truncate_torn_tail
+from exprag.validate import read_json
 
 # Agent runs need no expert: skipping it saves seconds per reset (ScienceWorld's gold agent plays
 # mendelian tasks for ~10 s on a scratch world).
@@ -117,7 +118,7 @@ def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
     path = out / "config.json"
     want = to_dict(cfg)
     if path.is_file() and not overwrite:
-        have = json.loads(path.read_text(encoding="utf-8"))
+        have = read_json(path, RunConfigError)
         diff = changed_fields(have, want, _RESUMABLE)
         if diff:
             k = diff[0]
@@ -135,13 +136,14 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
              on_episode: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
     """Run (or resume) an evaluation. ``model``: a loaded ChatModel to share between runs."""
     from exprag.agent import Agent, AgentConfig
-    from exprag.bank import Retriever, append_to_bank, load_bank
+    from exprag.bank import Retriever, append_to_bank
     from exprag.envs import make_env
-    from exprag.envs.splits import check_env, resolve_task_types, select_tasks
+    from exprag.envs.splits import select_tasks
+    from exprag.preflight import check_eval_inputs
     from exprag.progress import bar
 
-    check_env(cfg.env)
-    types = resolve_task_types(cfg.env, cfg.task_types)
+    # Everything a start can fail on is checked before the run directory exists.
+    types, bank = check_eval_inputs(cfg, check_model_spec=model is None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg, overwrite)
@@ -153,11 +155,7 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
 
     retriever = None
     r: RetrievalConfig = cfg.retrieval
-    if r.bank:
-        bank = load_bank(r.bank)
-        if cfg.env not in bank.envs:
-            raise BankError(f"{r.bank}: bank holds {', '.join(bank.envs)} trajectories, not {cfg.env}; "
-                            "build a bank for this env")
+    if bank is not None:
         retriever = Retriever(bank)
 
     envs = []

@@ -8,6 +8,7 @@ instructions. Environments, the expert, the agent, the bank and the trainer all 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -77,8 +78,8 @@ class Trajectory:
         if not isinstance(obj, dict):
             raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         version = obj.get("schema_version", SCHEMA_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise DataFormatError(f"{where}: field 'schema_version' must be an integer")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DataFormatError(f"{where}: field 'schema_version' must be an integer >= 1, got {version!r}")
         if version > SCHEMA_VERSION:
             raise DataFormatError(
                 f"{where}: field 'schema_version' is {version}, newer than this exprag "
@@ -105,6 +106,8 @@ class Trajectory:
                 )
             if not isinstance(m.get("content"), str):
                 raise DataFormatError(f"{where}: field 'messages[{i}].content' must be a string")
+        if not math.isfinite(obj["reward"]):  # JSON readers accept NaN and Infinity; means are poisoned
+            raise DataFormatError(f"{where}: field 'reward' must be a finite number, got {obj['reward']!r}")
         if obj["num_steps"] < 0:
             raise DataFormatError(f"{where}: field 'num_steps' must be >= 0")
         unknown = set(obj) - set(_FIELDS) - {"schema_version"}
@@ -150,10 +153,10 @@ def read_jsonl(*paths: str | Path) -> list[Trajectory]:
     out: list[Trajectory] = []
     seen: dict[str, str] = {}
     for p in paths:
-        for lineno, t in enumerate(iter_jsonl(p), 1):
+        for where, t in iter_jsonl_located(p):
             if t.id in seen:
-                raise DataFormatError(f"{p}: field 'id' {t.id!r} duplicates a trajectory in {seen[t.id]}")
-            seen[t.id] = str(p)
+                raise DataFormatError(f"{where}: field 'id' {t.id!r} duplicates the trajectory at {seen[t.id]}")
+            seen[t.id] = where
             out.append(t)
     return out
 

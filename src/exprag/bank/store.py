@@ -18,7 +18,6 @@ interrupted build leaves the previous bank intact.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load
 from exprag.errors import BankError, DataFormatError
 from exprag.io import atomic_write_json, replace_dir, sha256_file, staging_dir
 from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
+from exprag.validate import read_json
 
 BANK_FORMAT = "exprag-bank"
 # 2: procedure-scored banks (a reader of version 1 would silently score them as plain dense / BM25);
@@ -62,7 +62,13 @@ class Bank:
         if mode not in MODES:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if mode not in self._indexes:
-            self._indexes[mode] = load_index(self.retrieval, self.encoder, self.path / mode)
+            try:
+                self._indexes[mode] = load_index(self.retrieval, self.encoder, self.path / mode)
+            except (OSError, ValueError, EOFError, KeyError, TypeError, RecursionError) as e:
+                # a truncated embeddings.npy, a garbled keys file: numpy / json say so in their own words
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise BankError(f"{self.path / mode}: unreadable index ({first}); the bank is corrupt, "
+                                "rebuild it") from None
             if self._indexes[mode].size != len(self.trajectories):
                 raise BankError(
                     f"{self.path / mode}: index holds {self._indexes[mode].size} keys but the bank "
@@ -111,8 +117,8 @@ def build_bank(
     ``retrieval``: how keys are scored (a ``RetrievalConfig`` or a scoring name); default
     ``procedure``. The keys' task types are read here, at build time, by ``procedure`` scoring."""
     trajs = list(trajectories)
-    if not trajs:
-        raise BankError(f"{out}: no trajectories to build a bank from")
+    if not trajs:  # name the inputs: they are what is empty
+        raise BankError(f"{', '.join(map(str, sources)) or out}: no trajectories to build a bank from")
     ids = Counter(t.id for t in trajs)
     dup = next((i for i, c in ids.items() if c > 1), None)
     if dup is not None:
@@ -162,10 +168,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     mf = path / "manifest.json"
     if not mf.is_file():
         raise BankError(f"{mf}: missing; {path} is not an exprag bank")
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BankError(f"{mf}:{e.lineno}: invalid JSON ({e.msg})") from None
+    manifest = read_json(mf, BankError)
+    if not isinstance(manifest, dict):
+        raise BankError(f"{mf}: expected a JSON object; {path} is not an exprag bank")
     if manifest.get("format") != BANK_FORMAT:
         raise BankError(f"{mf}: field 'format' is {manifest.get('format')!r}, not {BANK_FORMAT!r}")
     version = manifest.get("bank_version")

@@ -11,5 +11,6 @@ def parse_env_args(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ExpragError(f"--env-arg {item!r} is not KEY=VALUE")
-        out[key.replace("-", "_")] = int(value) if value.isdigit() else value
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+        out[key.replace("-", "_")] = int(value) if value.isascii() and value.isdigit() else value
     return out

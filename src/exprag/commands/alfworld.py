@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from exprag.validate import integer, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("alfworld", help="ALFWorld utilities (offline game generation)",
@@ -19,12 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output directory (games go to OUT/json_2.1.1/<split>/...); default: the set the "
                         "alfworld env uses when no data is given ($EXPRAG_CACHE/alfworld/...)")
     g.add_argument("--split", default="train", choices=["train", "dev", "test"])
-    g.add_argument("--per-type", type=int, default=None,
+    g.add_argument("--per-type", type=positive_int, default=None,
                    help="solvable games per task type (default: what the env builds on first use: "
                         "train 50, dev 10, test 22)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=integer, default=0)
     g.add_argument("--task-types", default="all", help="easy | hard | all | comma list of task types")
-    g.add_argument("--max-expert-steps", type=int, default=50,
+    g.add_argument("--max-expert-steps", type=positive_int, default=50,
                    help="drop games the expert cannot win within this many steps (default 50, the step cap)")
     g.set_defaults(func=run_generate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -36,7 +38,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from exprag.envs.splits import resolve_task_types
     from exprag.progress import bar
 
+    from exprag.validate import check_output
+
     types = resolve_task_types("alfworld", args.task_types)
+    if args.out:
+        check_output(args.out, "dir")
     if args.per_type is None:
         args.per_type = DEFAULT_GEN_PER_TYPE[args.split]
     out = args.out or str(default_generated_dir(args.seed))

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from exprag.validate import non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bank", help="build, query and inspect experience banks")
@@ -22,12 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "apart (learned at build time from the stored task_type; object/receptacle names get "
                         "~0 weight) + a small dense term, diversity among ties; dense: the paper's plain "
                         "dot product of the encoder's embeddings; bm25: plain BM25, no model")
-    b.add_argument("--dense-weight", type=float, default=None, metavar="W",
+    b.add_argument("--dense-weight", type=non_negative_float, default=None, metavar="W",
                    help="procedure: weight of the dense dot product added to the lexical cosine (default 0.05; "
                         "0 = lexical only)")
     b.add_argument("--no-diversity", action="store_true",
                    help="procedure: keep exact-text copies where they rank (default: behind keys of equal score)")
-    b.add_argument("--alpha", type=float, default=None,
+    b.add_argument("--alpha", type=positive_float, default=None,
                    help="procedure: strength of the prior on term weights (default grows with the bank)")
     b.add_argument("--only-success", action="store_true", help="store successful trajectories only")
     b.set_defaults(func=run_build)
@@ -38,13 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--history", metavar="FILE",
                    help="dynamic mode: a JSON file with the episode so far (a list of {role, content} "
                         "messages, or a trajectory record)")
-    q.add_argument("-k", type=int, default=2)
+    q.add_argument("-k", type=non_negative_int, default=2)
     q.add_argument("--mode", default="static", choices=["static", "dynamic"])
     q.add_argument("--encoder", default=None, help="fail unless the bank was built with this encoder")
     q.add_argument("--task-type", action="append", dest="task_types", help="filter (repeatable)")
     q.add_argument("--success-only", action="store_true")
     q.add_argument("--exclude-task-id", action="append", default=[], help="exclusion (repeatable)")
-    q.add_argument("--token-budget", type=int, default=None)
+    q.add_argument("--token-budget", type=positive_int, default=None)
     q.add_argument("--memory", action="store_true", help="print the rendered memory block")
     q.add_argument("--format", default="json", choices=["json", "text"], help="memory block format")
     q.add_argument("--json", action="store_true", help="machine-readable output")
@@ -60,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("bank", metavar="BANK_DIR")
     e.add_argument("--queries", nargs="+", required=True, metavar="F.jsonl",
                    help="held-out trajectories used as queries")
-    e.add_argument("-k", type=int, default=2, help="slots per query (default 2, the training K)")
+    e.add_argument("-k", type=positive_int, default=2, help="slots per query (default 2, the training K)")
     e.add_argument("--mode", default="static", choices=["static", "dynamic"])
     e.add_argument("--out", default=None, metavar="PREFIX",
                    help="write PREFIX.json and PREFIX.md (default: print markdown)")
@@ -69,11 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from exprag.bank import build_bank
+    from exprag.errors import DataFormatError
     from exprag.trajectory import read_jsonl
+    from exprag.validate import check_output
 
+    check_output(args.out, "dir")
     trajs = read_jsonl(*args.trajectories)
     if args.only_success:
         trajs = [t for t in trajs if t.success]
+    if not trajs:  # name the input, which is what the user must fix
+        what = "successful trajectories" if args.only_success else "trajectories"
+        raise DataFormatError(f"{', '.join(args.trajectories)}: no {what} to build a bank from")
     from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, RetrievalConfig
 
     cfg = RetrievalConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
@@ -89,14 +97,10 @@ def run_build(args: argparse.Namespace) -> int:
 def _load_history(path: str) -> list[dict]:
     from exprag.errors import DataFormatError
     from exprag.trajectory import Trajectory
+    from exprag.validate import read_json
 
     p = Path(path)
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataFormatError(f"{p}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    obj = read_json(p)
     if isinstance(obj, dict):
         return Trajectory.from_dict(obj, where=str(p)).episode_messages()
     if not isinstance(obj, list):
@@ -111,6 +115,10 @@ def _load_history(path: str) -> list[dict]:
 def run_query(args: argparse.Namespace) -> int:
     from exprag.bank import Filters, Retriever, load_bank, render_memory
 
+    from exprag.errors import ExpragError
+
+    if not args.task.strip():  # an empty query would score every key alike: arbitrary hits
+        raise ExpragError("--task is empty; give the task description to retrieve for")
     bank = load_bank(args.bank, encoder=args.encoder)
     history = _load_history(args.history) if args.history else None
     filters = Filters(task_types=set(args.task_types) if args.task_types else None,
@@ -156,6 +164,10 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
     from exprag.io import atomic_write_json, atomic_write_text
     from exprag.trajectory import read_jsonl
 
+    from exprag.validate import check_output
+
+    if args.out:
+        check_output(f"{args.out}.json")
     bank = load_bank(args.bank)
     report = evaluate_retrieval(bank, read_jsonl(*args.queries), k=args.k, mode=args.mode)
     md = report.markdown()

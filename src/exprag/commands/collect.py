@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exprag.validate import integer, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="run the expert / gold policy and write trajectories (JSONL)",
@@ -13,11 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env", required=True, help="scienceworld | twx | alfworld")
     p.add_argument("--split", default="train", choices=["train", "dev", "test"])
     p.add_argument("--task-types", default="all", help="easy | hard | all | comma list of task types")
-    p.add_argument("--per-type", type=int, default=None, help="at most N tasks per task type")
-    p.add_argument("--limit", type=int, default=None, help="at most N tasks in all")
+    p.add_argument("--per-type", type=positive_int, default=None, help="at most N tasks per task type")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N tasks in all")
     p.add_argument("--sample", action="store_true",
                    help="pick tasks at random (seeded) instead of the first ones of each type")
-    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--seed", type=integer, default=2025)
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--keep-failures", action="store_true",
                    help="also write expert episodes that did not reach success")
@@ -28,15 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exprag.commands._args import parse_env_args
-    from exprag.envs import make_env
+    from exprag.envs import check_env_args, make_env
     from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
     from exprag.expert import CollectReport, collect
     from exprag.progress import bar
     from exprag.trajectory import write_jsonl
+    from exprag.validate import check_output
 
     check_env(args.env)
     types = resolve_task_types(args.env, args.task_types)
-    with make_env(args.env, **parse_env_args(args.env_arg)) as env:
+    env_args = check_env_args(args.env, parse_env_args(args.env_arg))
+    check_output(args.out)  # before the expert runs: a failed write would waste the whole collection
+    with make_env(args.env, **env_args) as env:
         tasks = select_tasks(env.tasks(args.split, types), args.per_type, args.limit, args.sample, args.seed)
         report = CollectReport()
         trajs = []

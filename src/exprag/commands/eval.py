@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from exprag.validate import non_negative_int, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model with or without retrieval (resumable run directory)",
@@ -15,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="environment option (repeatable), e.g. data_dir=/path/to/alfworld")
     p.add_argument("--split", default=None, choices=["train", "dev", "test"])
     p.add_argument("--task-types", default=None, help="easy | hard | all | comma list")
-    p.add_argument("--per-type", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--per-type", type=positive_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None)
     p.add_argument("--model", default=None, help="smollm2-135m | HF id in the local cache | local path")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory")
     p.add_argument("--backend", default=None, choices=["hf", "openai"])
@@ -24,13 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     bank = p.add_mutually_exclusive_group()
     bank.add_argument("--bank", default=None, metavar="BANK_DIR")
     bank.add_argument("--no-bank", action="store_true")
-    p.add_argument("-k", type=int, default=None)
+    p.add_argument("-k", type=non_negative_int, default=None)
     p.add_argument("--mode", default=None, choices=["static", "dynamic"])
     p.add_argument("--memory-format", default=None, choices=["json", "text"])
-    p.add_argument("--token-budget", type=int, default=None, help="max (approx.) tokens of memory")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="episodes stepped together")
+    p.add_argument("--token-budget", type=positive_int, default=None, help="max (approx.) tokens of memory")
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="episodes stepped together")
     p.add_argument("--write-back", action="store_true", help="append finished episodes to the bank")
     p.add_argument("--show-admissible", action="store_true", help="list valid actions in the prompt")
     p.add_argument("--out", default=None, metavar="RUN_DIR")

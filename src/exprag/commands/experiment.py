@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
                   + (f", fallback {spec.fallback}" if spec.fallback else ""))
         print(f"{len(cells)} cells -> {cfg.out_dir}")
         return 0
+    from exprag.validate import check_output
+
+    check_output(cfg.out_dir, "dir")  # before hours of work, not after
     command = " ".join(["exprag", "experiment", *sys.argv[2:]]) if sys.argv[1:2] == ["experiment"] \
         else f"exprag experiment {args.config}" + (f" --out {args.out}" if args.out else "")
     res = run_experiment(cfg, command=command, progress=not args.no_progress,

@@ -20,11 +20,13 @@ def run(args: argparse.Namespace) -> int:
     from exprag.envs import action_templates
     from exprag.prompt import system_prompt
     from exprag.trajectory import export_jsonl, read_jsonl
+    from exprag.validate import check_output
 
     @lru_cache(maxsize=None)
     def env_system(env: str) -> str:
         return system_prompt(action_templates(env))
 
+    check_output(args.out)
     system = (lambda t: env_system(t.env)) if args.with_system else None
     n = export_jsonl(args.out, read_jsonl(*args.trajectories), args.format, system)
     print(f"wrote {n} {args.format} records to {args.out}")

@@ -15,16 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+from exprag.validate import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the main job: expert bank, retrieval, and a small agent evaluation",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="run directory (reused when it exists)")
-    p.add_argument("--per-type", type=int, default=5, help="expert trajectories per train task type")
-    p.add_argument("--test-per-type", type=int, default=1, help="held-out test tasks per hard task type")
+    p.add_argument("--per-type", type=positive_int, default=5, help="expert trajectories per train task type")
+    p.add_argument("--test-per-type", type=positive_int, default=1, help="held-out test tasks per hard task type")
     p.add_argument("--encoder", default="minilm")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--max-steps", type=int, default=15, help="agent step cap per episode")
+    p.add_argument("--max-steps", type=positive_int, default=15, help="agent step cap per episode")
     p.add_argument("--no-agent", action="store_true", help="stop after retrieval (no model is loaded)")
     p.set_defaults(func=run)
 
@@ -39,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from exprag.progress import bar
     from exprag.trajectory import read_jsonl, write_jsonl
 
+    from exprag.validate import check_output
+
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = check_output(args.out, "dir")
     data = out / "data" / "twx-train-easy-hard.jsonl"
     bank_dir = out / "bank"
     env_name = "twx"

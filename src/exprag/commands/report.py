@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None and len(args.run_dirs) > 1:
         raise ExpragError("--out is required when several RUN_DIRs are given")
+    from exprag.validate import check_output
+
+    check_output(args.out or args.run_dirs[0], "dir")
     res = write_report([Path(d) for d in args.run_dirs], Path(args.out or args.run_dirs[0]))
     for path in res.paths:
         print(f"wrote {path}")

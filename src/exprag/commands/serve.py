@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exprag.validate import port, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,12 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="smollm2-135m, a checkpoint directory, a .gguf file, or a cached hub id")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for the model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--name", default=None, help="model name clients use (default: the --model value)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default: 8)")
-    p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none (default: 256)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="reply length when a request gives none (default: 256)")
     p.set_defaults(func=run)
 
 

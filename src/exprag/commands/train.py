@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from exprag.validate import fraction, integer, non_negative_int, positive_float, positive_int
+
 # CLI flag dest -> TrainConfig field (dotted for nested sections); None values leave the config alone.
 _OVERRIDES = {
     "trajectories": "trajectories", "val_trajectories": "val_trajectories", "model": "model",
@@ -38,35 +40,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     bank = p.add_mutually_exclusive_group()
     bank.add_argument("--bank", metavar="BANK_DIR", help="training bank: ExpRAG-LoRA (none: plain LoRA)")
     bank.add_argument("--no-bank", action="store_true", help="plain LoRA even if the config names a bank")
-    p.add_argument("-k", type=int, dest="k", help="memory trajectories per example (default 2)")
+    p.add_argument("-k", type=non_negative_int, dest="k", help="memory trajectories per example (default 2)")
     p.add_argument("--mode", choices=["static", "dynamic"], help="retrieval mode (default static)")
     p.add_argument("--memory-format", choices=["json", "text"])
-    p.add_argument("--token-budget", type=int)
-    p.add_argument("--empty-memory-fraction", type=float, metavar="P",
+    p.add_argument("--token-budget", type=positive_int)
+    p.add_argument("--empty-memory-fraction", type=fraction, metavar="P",
                    help="fraction of examples trained with an empty memory block (default 0)")
     p.add_argument("--serialization", choices=["trajectory", "step"],
                    help="one example per trajectory (default) or per step")
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=positive_int)
     p.add_argument("--overlong", choices=["trim", "drop"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, help="examples per optimizer step")
-    p.add_argument("--max-batch-tokens", type=int)
-    p.add_argument("--micro-batch-size", type=int, help="examples per forward pass (default: 1 on CPU)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--batch-size", type=positive_int, help="examples per optimizer step")
+    p.add_argument("--max-batch-tokens", type=positive_int)
+    p.add_argument("--micro-batch-size", type=positive_int, help="examples per forward pass (default: 1 on CPU)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--optimizer", choices=["auto", "paged_adamw_8bit", "adamw"])
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=integer)
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward: less memory, ~30%% slower")
-    p.add_argument("--save-every-steps", type=int, metavar="N")
-    p.add_argument("--keep-checkpoints", type=int, metavar="N")
-    p.add_argument("--eval-every", type=int, metavar="E",
+    p.add_argument("--save-every-steps", type=positive_int, metavar="N")
+    p.add_argument("--keep-checkpoints", type=positive_int, metavar="N")
+    p.add_argument("--eval-every", type=positive_int, metavar="E",
                    help="rollout-evaluate every E epochs and keep the best checkpoint (RUN_DIR/best)")
     p.add_argument("--eval-env")
     p.add_argument("--eval-split", help="selection split (default dev; never the split you report)")
     p.add_argument("--eval-task-types", help="easy | hard | all | comma list (default hard)")
-    p.add_argument("--eval-per-type", type=int)
-    p.add_argument("--eval-limit", type=int)
+    p.add_argument("--eval-per-type", type=positive_int)
+    p.add_argument("--eval-limit", type=positive_int)
     p.add_argument("--eval-bank", metavar="BANK_DIR", help="memory at evaluation (default: --bank)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
@@ -88,8 +90,8 @@ def _err(msg: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from exprag.preflight import check_train_inputs
     from exprag.train.config import load_train_config
-    from exprag.train.lora import train
 
     overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()}
     if args.no_bank:
@@ -103,6 +105,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.out is None and not args.config:
         _err("error: train needs --out RUN_DIR (or a --config that sets out)")
         return 2
+    check_train_inputs(cfg)  # before torch is even imported: a bad start fails in a second
+    from exprag.train.lora import train
+
     res = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                 log=_err)
     if int(os.environ.get("RANK", "0")) != 0:  # multi-GPU: the main process reports

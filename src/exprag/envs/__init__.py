@@ -7,7 +7,8 @@ from typing import Any
 from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, TextEnv
 from exprag.envs.splits import ENVS, check_env
 
-__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates", "make_env"]
+__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates", "check_env_args",
+           "make_env"]
 
 
 def make_env(name: str, **kwargs: Any) -> TextEnv:
@@ -24,6 +25,34 @@ def make_env(name: str, **kwargs: Any) -> TextEnv:
     from exprag.envs.alfworld import ALFWorldEnv
 
     return ALFWorldEnv(**kwargs)
+
+
+def _env_class(name: str) -> type:
+    import importlib
+
+    check_env(name)
+    cls = {"scienceworld": "ScienceWorldEnv", "twx": "TWXEnv", "alfworld": "ALFWorldEnv"}[name]
+    return getattr(importlib.import_module(f"exprag.envs.{name}"), cls)
+
+
+def check_env_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Refuse, before anything starts, an option the env does not take or an integer option given as
+    text (``--env-arg KEY=VALUE`` and a config's ``env_args``)."""
+    import inspect
+
+    from exprag.errors import EnvError
+
+    params = inspect.signature(_env_class(name).__init__).parameters
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p for p, v in params.items() if p != "self" and v.kind in named]
+    for key, value in kwargs.items():
+        if key not in accepted:
+            raise EnvError(f"--env-arg {key!r}: {name} takes no such option (it takes: {', '.join(accepted)})")
+        default = params[key].default
+        if isinstance(default, int) and not isinstance(default, bool) and (
+                not isinstance(value, int) or isinstance(value, bool)):
+            raise EnvError(f"--env-arg {key!r}: must be an integer >= 0, got {value!r}")
+    return kwargs
 
 
 def action_templates(name: str) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from exprag.config import RetrievalConfig, from_dict, load_yaml
 from exprag.errors import ExpragError
+from exprag.validate import BUDGET, COUNT, FIELD_RULES, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Num, check_config
 
 SERIALIZATIONS = ("trajectory", "step")
 OVERLONG = ("trim", "drop")
@@ -83,6 +84,7 @@ class TrainConfig:
         def bad(name: str, why: str) -> TrainConfigError:
             return TrainConfigError(f"train config field {name!r}: {why}")
 
+        check_config(self, "train config", TrainConfigError)  # numbers: types and ranges
         if self.serialization not in SERIALIZATIONS:
             raise bad("serialization", f"{self.serialization!r} is not one of {', '.join(SERIALIZATIONS)}")
         if self.overlong not in OVERLONG:
@@ -91,24 +93,23 @@ class TrainConfig:
             raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if not 0.0 <= self.empty_memory_fraction <= 1.0:
-            raise bad("empty_memory_fraction", "must be within [0, 1]")
-        for name in ("epochs", "batch_size", "max_length", "log_every_steps"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise bad("micro_batch_size", "must be >= 1")
-        if self.lr <= 0:
-            raise bad("lr", "must be > 0")
         if self.retrieval.mode not in ("static", "dynamic"):
             raise bad("retrieval.mode", f"{self.retrieval.mode!r} is not static or dynamic")
         if self.retrieval.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
             # Dynamic retrieval changes the memory every step: one example per trajectory cannot
             # carry it; per-step examples can (each with the memory retrieved at that step).
             raise bad("retrieval.mode", "dynamic retrieval needs serialization: step")
-        if self.selection.every is not None and self.selection.every < 1:
-            raise bad("selection.every", "must be >= 1")
         return self
+
+
+FIELD_RULES[LoraSettings] = {"r": COUNT, "alpha": COUNT, "dropout": Num(float, min=0, max=0.99)}
+FIELD_RULES[SelectionConfig] = {"every": COUNT, "per_type": COUNT, "limit": COUNT, "max_steps": COUNT,
+                                "batch_size": COUNT}
+FIELD_RULES[TrainConfig] = {
+    "empty_memory_fraction": FRACTION, "max_length": BUDGET, "epochs": COUNT, "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "batch_size": COUNT, "micro_batch_size": COUNT, "max_batch_tokens": BUDGET,
+    "seed": SEED, "save_every_steps": COUNT, "log_every_steps": COUNT, "keep_checkpoints": COUNT,
+}
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

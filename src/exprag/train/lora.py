@@ -431,6 +431,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     from exprag.train.select import Selection, make_rollout_eval
 
     cfg.validate()
+    from exprag.preflight import check_train_inputs
+
+    check_train_inputs(cfg)  # model, data and banks: a failed start creates no run directory
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision)
     # Autocast is ours, not Accelerator(mixed_precision=...): accelerate's state is a process-wide
