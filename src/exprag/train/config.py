@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exprag.config import RetrievalConfig, from_dict, load_yaml
+from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
 
 SERIALIZATIONS = ("trajectory", "step")
@@ -56,6 +57,9 @@ class TrainConfig:
     # ExpRAG-LoRA when retrieval.bank is set: the same retrieval as inference (K=2, static, chat JSON).
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     empty_memory_fraction: float = 0.0  # examples trained with an empty memory block (SPEC §7)
+    # Memories never come from the example's own task (ALFWorld: every trial of its task folder);
+    # "scene" also excludes every ALFWorld task of the same scene (see docs/leakage.md)
+    leakage: str = "task"
     only_successful: bool = True  # SFT imitates successes; failures are skipped and counted
     serialization: str = "trajectory"  # one example per trajectory | per step (benchmark baseline)
     max_length: int = 8192
@@ -91,6 +95,8 @@ class TrainConfig:
             raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.leakage not in LEAKAGE_SCOPES:
+            raise bad("leakage", f"{self.leakage!r} is not one of {', '.join(LEAKAGE_SCOPES)}")
         if not 0.0 <= self.empty_memory_fraction <= 1.0:
             raise bad("empty_memory_fraction", "must be within [0, 1]")
         for name in ("epochs", "batch_size", "max_length", "log_every_steps"):
