@@ -207,6 +207,7 @@ class BuildReport:
     trained_tokens: int = 0
     max_length: int = 0
     empty_memory: int = 0  # examples given an empty block on purpose (empty_memory_fraction)
+    shortened_memory: int = 0  # examples whose memory trajectories the token budget shortened
     trimmed_memory: list[dict[str, Any]] = field(default_factory=list)  # id, kept, retrieved
     truncated: list[dict[str, Any]] = field(default_factory=list)  # id, kept_actions, actions
     dropped_overlong: list[dict[str, Any]] = field(default_factory=list)  # id, tokens
@@ -215,7 +216,8 @@ class BuildReport:
         return {
             "trajectories": self.trajectories, "examples": self.examples, "tokens": self.tokens,
             "trained_tokens": self.trained_tokens, "max_length": self.max_length,
-            "empty_memory": self.empty_memory, "trimmed_memory": len(self.trimmed_memory),
+            "empty_memory": self.empty_memory, "shortened_memory": self.shortened_memory,
+            "trimmed_memory": len(self.trimmed_memory),
             "truncated": len(self.truncated), "dropped_overlong": len(self.dropped_overlong),
         }
 
@@ -329,6 +331,7 @@ def build_examples(
             continue
         if t.id in empty_ids and (step is None or step == 0):
             report.empty_memory += 1
+        report.shortened_memory += any(h.steps is not None for h in hits)
         examples.append(ex)
         report.examples += 1
         report.tokens += len(ex)
