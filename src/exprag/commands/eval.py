@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=None)
     p.add_argument("--mode", default=None, choices=["static", "dynamic"])
     p.add_argument("--memory-format", default=None, choices=["json", "text"])
-    p.add_argument("--token-budget", type=int, default=None, help="max tokens of the memory block, shortening its trajectories (counted by the "
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="max tokens of the memory block, shortening its trajectories (counted by the "
                         "model's tokenizer; the chars/4 estimate for an OpenAI-compatible server)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

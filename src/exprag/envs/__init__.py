@@ -8,7 +8,8 @@ from typing import Any
 from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, TextEnv
 from exprag.envs.splits import ENVS, check_env
 
-__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "LEAKAGE_SCOPES", "action_templates", "leakage_group", "make_env"]
+__all__ = ["ENVS", "LEAKAGE_SCOPES", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates",
+           "leakage_group", "make_env"]
 
 
 def make_env(name: str, **kwargs: Any) -> TextEnv:
