@@ -85,3 +85,24 @@ def test_scienceworld_episodes_through_openai_server(tiny_model, sw_bank, mode):
     assert traj.env == "scienceworld" and traj.num_steps == 2 and traj.task_type == "find-plant"
     assert result.stats["retrievals"] == (1 if mode == "static" else 2)
     assert result.stats["completion_tokens"] > 0
+
+
+def test_token_budget_at_inference_counts_with_the_models_tokenizer(tiny_model, twx_trajs, tmp_path):
+    from exprag.bank import memory_block, token_counter
+
+    train, _ = twx_trajs
+    r = Retriever(build_bank(train, tmp_path / "bank", "bm25"))
+    count = token_counter(tiny_model.tokenizer)
+    stats = {}
+    with make_env("twx") as env:
+        task = env.tasks("test", ["coin"])[0]
+        full = count(memory_block(r.retrieve(env.reset(task).task, k=2)))
+        for budget in (None, full // 2):
+            agent = Agent(tiny_model, r, AgentConfig(k=2, token_budget=budget, max_steps=1, max_new_tokens=4))
+            (res,) = agent.run([env], [task])
+            stats[budget] = res.stats
+    cut = stats[full // 2]
+    assert cut["memory_ids"] == stats[None]["memory_ids"]  # shortened, not swapped
+    assert cut["memory_token_count"] == "tokenizer" and "memory_token_count" not in stats[None]
+    # one step: the prompt is the system prompt + the first observation; the memory lost >= full/2 tokens
+    assert stats[None]["prompt_tokens"] - cut["prompt_tokens"] >= full - full // 2 - 8

@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from exprag.bank.memory import render_memory
-from exprag.bank.retriever import Filters, Retriever
+from exprag.bank.retriever import Filters, Retriever, approx_tokens, memory_block, token_counter
 from exprag.envs.base import TaskSpec, TextEnv
 from exprag.expert import EpisodeRecorder, trajectory_id
 from exprag.llm.base import ChatModel
@@ -45,7 +44,7 @@ class AgentConfig:
     k: int = 2
     mode: str = "static"  # static | dynamic
     memory_format: str = "json"
-    token_budget: int | None = None
+    token_budget: int | None = None  # tokens of the memory block: longer memories are shortened
     max_steps: int | None = None  # None: the env's cap
     max_new_tokens: int = 32
     show_admissible: bool = False
@@ -84,17 +83,30 @@ class Agent:
         self.retriever = retriever
         self.cfg = cfg
         self.filters = filters
+        self._count_tokens: Callable[[str], int] | None = None
+        self.token_count = ""  # how the budget counts tokens: "tokenizer" | "chars/4 estimate"
+
+    def _counter(self) -> Callable[[str], int]:
+        """The model's own tokenizer when the backend has one (HF); the chars/4 estimate otherwise
+        (an OpenAI-compatible server), recorded in each episode's stats as ``memory_token_count``."""
+        if self._count_tokens is None:
+            tok = getattr(self.model, "tokenizer", None)
+            self._count_tokens = token_counter(tok) if tok is not None else approx_tokens
+            self.token_count = "tokenizer" if tok is not None else "chars/4 estimate"
+        return self._count_tokens
 
     # ---- prompt --------------------------------------------------------------------------------
     def _memory(self, slot: _Slot) -> tuple[str, list[str]]:
         if self.retriever is None or self.cfg.k == 0:
             return "", []
         history = slot.rec.messages if self.cfg.mode == "dynamic" else None
+        budget = self.cfg.token_budget
         hits = self.retriever.retrieve(slot.rec.reset.task, history, k=self.cfg.k, mode=self.cfg.mode,
-                                       filters=self.filters, token_budget=self.cfg.token_budget,
+                                       filters=self.filters, token_budget=budget,
+                                       count_tokens=self._counter() if budget is not None else approx_tokens,
                                        memory_format=self.cfg.memory_format)
         slot.retrievals += 1
-        return render_memory([h.trajectory for h in hits], self.cfg.memory_format), [h.trajectory.id for h in hits]
+        return memory_block(hits, self.cfg.memory_format), [h.trajectory.id for h in hits]
 
     def _system(self, slot: _Slot) -> str:
         memory, slot.memory_ids = self._memory(slot)
@@ -170,6 +182,8 @@ class Agent:
             "unparsable": s.unparsable,
             "memory_ids": s.memory_ids,
         }
+        if self.cfg.token_budget is not None and self.token_count:
+            stats["memory_token_count"] = self.token_count
         if self.cfg.track_valid and getattr(s.env, "cheap_admissible", False):
             stats["invalid_actions"] = s.invalid
         traj = s.rec.trajectory(meta={"agent": {k: v for k, v in stats.items() if k != "memory_ids"},

@@ -227,6 +227,12 @@ class LazyModel:
         if self._model is not None:
             self._model.end_session(session_id)
 
+    @property
+    def tokenizer(self):
+        """The backend's tokenizer (HF), None for one without (OpenAI-compatible servers): a token
+        budget counts with it. Loads the model, which the first step needs anyway."""
+        return getattr(self._get(), "tokenizer", None)
+
 
 def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_spec: str,
                         max_steps: int) -> str:

@@ -4,7 +4,17 @@ import os
 import numpy as np
 import pytest
 
-from exprag.bank import Filters, Retriever, append_to_bank, build_bank, load_bank, render_memory
+from exprag.bank import (
+    Filters,
+    Retriever,
+    append_to_bank,
+    approx_tokens,
+    build_bank,
+    load_bank,
+    memory_block,
+    render_memory,
+    token_counter,
+)
 from exprag.bank.encoders import DenseEncoder, _top_from_scores
 from exprag.bank.quality import evaluate_retrieval
 from exprag.bank.store import read_manifest
@@ -54,6 +64,57 @@ def test_filters_exclusions_budget(bank, twx_trajs):
     budget = r.retrieve(q.task, k=3, token_budget=1)
     assert budget == [] and len(big) == 3
     assert r.retrieve(q.task, k=0) == []
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer (the tiny test model carries it)."""
+    from transformers import AutoTokenizer
+
+    from exprag.llm.models import tiny_random_model
+
+    return AutoTokenizer.from_pretrained(tiny_random_model(tmp_path_factory.mktemp("tok") / "tiny"))
+
+
+def test_token_budget_shortens_never_swaps(twx_trajs, tmp_path, smollm2_tokenizer):
+    train, test = twx_trajs
+    r = Retriever(build_bank(train, tmp_path / "bank", "bm25"))
+    count = token_counter(smollm2_tokenizer)
+    cut_seen = 0
+    for q in test[::4]:  # one query of every other game: seconds
+        whole = r.retrieve(q.task, k=3)
+        full = count(memory_block(whole))
+        floor = count(render_memory([h.trajectory for h in whole], steps=[0] * 3))  # first observations only
+        for budget in sorted({full, floor, (full + floor) // 2, floor + (full - floor) // 4}):
+            hits = r.retrieve(q.task, k=3, token_budget=budget, count_tokens=count)
+            # The same trajectories in the same order as without a budget: shortened, never swapped.
+            assert [(h.trajectory.id, h.score) for h in hits] == [(h.trajectory.id, h.score) for h in whole]
+            block = memory_block(hits)
+            assert count(block) <= budget  # exact: SmolLM2's tokenizer, not an estimate
+            for i, h in enumerate(hits):
+                t, n = h.trajectory, len(h.trajectory.actions())
+                if h.steps is None:
+                    continue
+                cut_seen += 1
+                assert 0 <= h.steps < n
+                shown = render_memory([x.trajectory for x in hits], steps=[x.steps for x in hits])
+                assert shown == block
+                assert f"... ({n - h.steps} more step{'s' if n - h.steps != 1 else ''} omitted)" in block
+                assert f"Task: {t.task}\n" in block
+                # the kept steps are the first ones, and the budget is used: one more step would not fit
+                longer = [x.steps if j != i else h.steps + 1 for j, x in enumerate(hits)]
+                longer = [None if s is not None and s >= len(x.trajectory.actions()) else s
+                          for s, x in zip(longer, hits)]
+                assert count(render_memory([x.trajectory for x in hits], steps=longer)) > budget
+            assert all(h.steps is None for h in hits) == (budget >= full)
+        # Below the first observations' size the lowest-ranked trajectories go: a prefix, never another.
+        short = r.retrieve(q.task, k=3, token_budget=floor - 1, count_tokens=count)
+        assert [h.trajectory.id for h in short] == [h.trajectory.id for h in whole][: len(short)]
+        assert len(short) < 3 and count(memory_block(short)) <= floor - 1
+    assert cut_seen
+    # The chars/4 estimate undercounts SmolLM2's tokens of a memory block: a tokenizer is needed.
+    block = memory_block(r.retrieve(test[0].task, k=3))
+    assert approx_tokens(block) < count(block)
 
 
 def test_memory_block(twx_trajs):

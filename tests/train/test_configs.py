@@ -25,3 +25,13 @@ def test_recipes_load(name, epochs):
 def test_flags_override_the_file():
     cfg = load_train_config(CONFIGS / "train-smollm2-cpu.yaml", {"epochs": 5, "retrieval.k": 2, "lr": None})
     assert cfg.epochs == 5 and cfg.retrieval.k == 2 and cfg.lr == 2e-3
+
+
+def test_leakage_scope_is_a_checked_option():
+    assert load_train_config(CONFIGS / "train-alfworld-paper.yaml").leakage == "task"
+    cfg = load_train_config(CONFIGS / "train-alfworld-paper.yaml", {"leakage": "scene"})
+    assert cfg.leakage == "scene"
+    from exprag.train.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="field 'leakage': 'room' is not one of task, scene"):
+        load_train_config(CONFIGS / "train-alfworld-paper.yaml", {"leakage": "room"})

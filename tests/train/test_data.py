@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from exprag.bank import Retriever, build_bank, render_memory
+from exprag.bank import Filters, Retriever, build_bank, render_memory
 from exprag.envs import action_templates
 from exprag.errors import DataFormatError
 from exprag.prompt import system_prompt
@@ -234,3 +234,114 @@ def test_report_is_json_serialisable(chatml_tok, train_trajs, bank):
     _, report = build_examples(train_trajs, chatml_tok, bank=bank, max_length=1500)
     json.dumps(report.summary())
     json.dumps(report.trimmed_memory + report.truncated + report.dropped_overlong)
+
+
+# ---- leakage across trials: official ALFWorld layout ------------------------------------------------
+# json_2.1.1/train/<task folder>/<trial>/game.tw-pddl: the trials of one folder share the scene (the
+# folder name's trailing number), the goal and the task text.
+_ALF_FOLDERS = {
+    "pick_and_place_simple-Book-None-Desk-313": ("put a book in desk.", "desk", 3),
+    "look_at_obj_in_light-Book-None-DeskLamp-313": ("examine the book with the desklamp.", "desklamp", 2),
+    "pick_and_place_simple-Book-None-Desk-301": ("put a book in desk.", "desk", 2),
+    "pick_clean_then_place_in_recep-Mug-None-CoffeeMachine-5": ("clean some mug and put it in coffeemachine.",
+                                                              "coffeemachine", 3),
+    "pick_cool_then_place_in_recep-Mug-None-CoffeeMachine-5": ("cool some mug and put it in coffeemachine.",
+                                                             "coffeemachine", 2),
+    "pick_heat_then_place_in_recep-Egg-None-Fridge-12": ("heat some egg and put it in fridge.", "fridge", 2),
+}
+_ROOMS = {"313": ("a bed 1, a desk 1, a desklamp 1, a drawer 1, a shelf 1", "shelf"),
+          "301": ("a bed 1, a desk 1, a dresser 1, a garbagecan 1", "dresser"),
+          "5": ("a cabinet 1, a coffeemachine 1, a fridge 1, a sinkbasin 1", "cabinet"),
+          "12": ("a countertop 1, a fridge 1, a microwave 1", "countertop")}
+
+
+def official_alfworld_trajs():
+    from exprag.trajectory import Trajectory
+
+    out = []
+    for folder, (task, target, trials) in _ALF_FOLDERS.items():
+        ttype, obj, _, _, scene = folder.split("-")
+        for n in range(trials):
+            room, holder = _ROOMS[scene]
+            where = f"{holder} {n + 1}"  # trials of a folder differ in where the object starts
+            actions = [f"go to {where}", f"take {obj.lower()} 1 from {where}", f"go to {target} 1",
+                       f"move {obj.lower()} 1 to {target} 1"]
+            msgs = [{"role": "user", "content": "-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of "
+                                                f"a room. Looking quickly around you, you see {room}.\n\n"
+                                                f"Your task is to: {task}"}]
+            for a in actions:
+                msgs += [{"role": "assistant", "content": a}, {"role": "user", "content": f"You {a}."}]
+            tid = f"{folder}/trial_T2019090{n}_0109{n}3_36671{n}"
+            out.append(Trajectory(id=f"alfworld:train:{tid}:expert", env="alfworld", env_version="alfworld==0.4",
+                                  split="train", task_type=ttype, task_id=tid, task=task, messages=msgs,
+                                  success=True, reward=1.0, num_steps=len(actions), source="expert"))
+    return out
+
+
+def test_no_training_memory_from_the_same_alfworld_task_folder(chatml_tok, tmp_path):
+    trajs = official_alfworld_trajs()
+    bank = build_bank(trajs, tmp_path / "bank", "bm25")
+    folder = {t.id: t.task_id.split("/")[0] for t in trajs}
+    scene = {t.id: folder[t.id].rsplit("-", 1)[1] for t in trajs}
+    # Teeth: excluding only the trajectory itself and its own trial, the closest memory (the whole
+    # episode as a dynamic query) is a twin trial of the same folder (same text, same scene).
+    r = Retriever(bank)
+    for t in trajs:
+        own_trial = Filters(exclude_ids={t.id}, exclude_task_ids={t.task_id})
+        top = r.retrieve(t.task, t.episode_messages(), k=1, mode="dynamic", filters=own_trial)[0]
+        assert folder[top.trajectory.id] == folder[t.id]
+
+    examples, _ = build_examples(trajs, chatml_tok, bank=bank)
+    for ex in examples:
+        assert len(ex.memory_ids) == 2
+        assert all(folder[m] != folder[ex.trajectory_id] for m in ex.memory_ids)
+    # The same-goal folder of another scene (Desk-301) is still a fair memory for Desk-313.
+    desk313 = [ex for ex in examples if folder[ex.trajectory_id].endswith("Desk-313")]
+    assert all(folder[ex.memory_ids[0]] == "pick_and_place_simple-Book-None-Desk-301" for ex in desk313)
+
+    by_scene, _ = build_examples(trajs, chatml_tok, bank=bank, memory=MemorySettings(leakage="scene"))
+    for ex in by_scene:
+        assert len(ex.memory_ids) == 2
+        assert all(scene[m] != scene[ex.trajectory_id] for m in ex.memory_ids)
+    # scene 313's only other folder (the desklamp one) was a memory under the folder rule
+    assert any(scene[m] == scene[ex.trajectory_id] for ex in examples for m in ex.memory_ids)
+
+
+def test_leakage_groups_per_env():
+    from exprag.envs import leakage_group
+
+    official = "pick_and_place_simple-Book-None-Desk-313/trial_T20190908_124340_674467"
+    generated = "look_at_obj_in_light-Book-None-DeskLamp-313/trial_gen_s0_00007"
+    assert leakage_group("alfworld", official) == "pick_and_place_simple-Book-None-Desk-313"
+    assert leakage_group("alfworld", official, "scene") == leakage_group("alfworld", generated, "scene")
+    assert leakage_group("alfworld", official) != leakage_group("alfworld", generated)
+    # ScienceWorld: one variation; TWX: one game seed (no finer scene identity in either)
+    for env, tid in (("scienceworld", "boil/var12"), ("twx", "coin/seed3")):
+        assert leakage_group(env, tid) == leakage_group(env, tid, "scene") == tid
+    with pytest.raises(ValueError, match="leakage scope"):
+        leakage_group("twx", "coin/seed3", "room")
+
+
+def test_token_budget_shortens_training_memories(chatml_tok, train_trajs, bank):
+    from exprag.bank import memory_block, token_counter
+
+    count = token_counter(chatml_tok)
+    train_trajs = train_trajs[::2]  # one trajectory in two of each game: seconds
+    whole, _ = build_examples(train_trajs, chatml_tok, bank=bank)
+    by_id = {t.id: t for t in bank.trajectories}
+    sizes = [count(render_memory([by_id[i] for i in ex.memory_ids])) for ex in whole]
+    budget = sorted(sizes)[len(sizes) // 2]  # half the examples' memories exceed it
+    cut, report = build_examples(train_trajs, chatml_tok, bank=bank, memory=MemorySettings(token_budget=budget))
+    assert [ex.memory_ids for ex in cut] == [ex.memory_ids for ex in whole]  # shortened, never swapped
+    hits = Retriever(bank).retrieve_batch([(t.task, None) for t in train_trajs], k=2,
+                                          filters=[_leak_filter(t) for t in train_trajs],
+                                          token_budget=budget, count_tokens=count)
+    shortened = 0
+    for ex, h, size in zip(cut, hits, sizes):
+        block = memory_block(h)
+        assert count(block) <= budget
+        assert chatml_tok.decode(ex.input_ids).startswith(
+            "<|im_start|>system\n" + system_prompt(action_templates("twx"), block) + "<|im_end|>")
+        shortened += size > budget
+        assert ("more step" in block) == (size > budget)
+    assert shortened >= len(cut) // 3 and report.summary()["shortened_memory"] == shortened

@@ -2,6 +2,7 @@
 
 Static: the query is the task description, keys are the stored task descriptions (SPEC §2).
 Dynamic: the query is task + partial history, keys are whole trajectories.
+A token budget never changes which trajectories are retrieved: it shortens them (``fit_memory``).
 How keys are scored is the bank's (``bank.retrieval``, see ``exprag.bank.scoring``); a query is only
 text: no task-type metadata of the query is used.
 """
@@ -9,19 +10,26 @@ text: no task-type metadata of the query is used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
-from exprag.bank.memory import render_trajectory
+from exprag.bank.memory import fit_memory, render_memory
 from exprag.bank.store import MODES, Bank
+from exprag.envs import leakage_group
 from exprag.errors import BankError
 from exprag.trajectory import Trajectory, history_text
 
 
 def approx_tokens(text: str) -> int:
-    """~4 characters a token: a tokenizer-free estimate for budgets (pass a real counter to be exact)."""
+    """~4 characters a token: the estimate used only when no tokenizer is at hand (it undercounts
+    SmolLM2's tokens of JSON memory blocks, e.g. by 6% on TWX); pass ``token_counter(tokenizer)``."""
     return len(text) // 4 + 1
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """Tokens of a text as the model sees it inside the prompt (no BOS/EOS added)."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,12 @@ class Hit:
     trajectory: Trajectory
     score: float
     position: int  # row in the bank
+    steps: int | None = None  # steps shown in the memory block (a token budget); None = whole
+
+
+def memory_block(hits: Sequence[Hit], fmt: str = "json") -> str:
+    """The memory block of retrieved hits, each shortened as the token budget decided."""
+    return render_memory([h.trajectory for h in hits], fmt, [h.steps for h in hits])
 
 
 @dataclass(frozen=True)
@@ -40,17 +54,23 @@ class Filters:
     success: bool | None = None
     exclude_ids: Collection[str] = ()
     exclude_task_ids: Collection[str] = ()  # leakage-free training: never the same game / variation
+    # (env, group) pairs of ``exprag.envs.leakage_group`` under ``group_scope``: e.g. every trial of
+    # an ALFWorld task folder, or every task of its scene
+    exclude_groups: Collection[tuple[str, str]] = ()
+    group_scope: str = "task"
 
     def active(self) -> bool:
         return bool(self.task_types is not None or self.envs is not None or self.success is not None
-                    or self.exclude_ids or self.exclude_task_ids)
+                    or self.exclude_ids or self.exclude_task_ids or self.exclude_groups)
 
     def allows(self, t: Trajectory) -> bool:
         return ((self.task_types is None or t.task_type in self.task_types)
                 and (self.envs is None or t.env in self.envs)
                 and (self.success is None or t.success == self.success)
                 and t.id not in self.exclude_ids
-                and t.task_id not in self.exclude_task_ids)
+                and t.task_id not in self.exclude_task_ids
+                and (not self.exclude_groups
+                     or (t.env, leakage_group(t.env, t.task_id, self.group_scope)) not in self.exclude_groups))
 
 
 def query_text(task: str, history: Sequence[dict[str, str]] | None, mode: str) -> str:
@@ -90,7 +110,9 @@ class Retriever:
         count_tokens: Callable[[str], int] = approx_tokens,
         memory_format: str = "json",
     ) -> list[list[Hit]]:
-        """One list of hits per query, best first. ``filters`` is one entry per query (or None)."""
+        """One list of hits per query, best first. ``filters`` is one entry per query (or None).
+        ``token_budget`` (tokens of the whole memory block, by ``count_tokens``) sets each hit's
+        ``steps``; it may drop the lowest-ranked hits, never replace them."""
         if mode not in MODES:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if k < 0:
@@ -105,37 +127,33 @@ class Retriever:
         index = self.bank.index(mode)
         texts = [query_text(t, h, mode) for t, h in queries]
         trajs = self.bank.trajectories
-        need_more = any(f is not None and f.active() for f in filters) or token_budget is not None
+        need_more = any(f is not None and f.active() for f in filters)
         # Over-fetch so that filtered-out entries rarely leave fewer than k; fall back to a full scan.
         fetch = min(len(trajs), k if not need_more else max(4 * k, k + 32))
         top_scores, top_ids = index.top(texts, fetch)
         out: list[list[Hit]] = []
         for qi, f in enumerate(filters):
-            hits = self._select(top_scores[qi], top_ids[qi], f, k, token_budget, count_tokens, memory_format)
+            hits = self._select(top_scores[qi], top_ids[qi], f, k)
             if len(hits) < k and fetch < len(trajs):
                 s = index.scores([texts[qi]])[0]
                 # an index with its own ordering (diversity) ranks the whole bank itself
                 rank_all = getattr(index, "rank_all", None)
                 order = rank_all(texts[qi]) if rank_all is not None else np.argsort(-s, kind="stable")
-                hits = self._select(s[order], order, f, k, token_budget, count_tokens, memory_format)
+                hits = self._select(s[order], order, f, k)
+            if token_budget is not None:
+                cuts = fit_memory([h.trajectory for h in hits], memory_format, token_budget, count_tokens)
+                hits = [Hit(h.trajectory, h.score, h.position, c) for h, c in zip(hits, cuts)]
             out.append(hits)
         return out
 
-    def _select(self, scores, ids, f: Filters | None, k: int, budget: int | None,
-                count_tokens: Callable[[str], int], fmt: str) -> list[Hit]:
+    def _select(self, scores, ids, f: Filters | None, k: int) -> list[Hit]:
         hits: list[Hit] = []
-        used = 0
         for s, i in zip(scores, ids):
             if i < 0:  # FAISS pads with -1 when it finds fewer than asked
                 continue
             t = self.bank.trajectories[int(i)]
             if f is not None and not f.allows(t):
                 continue
-            if budget is not None:
-                cost = count_tokens(render_trajectory(t, fmt))
-                if used + cost > budget:
-                    continue  # a shorter, lower-ranked trajectory may still fit
-                used += cost
             hits.append(Hit(t, float(s), int(i)))
             if len(hits) == k:
                 break

@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--task-type", action="append", dest="task_types", help="filter (repeatable)")
     q.add_argument("--success-only", action="store_true")
     q.add_argument("--exclude-task-id", action="append", default=[], help="exclusion (repeatable)")
-    q.add_argument("--token-budget", type=positive_int, default=None)
+    q.add_argument("--token-budget", type=positive_int, default=None,
+                   help="max tokens of the memory block, shortening its trajectories (counted by the "
+                        "chars/4 estimate: no model here)")
     q.add_argument("--memory", action="store_true", help="print the rendered memory block")
     q.add_argument("--format", default="json", choices=["json", "text"], help="memory block format")
     q.add_argument("--json", action="store_true", help="machine-readable output")
@@ -113,7 +115,7 @@ def _load_history(path: str) -> list[dict]:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    from exprag.bank import Filters, Retriever, load_bank, render_memory
+    from exprag.bank import Filters, Retriever, load_bank, memory_block
 
     from exprag.errors import ExpragError
 
@@ -141,7 +143,7 @@ def run_query(args: argparse.Namespace) -> int:
     if not hits:
         print("(no trajectory matched)")
     if args.memory:
-        print("\n" + render_memory([h.trajectory for h in hits], args.format))
+        print("\n" + memory_block(hits, args.format))
     return 0
 
 

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=non_negative_int, default=None)
     p.add_argument("--mode", default=None, choices=["static", "dynamic"])
     p.add_argument("--memory-format", default=None, choices=["json", "text"])
-    p.add_argument("--token-budget", type=positive_int, default=None, help="max (approx.) tokens of memory")
+    p.add_argument("--token-budget", type=positive_int, default=None,
+                   help="max tokens of the memory block, shortening its trajectories (counted by the "
+                        "model's tokenizer; the chars/4 estimate for an OpenAI-compatible server)")
     p.add_argument("--max-steps", type=positive_int, default=None)
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--batch-size", type=positive_int, default=None, help="episodes stepped together")

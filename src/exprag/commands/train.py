@@ -13,7 +13,7 @@ _OVERRIDES = {
     "trajectories": "trajectories", "val_trajectories": "val_trajectories", "model": "model",
     "out": "out", "bank": "retrieval.bank", "k": "retrieval.k", "mode": "retrieval.mode",
     "memory_format": "retrieval.memory_format", "token_budget": "retrieval.token_budget",
-    "empty_memory_fraction": "empty_memory_fraction", "serialization": "serialization",
+    "empty_memory_fraction": "empty_memory_fraction", "leakage": "leakage", "serialization": "serialization",
     "max_length": "max_length", "overlong": "overlong", "epochs": "epochs", "lr": "lr",
     "batch_size": "batch_size", "max_batch_tokens": "max_batch_tokens", "micro_batch_size": "micro_batch_size",
     "precision": "precision", "optimizer": "optimizer", "seed": "seed",
@@ -43,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=non_negative_int, dest="k", help="memory trajectories per example (default 2)")
     p.add_argument("--mode", choices=["static", "dynamic"], help="retrieval mode (default static)")
     p.add_argument("--memory-format", choices=["json", "text"])
-    p.add_argument("--token-budget", type=positive_int)
+    p.add_argument("--token-budget", type=positive_int,
+                   help="max tokens of the memory block (the model's tokenizer counts); longer memories are shortened")
+    p.add_argument("--leakage", choices=["task", "scene"],
+                   help="memories never from the example's task (default; ALFWorld: every trial of its task "
+                        "folder), or also from its ALFWorld scene")
     p.add_argument("--empty-memory-fraction", type=fraction, metavar="P",
                    help="fraction of examples trained with an empty memory block (default 0)")
     p.add_argument("--serialization", choices=["trajectory", "step"],

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, TextEnv
 from exprag.envs.splits import ENVS, check_env
 
-__all__ = ["ENVS", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates", "check_env_args",
-           "make_env"]
+__all__ = ["ENVS", "LEAKAGE_SCOPES", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates",
+           "check_env_args", "leakage_group", "make_env"]
 
 
 def make_env(name: str, **kwargs: Any) -> TextEnv:
@@ -63,3 +64,20 @@ def action_templates(name: str) -> list[str]:
     module = importlib.import_module(f"exprag.envs.{name}")
     templates = getattr(module, "ACTION_TEMPLATES", None)
     return list(templates if templates is not None else module.action_templates())
+
+
+# Leakage scopes for training memories: "task" = the same game / variation / ALFWorld task folder
+# (every trial of it); "scene" additionally every task of the same ALFWorld scene.
+LEAKAGE_SCOPES = ("task", "scene")
+
+
+@lru_cache(maxsize=65536)
+def leakage_group(env: str, task_id: str, scope: str = "task") -> str:
+    """The group of trajectories that count as the same task as ``task_id`` for leakage-free
+    ExpRAG-LoRA memories, as the env defines task identity (each env module's ``leakage_group``)."""
+    check_env(env)
+    if scope not in LEAKAGE_SCOPES:
+        raise ValueError(f"unknown leakage scope {scope!r} (choose one of: {', '.join(LEAKAGE_SCOPES)})")
+    import importlib
+
+    return importlib.import_module(f"exprag.envs.{env}").leakage_group(task_id, scope)

@@ -46,6 +46,23 @@ def default_generated_dir(seed: int = 0) -> Path:
     return cache_dir() / "alfworld" / f"generated-v{gen.GENERATOR_VERSION}-s{seed}"
 
 
+# ---- leakage groups ---------------------------------------------------------------------------------
+def leakage_group(task_id: str, scope: str = "task") -> str:
+    """The trajectories that count as one task when training memories must not leak the example.
+
+    A task id is ``<task folder>/<trial>`` (official ``json_2.1.1`` and generated games alike). The
+    trials of one folder are the same scene, goal and task text, so ``task`` groups by folder.
+    The folder name ends with the ALFRED scene (floorplan) number,
+    ``pick_and_place_simple-Book-None-Desk-313`` -> 313, so ``scene`` groups every task of one
+    scene; a folder without a trailing number stays its own group."""
+    folder = task_id.split("/", 1)[0]
+    if scope == "scene":
+        scene = folder.rsplit("-", 1)[-1]
+        if scene.isdigit() and "-" in folder:
+            return f"scene-{int(scene)}"
+    return folder
+
+
 # ---- action normalisation ---------------------------------------------------------------------------
 _PUT_RE = re.compile(r"(?:put|place|move)\s+(.+?)\s+(?:in/on|in or on|into|onto|inside|in|on|to)\s+(.+)")
 _ALIASES = {

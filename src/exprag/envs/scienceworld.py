@@ -104,6 +104,13 @@ def parse_task_id(tid: str) -> tuple[str, int]:
     return m["type"], int(m["var"])
 
 
+def leakage_group(task_id: str, scope: str = "task") -> str:
+    """The trajectories that count as one task for leakage-free training memories: one variation
+    (``boil/var12``). Variations of a type differ in their objects and substances; there is no
+    scene identity finer than the variation, so ``scene`` groups the same way."""
+    return task_id
+
+
 # Ticks of simulated time per action (the move counter): "look at X" 1, "wait1" 2, "wait" 11.
 _WAIT, _WAIT_TICKS, _WAIT1, _WAIT1_TICKS = "wait", 11, "wait1", 2
 _MIN_POLL_RUN = 12

@@ -36,6 +36,13 @@ ACTION_TEMPLATES = [
 ]
 
 
+def leakage_group(task_id: str, scope: str = "task") -> str:
+    """The trajectories that count as one task for leakage-free training memories: one game seed
+    (``coin/seed12``). Every seed generates its own map, objects and goal, and seeds of one game
+    share nothing more specific than the game type, so ``scene`` groups the same way."""
+    return task_id
+
+
 class TWXEnv(EnvBase):
     name = "twx"
     cheap_admissible = True  # the server returns valid actions with every step

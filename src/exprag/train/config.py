@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exprag.config import RetrievalConfig, from_dict, load_yaml
+from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
 from exprag.validate import BUDGET, COUNT, FIELD_RULES, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Num, check_config
 
@@ -57,6 +58,9 @@ class TrainConfig:
     # ExpRAG-LoRA when retrieval.bank is set: the same retrieval as inference (K=2, static, chat JSON).
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     empty_memory_fraction: float = 0.0  # examples trained with an empty memory block (SPEC §7)
+    # Memories never come from the example's own task (ALFWorld: every trial of its task folder);
+    # "scene" also excludes every ALFWorld task of the same scene (see docs/leakage.md)
+    leakage: str = "task"
     only_successful: bool = True  # SFT imitates successes; failures are skipped and counted
     serialization: str = "trajectory"  # one example per trajectory | per step (benchmark baseline)
     max_length: int = 8192
@@ -93,6 +97,8 @@ class TrainConfig:
             raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.leakage not in LEAKAGE_SCOPES:
+            raise bad("leakage", f"{self.leakage!r} is not one of {', '.join(LEAKAGE_SCOPES)}")
         if self.retrieval.mode not in ("static", "dynamic"):
             raise bad("retrieval.mode", f"{self.retrieval.mode!r} is not static or dynamic")
         if self.retrieval.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":

@@ -15,8 +15,10 @@ Masking works for any chat template, without ``{% generation %}`` markers:
    ``</s>``, ``<end_of_turn>`` -- so that greedy decoding learns to stop after one action.
 
 The system prompt (instructions, action templates, memory block) and observations get label -100.
-ExpRAG-LoRA examples carry a memory block retrieved from the training bank exactly as at inference
-(SPEC §5), never the trajectory itself nor one of the same task_id (SPEC §7).
+ExpRAG-LoRA examples carry a memory block retrieved from the training bank exactly as at inference,
+never the trajectory itself nor one of the same task as the env defines it (``leakage_filter``): a
+twin of the example in its own memory would teach copying, which cannot transfer to unseen tasks.
+A token budget shortens the memory trajectories, counted with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from exprag.bank import Bank, Filters, Hit, Retriever, render_memory
-from exprag.envs import action_templates
+from exprag.bank import Bank, Filters, Hit, Retriever, approx_tokens, memory_block, token_counter
+from exprag.envs import action_templates, leakage_group
 from exprag.errors import DataFormatError, ExpragError
 from exprag.prompt import conversation, system_prompt
 from exprag.trajectory import Trajectory, iter_jsonl_located
@@ -205,6 +207,7 @@ class BuildReport:
     trained_tokens: int = 0
     max_length: int = 0
     empty_memory: int = 0  # examples given an empty block on purpose (empty_memory_fraction)
+    shortened_memory: int = 0  # examples whose memory trajectories the token budget shortened
     trimmed_memory: list[dict[str, Any]] = field(default_factory=list)  # id, kept, retrieved
     truncated: list[dict[str, Any]] = field(default_factory=list)  # id, kept_actions, actions
     dropped_overlong: list[dict[str, Any]] = field(default_factory=list)  # id, tokens
@@ -213,7 +216,8 @@ class BuildReport:
         return {
             "trajectories": self.trajectories, "examples": self.examples, "tokens": self.tokens,
             "trained_tokens": self.trained_tokens, "max_length": self.max_length,
-            "empty_memory": self.empty_memory, "trimmed_memory": len(self.trimmed_memory),
+            "empty_memory": self.empty_memory, "shortened_memory": self.shortened_memory,
+            "trimmed_memory": len(self.trimmed_memory),
             "truncated": len(self.truncated), "dropped_overlong": len(self.dropped_overlong),
         }
 
@@ -225,23 +229,29 @@ class MemorySettings:
     k: int = 2
     mode: str = "static"
     memory_format: str = "json"
-    token_budget: int | None = None
+    token_budget: int | None = None  # tokens of the memory block (the model's tokenizer counts)
+    leakage: str = "task"  # exclude the example's task (task) or also its ALFWorld scene (scene)
 
 
-def leakage_filter(t: Trajectory) -> Filters:
-    """Never the trajectory itself nor any trajectory of the same game / variation (SPEC §7)."""
-    return Filters(exclude_ids={t.id}, exclude_task_ids={t.task_id})
+def leakage_filter(t: Trajectory, scope: str = "task") -> Filters:
+    """Never the trajectory itself nor any trajectory of the same task as its env defines it
+    (``exprag.envs.leakage_group``): the same TWX game seed, ScienceWorld variation, or ALFWorld
+    task folder (all its trials); with ``scope="scene"`` also any ALFWorld task of the same scene."""
+    return Filters(exclude_ids={t.id}, exclude_task_ids={t.task_id},
+                   exclude_groups={(t.env, leakage_group(t.env, t.task_id, scope))}, group_scope=scope)
 
 
 def retrieve_memories(bank: Bank, trajs: Sequence[Trajectory], settings: MemorySettings,
-                      steps: Sequence[int] | None = None) -> list[list[Hit]]:
+                      steps: Sequence[int] | None = None,
+                      count_tokens: Callable[[str], int] = approx_tokens) -> list[list[Hit]]:
     """One retrieval per trajectory (static), or per (trajectory, step) for dynamic mode, where
     ``steps[i]`` is the number of messages of the episode seen so far."""
     episodes = [t.episode_messages() for t in trajs]
     queries = [(t.task, None if steps is None else ep[: steps[i]]) for i, (t, ep) in enumerate(zip(trajs, episodes))]
     return Retriever(bank).retrieve_batch(
-        queries, k=settings.k, mode=settings.mode, filters=[leakage_filter(t) for t in trajs],
-        token_budget=settings.token_budget, memory_format=settings.memory_format,
+        queries, k=settings.k, mode=settings.mode,
+        filters=[leakage_filter(t, settings.leakage) for t in trajs],
+        token_budget=settings.token_budget, count_tokens=count_tokens, memory_format=settings.memory_format,
     )
 
 
@@ -281,6 +291,7 @@ def build_examples(
     report = BuildReport(trajectories=len(trajs), max_length=max_length or 0)
     templates = _Templates()
     specials = special_ids(tokenizer)
+    count = token_counter(tokenizer)
     rng = random.Random(seed)
     n_empty = round(empty_memory_fraction * len(trajs)) if bank is not None else 0
     empty_ids = {t.id for t in rng.sample(list(trajs), n_empty)} if n_empty else set()
@@ -288,7 +299,7 @@ def build_examples(
     # (trajectory, assistant index to train or None = all, hits) work items
     items: list[tuple[Trajectory, int | None, list[Hit]]] = []
     if serialization == "trajectory":
-        hits = (retrieve_memories(bank, trajs, memory) if bank is not None
+        hits = (retrieve_memories(bank, trajs, memory, count_tokens=count) if bank is not None
                 else [[] for _ in trajs])
         items = [(t, None, h) for t, h in zip(trajs, hits)]
     else:
@@ -303,10 +314,10 @@ def build_examples(
         if bank is None:
             hits = [[] for _ in step_trajs]
         elif memory.mode == "static":  # one retrieval per trajectory, shared by its steps
-            per = dict(zip((t.id for t in trajs), retrieve_memories(bank, trajs, memory)))
+            per = dict(zip((t.id for t in trajs), retrieve_memories(bank, trajs, memory, count_tokens=count)))
             hits = [per[t.id] for t in step_trajs]
         else:
-            hits = retrieve_memories(bank, step_trajs, memory, steps=seen)
+            hits = retrieve_memories(bank, step_trajs, memory, steps=seen, count_tokens=count)
         items = list(zip(step_trajs, step_idx, hits))
 
     examples: list[Example] = []
@@ -320,6 +331,7 @@ def build_examples(
             continue
         if t.id in empty_ids and (step is None or step == 0):
             report.empty_memory += 1
+        report.shortened_memory += any(h.steps is not None for h in hits)
         examples.append(ex)
         report.examples += 1
         report.tokens += len(ex)
@@ -331,7 +343,7 @@ def example_messages(t: Trajectory, hits: Sequence[Hit], templates: list[str], f
                      step: int | None = None) -> list[dict[str, str]]:
     """The chat one example trains on: our system prompt (templates + memory block) + the episode,
     ending at the last trained action (the trailing observation carries no loss)."""
-    block = render_memory([h.trajectory for h in hits], fmt)
+    block = memory_block(hits, fmt)
     msgs = conversation(system_prompt(templates, block), t)
     a_pos = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     end = a_pos[-1] if step is None else a_pos[step]

@@ -323,7 +323,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, *, progress: bool = False,
         if log:
             log(w)
     mem = MemorySettings(cfg.retrieval.k, cfg.retrieval.mode, cfg.retrieval.memory_format,
-                         cfg.retrieval.token_budget)
+                         cfg.retrieval.token_budget, cfg.leakage)
 
     def build(ts: list[Any], desc: str) -> tuple[list[Example], BuildReport]:
         return build_examples(
