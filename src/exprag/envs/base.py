@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from exprag.errors import EnvError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -36,6 +38,11 @@ class Step:
     done: bool
     won: bool  # success as the env defines it (ALFWorld won, ScienceWorld full score, TWX success)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class EnvRestarted(EnvError):
+    """The simulator process died mid-episode and was restarted: the episode in progress is lost;
+    replay it from ``reset`` (once: a second death of the same episode is an ordinary EnvError)."""
 
 
 @runtime_checkable

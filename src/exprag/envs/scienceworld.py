@@ -16,18 +16,27 @@ Quirks passed on as they are: unknown input answers "No known action matches tha
 ambiguous one lists numbered choices and expects the number as the next action; the simulator is not
 deterministic across loads (the gold route, the order objects are listed in, a thermometer reading
 or the tick a circuit powers up can differ between two resets of the same variation).
+
+A JVM that dies (killed, out of memory) is restarted: a reset retries once on a fresh JVM; a step
+raises ``EnvRestarted`` (the episode is lost; the expert and agent loops replay it from its start
+once), and the next reset starts the new JVM. py4j's own log records of the broken connection are
+kept off stderr (the error we raise says it in one line).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from itertools import groupby
 from typing import Any
 
-from exprag.envs.base import EnvBase, Reset, Step, TaskSpec
+from exprag.envs.base import EnvBase, EnvRestarted, Reset, Step, TaskSpec
 from exprag.errors import EnvError, UnknownTaskTypeError
 
 SPLITS = ("train", "dev", "test")
+# py4j logs every failed call on a dead gateway with a traceback; without a handler of its own
+# Python's last-resort handler prints them all. An application that configures logging still sees them.
+logging.getLogger("py4j").addHandler(logging.NullHandler())
 _TASK_ID = re.compile(r"^(?P<type>[a-z0-9-]+)/var(?P<var>\d+)$")
 
 # Default step cap per task type: max(100, 1.25 x the longest gold sequence measured, rounded up to
@@ -193,6 +202,20 @@ class ScienceWorldEnv(EnvBase):
                 raise EnvError(f"scienceworld: could not start the simulator JVM (is Java 8+ on PATH?): {e}") from e
         return self._sw
 
+    def _jvm_exit(self) -> int | None:
+        """The JVM's exit code when it has died, else None."""
+        proc = getattr(getattr(self._sw, "_gateway", None), "java_process", None)
+        return proc.poll() if proc is not None else None
+
+    def _dead_jvm(self, task_id: str) -> str | None:
+        """After a failed simulator call: when the JVM died, drop it (the next call starts a new
+        one) and say so; None when it is alive (the call failed for another reason)."""
+        code = self._jvm_exit() if self._sw is not None else None
+        if code is None:
+            return None
+        self.close()
+        return f"scienceworld: {task_id}: the simulator JVM died (exit code {code})"
+
     def close(self) -> None:
         sw, self._sw = self._sw, None
         self._task = None
@@ -273,8 +296,24 @@ class ScienceWorldEnv(EnvBase):
     def reset(self, task: TaskSpec) -> Reset:
         self._task = None  # a failed reset leaves no episode to step
         ttype, var = self._locate(task)
+        try:
+            return self._reset(task, ttype, var)
+        except EnvError:
+            died = self._dead_jvm(task.task_id)
+            if died is None:
+                raise
+        try:  # once more, on a fresh JVM
+            return self._reset(task, ttype, var)
+        except EnvError as e:
+            again = self._dead_jvm(task.task_id)
+            raise EnvError(f"{died}; the restarted one failed too: {again or e}") from None
+
+    def _reset(self, task: TaskSpec, ttype: str, var: int) -> Reset:
         sw = self._env()
-        n_max = sw.server.getTaskMaxVariations(ttype)
+        try:
+            n_max = sw.server.getTaskMaxVariations(ttype)
+        except Exception as e:
+            raise EnvError(f"scienceworld: {task.task_id}: the simulator does not answer: {e}") from None
         if not 0 <= var < n_max:
             raise EnvError(f"scienceworld: {task.task_id}: variation {var} out of range (0..{n_max - 1})")
         try:
@@ -292,7 +331,7 @@ class ScienceWorldEnv(EnvBase):
         except EnvError as e:
             raise EnvError(f"scienceworld: {task.task_id}: {e}") from None
         except Exception as e:  # py4j / JVM errors, invalid simplification
-            raise EnvError(f"scienceworld: {task.task_id}: could not load the task: {e}") from e
+            raise EnvError(f"scienceworld: {task.task_id}: could not load the task: {e}") from None
         self._task, self._steps = task, 0
         self._gold_actions, self._gold_pos = gold, 0
         info: dict[str, Any] = {"score": score, "moves": 0, "variation": var, "task_type": ttype,
@@ -319,7 +358,10 @@ class ScienceWorldEnv(EnvBase):
                 obs, _, completed, pinfo = sw.step(action)
                 raw, moves = int(pinfo["score"]), int(pinfo["moves"])
         except Exception as e:
-            raise EnvError(f"scienceworld: {task.task_id}: step {action!r} failed: {e}") from e
+            died = self._dead_jvm(task.task_id)
+            if died is not None:
+                raise EnvRestarted(f"{died} at step {self._steps + 1}; the episode must start over on a new JVM") from None
+            raise EnvError(f"scienceworld: {task.task_id}: step {action!r} failed: {e}") from None
         self._steps += 1
         if self._gold_pos < len(self._gold_actions) and _same(action, self._gold_actions[self._gold_pos]):
             self._gold_pos += 1
@@ -351,7 +393,10 @@ class ScienceWorldEnv(EnvBase):
         try:
             return [str(a) for a in self._sw.server.getValidActionObjectCombinations()]
         except Exception as e:
-            raise EnvError(f"scienceworld: {task.task_id}: could not enumerate valid actions: {e}") from e
+            died = self._dead_jvm(task.task_id)
+            if died is not None:
+                raise EnvRestarted(f"{died}; the episode must start over on a new JVM") from None
+            raise EnvError(f"scienceworld: {task.task_id}: could not enumerate valid actions: {e}") from None
 
     # ---- prompt material ---------------------------------------------------------------------
     def action_templates(self) -> list[str]:
