@@ -7,6 +7,8 @@ actions of the current task, and the global action templates an agent's prompt s
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,6 +40,23 @@ class Step:
     done: bool
     won: bool  # success as the env defines it (ALFWorld won, ScienceWorld full score, TWX success)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class _FromPy4J(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
+def quiet_py4j() -> None:
+    """Keep py4j's log records off stderr. On a dead JVM py4j logs every failed call with a
+    traceback, partly through the root logger's module functions (``logging.exception``), which
+    also install a stderr handler on the root logger; the env adapters raise one EnvError that says
+    what happened instead. Idempotent."""
+    py4j = logging.getLogger("py4j")
+    py4j.propagate = False
+    if not any(isinstance(f, _FromPy4J) for f in logging.root.filters):
+        py4j.addHandler(logging.NullHandler())
+        logging.root.addFilter(_FromPy4J())
 
 
 class EnvRestarted(EnvError):

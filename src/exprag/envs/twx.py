@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from importlib.metadata import version as _pkg_version
 
-from exprag.envs.base import EnvBase, Reset, Step, TaskSpec
+from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, quiet_py4j
 from exprag.envs.splits import all_types
 from exprag.errors import EnvError, UnknownTaskTypeError
 
@@ -27,6 +27,7 @@ _DEFAULT_MAX_STEPS = 50
 # Games whose simulator gold agent walks at random (class names in textworldexpress.goldagent).
 _RANDOM_WALK_GOLD = {"coin": "CoinGoldAgent", "twc": "TWCGoldAgent"}
 _GOLD_ATTEMPTS = 50  # the simulator's own limit
+quiet_py4j()
 
 ACTION_TEMPLATES = [
     "look around",
