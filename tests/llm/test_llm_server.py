@@ -160,8 +160,10 @@ def test_api_key_required_when_set(tiny, monkeypatch):
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
         monkeypatch.setenv("EXPRAG_API_KEY", "s3cret")
         assert OpenAIChatModel(tiny.name, srv.url).generate([episode_start(0)], max_new_tokens=2)[0].completion_tokens == 2
-        with pytest.raises(ServerError, match="HTTP 401.*API key"):
-            OpenAIChatModel(tiny.name, srv.url, api_key="wrong").generate([episode_start(0)], max_new_tokens=2)
+        big = [episode_start(0)[:1] + [{"role": "user", "content": "look " * 200_000}]]  # a ~1 MB body
+        for conv in ([episode_start(0)], big):
+            with pytest.raises(ServerError, match="HTTP 401.*API key"):
+                OpenAIChatModel(tiny.name, srv.url, api_key="wrong").generate(conv, max_new_tokens=2)
 
 
 def test_non_loopback_bind_needs_a_key(tiny):

@@ -272,7 +272,14 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
             if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
                 return True
-            # The body of a refused POST is left unread: close the connection rather than parse it.
+            # Read (and drop) a refused POST's body first: a client still sending it would see the
+            # connection reset instead of the 401.
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = 0
+            if 0 < length <= MAX_BODY:
+                self.rfile.read(length)
             self._send(401, {"error": {"message": "missing or wrong API key (send Authorization: Bearer KEY)",
                                        "type": "invalid_request_error", "code": 401}},
                        {"WWW-Authenticate": "Bearer", "Connection": "close"})
