@@ -17,8 +17,8 @@ import hmac
 import ipaddress
 import json
 import logging
-import socket
 import queue
+import socket
 import threading
 import time
 import uuid
