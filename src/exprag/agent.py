@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from exprag.bank.retriever import Filters, Retriever, approx_tokens, memory_block, token_counter
-from exprag.envs.base import TaskSpec, TextEnv
+from exprag.envs.base import EnvRestarted, TaskSpec, TextEnv
 from exprag.expert import EpisodeRecorder, trajectory_id
 from exprag.llm.base import ChatModel
 from exprag.prompt import system_prompt
@@ -67,6 +67,7 @@ class _Slot:
     invalid: int = 0  # parsed action not admissible
     unparsable: int = 0
     started: float = 0.0
+    replayed: bool = False  # this episode already started over after a simulator restart
 
 
 @dataclass
@@ -135,13 +136,29 @@ class Agent:
                 s.prefill_tokens += g.prefill_tokens
                 s.completion_tokens += g.completion_tokens
                 s.gen_seconds += g.seconds
-                self._act(s, g.text)
+                try:
+                    self._act(s, g.text)
+                except EnvRestarted:
+                    if s.replayed:  # lost twice: give up with the env's one-line error
+                        raise
+                    self._replay(s, queue, source)
+                    continue
                 if s.rec.done or s.rec.steps >= s.cap:
                     yield self._finish(s)
                     self._start(s, queue, source)
 
+    def _replay(self, s: _Slot, queue: list[TaskSpec], source: str) -> None:
+        """The env's simulator restarted mid-episode: play the episode again from its start."""
+        model = getattr(self.model, "end_session", None)
+        if model:
+            model(_sid(s))
+        queue.insert(0, s.task)
+        self._start(s, queue, source)
+        s.replayed = True
+
     def _start(self, s: _Slot, queue: list[TaskSpec], source: str) -> None:
         s.task = None
+        s.replayed = False
         if not queue:
             return
         task = queue.pop(0)

@@ -37,6 +37,7 @@ class EvalConfig:
     adapter: str | None = None
     backend: str = "hf"  # hf | openai
     base_url: str | None = None
+    request_timeout: float = 60.0  # seconds per request to an OpenAI-compatible server (backend openai)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     max_steps: int | None = None  # None = the env's cap (ALFWorld 50)
     max_new_tokens: int = 32

@@ -30,7 +30,7 @@ from exprag.validate import read_json
 AGENT_ENV_DEFAULTS: dict[str, dict[str, Any]] = {"scienceworld": {"gold": False}, "alfworld": {"expert": None}}
 
 # Fields that may change between a run and its resumption without changing what is measured.
-_RESUMABLE = {"out", "batch_size", "limit", "per_type"}
+_RESUMABLE = {"out", "batch_size", "limit", "per_type", "request_timeout"}
 
 
 @dataclass
@@ -167,7 +167,9 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
         todo = [t for t in tasks if t.task_id not in done]
         if todo:
             if model is None:
-                model = LazyModel(cfg.model, adapter=cfg.adapter, backend=cfg.backend, base_url=cfg.base_url)
+                transport = {"timeout": cfg.request_timeout} if cfg.backend == "openai" else {}
+                model = LazyModel(cfg.model, adapter=cfg.adapter, backend=cfg.backend, base_url=cfg.base_url,
+                                  **transport)
             for _ in range(min(cfg.batch_size, len(todo)) - 1):
                 envs.append(make_env(cfg.env, **env_args))
         agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,

@@ -39,7 +39,7 @@ Log = Callable[[str], None]
 # Fields of the training config that the runner sets itself (data, model, output, seed, memory).
 _RUNNER_TRAIN_FIELDS = ("trajectories", "val_trajectories", "model", "out", "seed", "retrieval")
 # Eval fields that may differ between a finished cell and its rerun without changing the measurement.
-_CELL_RESUMABLE = {"out", "batch_size"}
+_CELL_RESUMABLE = {"out", "batch_size", "request_timeout"}  # transport settings do not change results
 _SCORINGS = ("procedure", "dense", "bm25")  # exprag.bank.scoring.SCORINGS (not imported: it loads numpy)
 _MINILM, _BM25 = "minilm", "bm25"
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from exprag.envs.base import Reset, Step, TaskSpec, TextEnv
+from exprag.envs.base import EnvRestarted, Reset, Step, TaskSpec, TextEnv
 from exprag.errors import EnvError
 from exprag.trajectory import Trajectory
 
@@ -41,8 +41,9 @@ class EpisodeRecorder:
         self.won = self.won or step.won
         self.done = step.done
 
-    def trajectory(self, meta: dict | None = None, traj_id: str | None = None) -> Trajectory:
-        m = {"wall_s": round(time.perf_counter() - self.started, 3)}
+    def trajectory(self, meta: dict | None = None, traj_id: str | None = None, timed: bool = True) -> Trajectory:
+        """``timed=False`` leaves out the wall time, so that the record depends on the episode only."""
+        m = {"wall_s": round(time.perf_counter() - self.started, 3)} if timed else {}
         m.update(self.task.meta.get("trajectory_meta", {}))
         m.update(meta or {})
         return Trajectory(
@@ -63,7 +64,19 @@ class EpisodeRecorder:
 
 
 def run_expert(env: TextEnv, task: TaskSpec, max_steps: int | None = None) -> Trajectory:
-    """Play the expert to the end of the episode (or the step cap)."""
+    """Play the expert to the end of the episode (or the step cap). An episode lost to a simulator
+    restart (``EnvRestarted``) is played again from its start, once."""
+    try:
+        return _play_expert(env, task, max_steps)
+    except EnvRestarted as e:
+        first = str(e)
+    try:
+        return _play_expert(env, task, max_steps)
+    except EnvRestarted as e:
+        raise EnvError(f"{first}; replayed, and it died again: {e}") from None
+
+
+def _play_expert(env: TextEnv, task: TaskSpec, max_steps: int | None) -> Trajectory:
     reset = env.reset(task)
     rec = EpisodeRecorder(env, task, reset, source="expert")
     cap = max_steps or env.max_steps(task)
@@ -72,7 +85,8 @@ def run_expert(env: TextEnv, task: TaskSpec, max_steps: int | None = None) -> Tr
         if action is None:
             break
         rec.record(action, env.step(action))
-    return rec.trajectory()
+    # Untimed: two collections of the same tasks write identical bytes.
+    return rec.trajectory(timed=False)
 
 
 @dataclass

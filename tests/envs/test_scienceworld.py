@@ -209,3 +209,52 @@ def test_compressed_gold_on_a_high_friction_plane(env):
     task = TaskSpec("scienceworld", "train", tt, task_id(tt, 42))
     traj = run_expert(env, task)
     assert traj.success and traj.num_steps <= env.max_steps(task)
+
+
+
+def test_a_killed_jvm_is_restarted_and_the_episode_replayed(capfd):
+    """The JVM killed under the expert (from another thread, once the episode has started): the
+    episode is played again from its start on a new JVM. Killed before a step: one-line
+    EnvRestarted; killed between episodes: the reset starts a new one. No py4j tracebacks."""
+    import threading
+    import time
+
+    from exprag.envs.base import EnvRestarted
+
+    with ScienceWorldEnv() as env:
+        task = _task(env, "identify-life-stages-2")
+        env.reset(task)
+        for _attempt in range(3):  # the killer may, rarely, come after the episode's last step
+            old, seen = env._sw._gateway.java_process, {}
+
+            def killer() -> None:
+                while env._task is None:
+                    time.sleep(0.0005)
+                seen["steps"] = env._steps
+                old.kill()  # not reaped here: the env must notice the death by itself
+
+            env._task = None
+            t = threading.Thread(target=killer, daemon=True)
+            t.start()
+            got = run_expert(env, task)
+            t.join(timeout=30)
+            if seen["steps"] < got.num_steps:
+                break
+        # (object listing order can differ between loads, so the texts are not compared)
+        assert got.success and seen["steps"] < got.num_steps
+        assert env._sw._gateway.java_process.pid != old.pid
+
+        env.reset(task)
+        for _ in range(3):
+            env.step(env.expert_action())
+        proc = env._sw._gateway.java_process
+        proc.kill()
+        with pytest.raises(EnvRestarted, match=r"identify-life-stages-2/var0: the simulator JVM died .* at step 4"):
+            env.step(env.expert_action())
+        with pytest.raises(EnvError, match="no task loaded"):  # the episode is gone
+            env.step("look around")
+        assert run_expert(env, task).success  # on a new JVM
+        env._sw._gateway.java_process.kill()  # dead between episodes: the reset starts a new one
+        assert run_expert(env, task).success and env._sw._gateway.java_process.poll() is None
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "py4j" not in err, err

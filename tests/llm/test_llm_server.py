@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -76,16 +77,109 @@ def test_server_down_fails_fast_after_retries():
     assert time.perf_counter() - t0 < 3
 
 
+def _silent_server() -> tuple[socket.socket, list]:
+    """A loopback socket that accepts connections and never answers; the list collects them."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    conns: list = []
+
+    def accept() -> None:
+        try:
+            while True:
+                conns.append(s.accept()[0])
+        except OSError:  # closed
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    return s, conns
+
+
 def test_slow_server_times_out():
-    with socket.socket() as s:  # accepts connections, never answers
-        s.bind(("127.0.0.1", 0))
-        s.listen(8)
-        client = OpenAIChatModel("m", f"http://127.0.0.1:{s.getsockname()[1]}", timeout=0.3, max_retries=1,
-                                 backoff=0.01)
+    s, conns = _silent_server()
+    try:  # the default retry budget (3) applies to refusals and 5xx; a timeout is retried once only
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1/chat/completions"
+        client = OpenAIChatModel("m", url, timeout=0.3, backoff=0.01)
+        assert client.max_retries == 3
         t0 = time.perf_counter()
-        with pytest.raises(ServerError, match="after 2 attempts.*timeout 0.3s"):
+        with pytest.raises(ServerError, match=re.escape(url) + ".*after 2 attempts.*timeout 0.3s.*timed out"):
             client.generate([episode_start(0)])
-        assert time.perf_counter() - t0 < 3
+        assert time.perf_counter() - t0 < 3 and len(conns) == 2
+    finally:
+        s.close()
+        for c in conns:
+            c.close()
+
+
+def test_eval_request_timeout_flag(tmp_path, capsys):
+    """`eval --backend openai --request-timeout`: a silent server costs two timeouts, then one line
+    naming the URL and exit 2."""
+    from exprag.cli import main
+
+    s, conns = _silent_server()
+    url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    try:
+        t0 = time.perf_counter()
+        rc = main(["eval", "--env", "twx", "--split", "test", "--task-types", "coin", "--per-type", "1",
+                   "--backend", "openai", "--base-url", url, "--model", "m", "--no-bank",
+                   "--request-timeout", "0.3", "--out", str(tmp_path / "run")])
+        took = time.perf_counter() - t0
+    finally:
+        s.close()
+        for c in conns:
+            c.close()
+    errors = re.findall(r"exprag: error: .*", capsys.readouterr().err)  # after the progress bar's \r
+    assert rc == 2 and len(conns) == 2 and took < 30
+    assert len(errors) == 1 and url in errors[0] and "timeout 0.3s" in errors[0]
+    assert main(["eval", "--backend", "openai", "--base-url", url, "--request-timeout", "0",
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "'request_timeout'" in capsys.readouterr().err
+
+
+def _post(url: str, key: str | None = None) -> int:
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", body, headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_api_key_required_when_set(tiny, monkeypatch):
+    with ChatServer(tiny, port=0, api_key="s3cret") as srv:
+        assert _post(srv.url) == 401
+        assert _post(srv.url, "wrong") == 401
+        assert _post(srv.url, "s3cret") == 200
+        with pytest.raises(urllib.error.HTTPError) as e:  # the model list is not public either
+            urllib.request.urlopen(srv.url + "/models", timeout=10)
+        assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
+        with urllib.request.urlopen(srv.url.removesuffix("/v1") + "/health", timeout=10) as r:
+            assert r.status == 200  # liveness probes need no key
+        # The client sends the key: given, or from EXPRAG_API_KEY (the variable `exprag serve` reads).
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        monkeypatch.setenv("EXPRAG_API_KEY", "s3cret")
+        assert OpenAIChatModel(tiny.name, srv.url).generate([episode_start(0)], max_new_tokens=2)[0].completion_tokens == 2
+        big = [episode_start(0)[:1] + [{"role": "user", "content": "look " * 200_000}]]  # a ~1 MB body
+        for conv in ([episode_start(0)], big):
+            with pytest.raises(ServerError, match="HTTP 401.*API key"):
+                OpenAIChatModel(tiny.name, srv.url, api_key="wrong").generate(conv, max_new_tokens=2)
+
+
+def test_non_loopback_bind_needs_a_key(tiny):
+    with pytest.raises(ServerError, match="refusing to serve on 0.0.0.0.*EXPRAG_API_KEY.*--insecure"):
+        ChatServer(tiny, host="0.0.0.0", port=0)
+    for kw in ({"api_key": "k"}, {"insecure": True}):
+        ChatServer(tiny, host="0.0.0.0", port=0, **kw).shutdown()
+    ChatServer(tiny, host="localhost", port=0).shutdown()  # loopback: no key needed
+
+
+def test_exprag_serve_refuses_an_open_bind_before_loading(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "EXPRAG_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "exprag", "serve", "--model", str(tmp_path / "missing"),
+                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("exprag: error: refusing to serve on 0.0.0.0")
 
 
 def test_retries_through_a_transient_failure():
@@ -136,7 +230,7 @@ def test_exprag_serve_command(tiny_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "exprag", "serve", "--model", str(tiny_dir), "--port", "0", "--name", "tiny"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        stderr=subprocess.PIPE, text=True, env=dict(env, EXPRAG_API_KEY="k3y"),
     )
     url = None
     try:
@@ -147,7 +241,9 @@ def test_exprag_serve_command(tiny_dir):
             if url:
                 break
         assert url, seen
-        client = OpenAIChatModel("tiny", url.group(1), timeout=60)
+        assert "API key required" in line
+        assert _post(url.group(1)) == 401
+        client = OpenAIChatModel("tiny", url.group(1), timeout=60, api_key="k3y")
         g = client.generate([episode_start(0), episode_start(1)], max_new_tokens=3)
         assert len(g) == 2 and all(x.completion_tokens == 3 for x in g)
     finally:

@@ -147,6 +147,59 @@ def test_resume_mid_epoch_after_a_crash(short_files, tiny_model, tmp_path, monke
     # Step 3 was logged before the crash and redone after it: logged once.
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["event"] == "step"] == list(range(1, straight.steps + 1))
+    # The resumed epoch's record counts the batches before the crash too: the same loss and tokens
+    # as the uninterrupted run (and the same per-step losses).
+    ref = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    (ep_a,), (ep_b,) = ([r for r in rs if r["event"] == "epoch"] for rs in (ref, rows))
+    assert ep_b["tokens"] == ep_a["tokens"] > 0 and ep_b["train_loss"] == ep_a["train_loss"]
+    assert [r["loss"] for r in rows if r["event"] == "step"] == [r["loss"] for r in ref if r["event"] == "step"]
+
+
+def test_resume_sums_a_partial_logging_window(short_files, tiny_model, tmp_path, monkeypatch):
+    """A checkpoint in the middle of a logging window (3 steps per line, saved every 2): the line
+    after the resume still averages all 3 steps."""
+    import exprag.train.lora as lora
+
+    cfg = dict(epochs=1, batch_size=1, save_every_steps=2, log_every_steps=3)
+    train(make_cfg(short_files, tiny_model, tmp_path / "a", **cfg))
+    real, calls = lora.lm_loss, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 3: step-000002 saved, the first window not yet logged
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "lm_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(short_files, tiny_model, tmp_path / "b", **cfg))
+    monkeypatch.setattr(lora, "lm_loss", real)
+    train(make_cfg(short_files, tiny_model, tmp_path / "b", **cfg), resume=True)
+    a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    assert [(r["event"], r["step"], r.get("loss"), r.get("train_loss"), r.get("tokens")) for r in b] == \
+        [(r["event"], r["step"], r.get("loss"), r.get("train_loss"), r.get("tokens")) for r in a]
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(short_files, tiny_model, tmp_path):
+    """optimizer.pt / rng.pt are read with weights_only=True: a crafted pickle is refused, unrun."""
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    train(make_cfg(short_files, tiny_model, run, epochs=1))
+    ckpt = run / "checkpoints" / "epoch-001"
+    good = (ckpt / "optimizer.pt").read_bytes()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name in ("optimizer.pt", "rng.pt"):
+        saved = (ckpt / name).read_bytes()
+        torch.save({"state": Payload()}, ckpt / name)
+        with pytest.raises(RunDirError, match=rf"{name}: refused.*posix.system.*weights_only=True"):
+            train(make_cfg(short_files, tiny_model, run, epochs=2), resume=True)
+        assert not marker.exists()
+        (ckpt / name).write_bytes(saved)
+    assert (ckpt / "optimizer.pt").read_bytes() == good
+    assert train(make_cfg(short_files, tiny_model, run, epochs=2), resume=True).epochs_done == 2
 
 
 def _action_accuracy(examples, model_dir):

@@ -178,7 +178,7 @@ class DenseEncoder:
         f = path / "embeddings.npy"
         if not f.is_file():
             raise BankError(f"{f}: missing embeddings file")
-        return DenseIndex(self, np.load(f))
+        return DenseIndex(self, np.load(f, allow_pickle=False))
 
 
 # ---- lexical -------------------------------------------------------------------------------------

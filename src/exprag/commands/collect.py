@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from exprag.validate import integer, positive_int
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from exprag.envs import check_env_args, make_env
     from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
     from exprag.expert import CollectReport, collect
+    from exprag.io import sha256_file
     from exprag.progress import bar
     from exprag.trajectory import write_jsonl
     from exprag.validate import check_output
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             pbar.set_postfix(ok=sum(t.success for t in trajs), failed=len(report.failures))
         pbar.close()
     n = write_jsonl(args.out, trajs)
-    mpath = write_manifest(args.out, tasks, collected=n, failures=[
+    # sha256 covers the task list; content_sha256 the bytes written (same command + seed: same hash).
+    mpath = write_manifest(args.out, tasks, collected=n, content_sha256=sha256_file(Path(args.out)), failures=[
         {"task_id": t.task_id, "task_type": t.task_type, "reason": why} for t, why in report.failures])
     steps = sum(t.num_steps for t in trajs)
     print(f"wrote {n} trajectories ({steps} steps) to {args.out}; manifest {mpath}")

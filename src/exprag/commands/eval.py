@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter directory")
     p.add_argument("--backend", default=None, choices=["hf", "openai"])
     p.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds per request to --base-url before retrying once, then failing (default: 60); "
+                        "the server's API key comes from $OPENAI_API_KEY or $EXPRAG_API_KEY")
     bank = p.add_mutually_exclusive_group()
     bank.add_argument("--bank", default=None, metavar="BANK_DIR")
     bank.add_argument("--no-bank", action="store_true")
@@ -47,10 +50,15 @@ def build_config(args: argparse.Namespace):
 
     cfg = load_yaml(EvalConfig, args.config) if args.config else EvalConfig()
     for name in ("env", "split", "task_types", "per_type", "limit", "model", "adapter", "backend",
-                 "base_url", "max_steps", "max_new_tokens", "batch_size", "out"):
+                 "base_url", "request_timeout", "max_steps", "max_new_tokens", "batch_size", "out"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    if not (type(cfg.request_timeout) in (int, float) and 0 < cfg.request_timeout <= 86400):
+        from exprag.errors import DataFormatError
+
+        raise DataFormatError(f"{args.config or '--request-timeout'}: field 'request_timeout' must be a "
+                              f"number of seconds in (0, 86400], got {cfg.request_timeout!r}")
     if args.env_arg:
         from exprag.commands._args import parse_env_args
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from exprag.validate import port, positive_int
@@ -13,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)",
         description="Serve a chat model at http://HOST:PORT/v1 (OpenAI chat completions, greedy, "
-        "non-streaming). Concurrent requests are batched. Binds loopback unless --host says otherwise.",
+        "non-streaming). Concurrent requests are batched. Binds loopback unless --host says otherwise; "
+        "a non-loopback address needs an API key (EXPRAG_API_KEY or --api-key) or --insecure.",
     )
     p.add_argument("--model", required=True, help="smollm2-135m, a checkpoint directory, a .gguf file, or a cached hub id")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for the model")
@@ -24,13 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--max-tokens", type=positive_int, default=256, help="reply length when a request gives none (default: 256)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $EXPRAG_API_KEY; prefer the variable, "
+                        "a flag is visible to other users in the process list)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key (anyone who can reach it may use it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from exprag.llm.hf import HFChatModel
-    from exprag.llm.server import ChatServer
+    from exprag.llm.server import ChatServer, is_loopback
 
+    api_key = args.api_key or os.environ.get("EXPRAG_API_KEY") or None
+    if not api_key and not args.insecure and not is_loopback(args.host):
+        # Checked before the model loads, and again by the server itself.
+        ChatServer.refuse_open_bind(args.host, args.port)
     model = HFChatModel(
         args.model,
         adapter=args.adapter,
@@ -45,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         max_batch_size=args.max_batch_size,
         default_max_tokens=args.max_tokens,
+        api_key=api_key,
+        insecure=args.insecure,
     )
-    print(f"exprag: serving {model.name} at {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    access = "API key required" if api_key else "no API key"
+    if not api_key and not is_loopback(args.host):
+        access += "; WARNING: open to anyone who can reach this address"
+    print(f"exprag: serving {model.name} at {server.url} ({access}; Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

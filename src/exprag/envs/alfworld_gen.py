@@ -145,7 +145,7 @@ def load_scene(num: int) -> Scene:
     try:
         types = json.loads(Path(f"{base}-objects.json").read_text())
         poses = json.loads(Path(f"{base}-openable.json").read_text())
-        points = [(int(round(x / STEP)), int(round(z / STEP))) for x, z in np.load(f"{base}-layout.npy").tolist()]
+        points = [(int(round(x / STEP)), int(round(z / STEP))) for x, z in np.load(f"{base}-layout.npy", allow_pickle=False).tolist()]
     except (OSError, ValueError) as e:
         raise EnvError(f"{base}-*: cannot read the ALFRED scene layout ({e})") from None
     kind = next(k for k, nums in t["scene_kind"].items() if num in nums)

@@ -7,8 +7,12 @@ actions of the current task, and the global action templates an agent's prompt s
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from exprag.errors import EnvError
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,28 @@ class Step:
     done: bool
     won: bool  # success as the env defines it (ALFWorld won, ScienceWorld full score, TWX success)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class _FromPy4J(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
+def quiet_py4j() -> None:
+    """Keep py4j's log records off stderr. On a dead JVM py4j logs every failed call with a
+    traceback, partly through the root logger's module functions (``logging.exception``), which
+    also install a stderr handler on the root logger; the env adapters raise one EnvError that says
+    what happened instead. Idempotent."""
+    py4j = logging.getLogger("py4j")
+    py4j.propagate = False
+    if not any(isinstance(f, _FromPy4J) for f in logging.root.filters):
+        py4j.addHandler(logging.NullHandler())
+        logging.root.addFilter(_FromPy4J())
+
+
+class EnvRestarted(EnvError):
+    """The simulator process died mid-episode and was restarted: the episode in progress is lost;
+    replay it from ``reset`` (once: a second death of the same episode is an ordinary EnvError)."""
 
 
 @runtime_checkable

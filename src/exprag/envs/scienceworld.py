@@ -16,6 +16,11 @@ Quirks passed on as they are: unknown input answers "No known action matches tha
 ambiguous one lists numbered choices and expects the number as the next action; the simulator is not
 deterministic across loads (the gold route, the order objects are listed in, a thermometer reading
 or the tick a circuit powers up can differ between two resets of the same variation).
+
+A JVM that dies (killed, out of memory) is restarted: a reset retries once on a fresh JVM; a step
+raises ``EnvRestarted`` (the episode is lost; the expert and agent loops replay it from its start
+once), and the next reset starts the new JVM. py4j's own log records of the broken connection are
+kept off stderr (``quiet_py4j``; the error we raise says it in one line).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import re
 from itertools import groupby
 from typing import Any
 
-from exprag.envs.base import EnvBase, Reset, Step, TaskSpec
+from exprag.envs.base import EnvBase, EnvRestarted, Reset, Step, TaskSpec, quiet_py4j
 from exprag.errors import EnvError, UnknownTaskTypeError
 
 SPLITS = ("train", "dev", "test")
+quiet_py4j()
+
 _TASK_ID = re.compile(r"^(?P<type>[a-z0-9-]+)/var(?P<var>\d+)$")
 
 # Default step cap per task type: max(100, 1.25 x the longest gold sequence measured, rounded up to
@@ -200,6 +207,35 @@ class ScienceWorldEnv(EnvBase):
                 raise EnvError(f"scienceworld: could not start the simulator JVM (is Java 8+ on PATH?): {e}") from e
         return self._sw
 
+    def _jvm_exit(self, grace: float) -> int | None:
+        """The JVM's exit code when it has died (waiting up to ``grace`` seconds: its socket closes
+        a moment before the process is gone), else None."""
+        import subprocess
+
+        proc = getattr(getattr(self._sw, "_gateway", None), "java_process", None)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _dead_jvm(self, task_id: str, error: BaseException | None = None) -> str | None:
+        """After a failed simulator call: when the JVM died, drop it (the next call starts a new
+        one) and say so; None when it is alive (the call failed for another reason)."""
+        from py4j.protocol import Py4JError, Py4JJavaError
+
+        if self._sw is None:
+            return None
+        # A py4j error other than a Java exception (which came back over a live connection) is a
+        # broken connection: give a dying JVM time to go. Anything else: is it gone already?
+        broken = isinstance(error, Py4JError) and not isinstance(error, Py4JJavaError)
+        code = self._jvm_exit(5.0 if broken else 0.0)
+        if code is None:
+            return None
+        self.close()
+        return f"scienceworld: {task_id}: the simulator JVM died (exit code {code})"
+
     def close(self) -> None:
         sw, self._sw = self._sw, None
         self._task = None
@@ -280,8 +316,24 @@ class ScienceWorldEnv(EnvBase):
     def reset(self, task: TaskSpec) -> Reset:
         self._task = None  # a failed reset leaves no episode to step
         ttype, var = self._locate(task)
+        try:
+            return self._reset(task, ttype, var)
+        except EnvError as e:
+            died = self._dead_jvm(task.task_id, e.__cause__)
+            if died is None:
+                raise
+        try:  # once more, on a fresh JVM
+            return self._reset(task, ttype, var)
+        except EnvError as e:
+            again = self._dead_jvm(task.task_id, e.__cause__)
+            raise EnvError(f"{died}; the restarted one failed too: {again or e}") from None
+
+    def _reset(self, task: TaskSpec, ttype: str, var: int) -> Reset:
         sw = self._env()
-        n_max = sw.server.getTaskMaxVariations(ttype)
+        try:
+            n_max = sw.server.getTaskMaxVariations(ttype)
+        except Exception as e:
+            raise EnvError(f"scienceworld: {task.task_id}: the simulator does not answer: {e}") from e
         if not 0 <= var < n_max:
             raise EnvError(f"scienceworld: {task.task_id}: variation {var} out of range (0..{n_max - 1})")
         try:
@@ -326,7 +378,10 @@ class ScienceWorldEnv(EnvBase):
                 obs, _, completed, pinfo = sw.step(action)
                 raw, moves = int(pinfo["score"]), int(pinfo["moves"])
         except Exception as e:
-            raise EnvError(f"scienceworld: {task.task_id}: step {action!r} failed: {e}") from e
+            died = self._dead_jvm(task.task_id, e)
+            if died is not None:
+                raise EnvRestarted(f"{died} at step {self._steps + 1}; the episode must start over on a new JVM") from None
+            raise EnvError(f"scienceworld: {task.task_id}: step {action!r} failed: {e}") from None
         self._steps += 1
         if self._gold_pos < len(self._gold_actions) and _same(action, self._gold_actions[self._gold_pos]):
             self._gold_pos += 1
@@ -358,7 +413,10 @@ class ScienceWorldEnv(EnvBase):
         try:
             return [str(a) for a in self._sw.server.getValidActionObjectCombinations()]
         except Exception as e:
-            raise EnvError(f"scienceworld: {task.task_id}: could not enumerate valid actions: {e}") from e
+            died = self._dead_jvm(task.task_id, e)
+            if died is not None:
+                raise EnvRestarted(f"{died}; the episode must start over on a new JVM") from None
+            raise EnvError(f"scienceworld: {task.task_id}: could not enumerate valid actions: {e}") from None
 
     # ---- prompt material ---------------------------------------------------------------------
     def action_templates(self) -> list[str]:

@@ -2,13 +2,20 @@
 
 TWX does not print the task in its observations, so the first user turn is the task description
 followed by the initial observation; the task description alone is the static retrieval query.
+
+Reproducible gold paths: a game is a pure function of (game, seed, fold), but for ``coin`` and
+``twc`` the simulator's own gold agent explores by random walk with an unseeded ``scala.util.Random``
+(``mkGameWithGoldPath`` creates ``new Random()``), so the expert's route and length changed from one
+reset to the next. For those games we run the same gold agent on the same game through py4j with a
+``Random`` seeded by the task seed, retrying up to 50 times as the simulator does; the other games'
+gold agents are deterministic (cookingworld seeds its own).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import version as _pkg_version
 
-from exprag.envs.base import EnvBase, Reset, Step, TaskSpec
+from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, quiet_py4j
 from exprag.envs.splits import all_types
 from exprag.errors import EnvError, UnknownTaskTypeError
 
@@ -17,6 +24,10 @@ _FOLDS = {"train": "getValidSeedsTrain", "dev": "getValidSeedsDev", "test": "get
 # Step caps: gold paths are ≤ ~50 steps except cookingworld (recipe + navigation).
 _MAX_STEPS = {"cookingworld": 80}
 _DEFAULT_MAX_STEPS = 50
+# Games whose simulator gold agent walks at random (class names in textworldexpress.goldagent).
+_RANDOM_WALK_GOLD = {"coin": "CoinGoldAgent", "twc": "TWCGoldAgent"}
+_GOLD_ATTEMPTS = 50  # the simulator's own limit
+quiet_py4j()
 
 ACTION_TEMPLATES = [
     "look around",
@@ -98,14 +109,31 @@ class TWXEnv(EnvBase):
             raise EnvError(f"twx task id {task.task_id!r} is not of the form GAME/seedN")
         try:
             self._load(game)
-            obs, info = self._env.reset(seed=int(seed_s), gameFold=task.split, generateGoldPath=True)
-            self._gold = list(self._env.getGoldActionSequence())
+            seeded = game in _RANDOM_WALK_GOLD
+            obs, info = self._env.reset(seed=int(seed_s), gameFold=task.split, generateGoldPath=not seeded)
+            self._gold = (self._seeded_gold(game, int(seed_s), task.split) if seeded
+                          else list(self._env.getGoldActionSequence()))
+        except EnvError:
+            raise
         except Exception as e:  # py4j errors: name the task, hide the JVM trace
             raise EnvError(f"twx could not start task {task.task_id} ({task.split}): {e}") from None
         self._gold_pos = 0
         self._task = task
         desc = info["taskDescription"].strip()
         return Reset(observation=f"{desc}\n\n{obs.strip()}", task=desc, info={"seed": int(seed_s)})
+
+    def _seeded_gold(self, game: str, seed: int, fold: str) -> list[str]:
+        """The simulator's gold agent on a fresh copy of the game, its random walk seeded by ``seed``."""
+        jvm = self._env._gateway.jvm
+        agent_cls = getattr(jvm.textworldexpress.goldagent, _RANDOM_WALK_GOLD[game])
+        generator = self._env.server.gameGenerator()
+        rng = jvm.scala.util.Random(seed)
+        for _ in range(_GOLD_ATTEMPTS):
+            found = agent_cls(generator.mkGame(seed, fold)).mkGoldPath(rng)
+            # A scala.Tuple2; the gateway's auto_field reads _1 / _2 as fields, not accessors.
+            if bool(found._1):
+                return [str(a) for a in found._2]
+        raise EnvError(f"twx: no gold path for {game}/seed{seed} ({fold}) after {_GOLD_ATTEMPTS} attempts")
 
     def step(self, action: str) -> Step:
         if self._task is None:

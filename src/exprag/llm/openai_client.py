@@ -2,9 +2,13 @@
 (vLLM, llama.cpp server, ``exprag serve``), standard library only.
 
 Conversations of a batch are sent concurrently (at most ``concurrency`` requests in flight), so a
-server that batches (vLLM, ``exprag serve``) sees them together. Connection failures, timeouts,
-429 and 5xx answers are retried with exponential backoff (``Retry-After`` honoured); other 4xx
-answers fail at once. Either way the error is a :class:`~exprag.llm.base.ServerError` naming the URL.
+server that batches (vLLM, ``exprag serve``) sees them together. Connection failures, 429 and 5xx
+answers are retried with exponential backoff (``Retry-After`` honoured); a request that timed out is
+retried once only (a server that accepts and never answers would otherwise cost every retry a full
+timeout); other 4xx answers fail at once. Either way the error is a
+:class:`~exprag.llm.base.ServerError` naming the URL. The API key (``api_key``, else
+``$OPENAI_API_KEY``, else ``$EXPRAG_API_KEY``, the variable ``exprag serve`` reads) goes out as a
+bearer token.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import http.client
 import json
 import os
 import random
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -30,6 +35,10 @@ from exprag.llm.base import (
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+# Seconds per request: a 32-token action reply takes well under that even on a busy GPU server;
+# CPU-served large models may need more (--request-timeout).
+DEFAULT_TIMEOUT = 60.0
+_TIMEOUT_RETRIES = 1
 
 
 class _Fatal(Exception):
@@ -47,7 +56,7 @@ def chat_completions_url(base_url: str) -> str:
 class OpenAIChatModel:
     """Client for an OpenAI-compatible server. ``model`` is the server's model name; greedy
     (``temperature=0``). ``timeout`` bounds each request (seconds); a request is tried
-    ``1 + max_retries`` times, waiting ``backoff * 2**i`` (capped at ``max_backoff``, with jitter)
+    ``1 + max_retries`` times (twice at most when it timed out), waiting ``backoff * 2**i`` (capped at ``max_backoff``, with jitter)
     between tries. ``send_session_ids`` adds a non-standard ``session_id`` field that
     ``exprag serve`` uses for KV reuse (off by default: strict servers reject unknown fields)."""
 
@@ -57,7 +66,7 @@ class OpenAIChatModel:
         base_url: str,
         *,
         api_key: str | None = None,
-        timeout: float = 120.0,
+        timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
@@ -72,8 +81,12 @@ class OpenAIChatModel:
         parsed = urllib.parse.urlparse(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ServerError(f"invalid server URL {base_url!r} (expected http://HOST:PORT/v1)")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
+        if api_key is None:
+            api_key = os.environ.get("OPENAI_API_KEY") or os.environ.get("EXPRAG_API_KEY")
+        self.api_key = api_key
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ServerError(f"request timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)
         self.max_retries = max(0, max_retries)
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -131,7 +144,9 @@ class OpenAIChatModel:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = "no attempt"
-        for attempt in range(self.max_retries + 1):
+        attempts = timeouts = 0
+        while True:
+            attempts += 1
             wait = None
             try:
                 return self._once(data, headers)
@@ -143,11 +158,13 @@ class OpenAIChatModel:
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
                 reason = getattr(e, "reason", e)
                 last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
-            if attempt < self.max_retries:
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
-                time.sleep(min(self.max_backoff, wait) if wait is not None else delay)
+                timeouts += isinstance(reason, (socket.timeout, TimeoutError))
+            if attempts > self.max_retries or timeouts > _TIMEOUT_RETRIES:
+                break
+            delay = min(self.max_backoff, self.backoff * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
+            time.sleep(min(self.max_backoff, wait) if wait is not None else delay)
         raise ServerError(
-            f"OpenAI-compatible server at {self.url} failed after {self.max_retries + 1} attempts "
+            f"OpenAI-compatible server at {self.url} failed after {attempts} attempts "
             f"(timeout {self.timeout:g}s each; last error: {last}). Is it running? Start one with "
             f"`exprag serve --model M --port P`, or check the base URL"
         )

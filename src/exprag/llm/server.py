@@ -5,13 +5,20 @@ Endpoints: ``POST /v1/chat/completions`` (non-streaming, greedy whatever the tem
 them and one worker thread calls ``model.generate`` on up to ``max_batch_size`` of them at a time,
 so concurrent clients share decoding steps. A non-standard ``session_id`` body field is passed on
 to the model as its session id (KV reuse in the transformers backend). Binds loopback by default.
+
+Access: with an ``api_key`` every route but ``/health`` needs ``Authorization: Bearer KEY`` (what
+OpenAI clients send) and answers 401 otherwise. Without a key the server refuses to bind a
+non-loopback address (anyone on the network could use the model), unless ``insecure=True``.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -29,6 +36,21 @@ MAX_TOKENS_CAP = 8192
 
 class BadRequest(Exception):
     pass
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback one ("0.0.0.0" and "" bind everything)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:  # a host name: what it resolves to decides
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 @dataclass
@@ -53,7 +75,12 @@ class ChatServer:
         max_batch_size: int = 8,
         batch_wait: float = 0.005,
         default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        api_key: str | None = None,
+        insecure: bool = False,
     ) -> None:
+        if not api_key and not insecure and not is_loopback(host):
+            self.refuse_open_bind(host, port)
+        self.api_key = api_key or None
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
         self.batch_wait = batch_wait
@@ -69,6 +96,13 @@ class ChatServer:
         self._threads: list[threading.Thread] = []
         self._worker = threading.Thread(target=self._work, name="exprag-batcher", daemon=True)
         self._worker.start()
+
+    @staticmethod
+    def refuse_open_bind(host: str, port: int) -> None:
+        raise ServerError(
+            f"refusing to serve on {host}:{port} without an API key: anyone who can reach it could use the "
+            "model. Set EXPRAG_API_KEY (or --api-key), bind 127.0.0.1, or pass --insecure"
+        )
 
     @property
     def url(self) -> str:
@@ -231,8 +265,30 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # the library never prints
             log.debug("%s " + format, self.address_string(), *args)
 
+        def _authorized(self) -> bool:
+            """No key configured, or the request's bearer token matches it (constant-time compare)."""
+            if server.api_key is None:
+                return True
+            scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+                return True
+            # Read (and drop) a refused POST's body first: a client still sending it would see the
+            # connection reset instead of the 401.
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = 0
+            if 0 < length <= MAX_BODY:
+                self.rfile.read(length)
+            self._send(401, {"error": {"message": "missing or wrong API key (send Authorization: Bearer KEY)",
+                                       "type": "invalid_request_error", "code": 401}},
+                       {"WWW-Authenticate": "Bearer", "Connection": "close"})
+            return False
+
         def do_GET(self) -> None:
             path = self.path.split("?")[0].rstrip("/")
+            if path != "/health" and not self._authorized():
+                return
             if path in ("/v1/models", "/models"):
                 self._send(200, {"object": "list", "data": [
                     {"id": server.model.name, "object": "model", "created": 0, "owned_by": "exprag"}
@@ -244,6 +300,8 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             path = self.path.split("?")[0].rstrip("/")
+            if not self._authorized():
+                return
             if path not in ("/v1/chat/completions", "/chat/completions"):
                 self._error(404, f"no route POST {path}", "not_found")
                 return
@@ -266,9 +324,11 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
         def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
             self._send(code, {"error": {"message": message, "type": kind, "code": code}})
 
-        def _send(self, code: int, obj: Any) -> None:
+        def _send(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(obj).encode()
             self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import shutil
 import sys
 import time
@@ -65,6 +66,9 @@ _NON_TEXT = ("vision", "visual", "image", "audio", "multi_modal_projector", "mm_
 CONFIG_FILE = "train_config.yaml"
 # Fields that may change when resuming (more epochs, other logging / selection); anything else
 # would make the resumed run a different experiment.
+# Running sums a mid-epoch checkpoint carries (epoch totals, then the open logging window), so that
+# a resumed epoch logs the same loss and token counts as an uninterrupted one. JSON keeps floats exact.
+_SUMS = ("ep_loss", "ep_items", "ep_tokens", "ep_time", "ep_cpu", "win_loss", "win_items", "win_tokens", "win_time")
 _RESUMABLE_CHANGES = {"epochs", "out", "save_every_steps", "log_every_steps", "keep_checkpoints",
                       "selection", "val_trajectories"}
 
@@ -242,10 +246,16 @@ def _save_checkpoint(model: Any, optimizer: Any, out: Path, name: str, state: di
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors, ints, floats and strings only: what ``torch.load`` reads back
+    with ``weights_only=True`` (numpy's key array becomes a tensor)."""
     import numpy as np
     import torch
 
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    st = {"python": [version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
+          "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -255,11 +265,36 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, py_state, py_gauss = st["python"]
+    random.setstate((version, tuple(int(x) for x in py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # a numpy array: earlier versions
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint_file(path: Path, *, numpy_arrays: bool = False) -> Any:
+    """A checkpoint file (optimizer state, RNG state) read with ``weights_only=True``: tensors and
+    plain containers only. A file that needs anything else (a crafted or foreign pickle could run
+    code while loading) is refused, not loaded. ``numpy_arrays`` also admits plain numpy arrays
+    (the RNG files of earlier versions held numpy's state as one); their contents still go
+    through the same restricted unpickler."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType, getattr(np, "_core", np.core).multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed if numpy_arrays else []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as e:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+        why = f"it needs {found[1]}" if found else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunDirError(f"{path}: refused: not a checkpoint of plain tensors ({why}); exprag loads "
+                          "checkpoint files with weights_only=True, which runs no code from the file") from None
 
 
 def _resumed_step(ckpt: Path | None) -> int:
@@ -472,12 +507,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     optimizer, opt_name = make_optimizer(params, cfg)
 
     epoch0, batches_done, step = 0, 0, 0
+    sums: dict[str, Any] = {}  # a mid-epoch checkpoint's running sums (see _SUMS)
     if resume_from is not None:
         set_peft_model_state_dict(model, load_file(str(resume_from / "adapter_model.safetensors")))
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location="cpu", weights_only=False))
+        optimizer.load_state_dict(load_checkpoint_file(resume_from / "optimizer.pt"))
         st = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
         epoch0, batches_done, step = st["epoch"], st["batches_done"], st["global_step"]
-        _set_rng_state(torch.load(resume_from / "rng.pt", weights_only=False))
+        sums = st.get("sums") or {}
+        _set_rng_state(load_checkpoint_file(resume_from / "rng.pt", numpy_arrays=True))
         say(f"resuming from {resume_from} (epoch {epoch0 + batches_done / max(st['batches_in_epoch'], 1):.2f}, "
             f"step {step})")
     keep_logits = supports_logits_to_keep(model)
@@ -508,8 +545,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     tok_total, time_total = 0, 0.0
     best = selection.best() if selection else None
 
-    def checkpoint(name: str, epoch: int, done: int, n_batches: int) -> Path:
+    def checkpoint(name: str, epoch: int, done: int, n_batches: int, running: dict[str, Any] | None = None) -> Path:
         state = {"epoch": epoch, "batches_done": done, "batches_in_epoch": n_batches, "global_step": step}
+        if running:
+            state["sums"] = running
         path = out / "checkpoints" / name
         if main:
             protected = {best.name} if best is not None else set()
@@ -539,6 +578,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         skip = batches_done if epoch == epoch0 else 0
         ep_loss, ep_items, ep_tokens, ep_time, ep_cpu = 0.0, 0, 0, 0.0, 0.0
         win_loss, win_items, win_tokens, win_time = 0.0, 0, 0, 0.0
+        if skip and sums:  # resumed mid-epoch: the epoch's record counts the batches done before too
+            ep_loss, ep_items, ep_tokens, ep_time, ep_cpu, win_loss, win_items, win_tokens, win_time = (
+                sums[k] for k in _SUMS)
         for i in range(skip, len(mine)):
             t0, c0 = time.perf_counter(), time.process_time()
             window = [collate([train_ex[j] for j in mb], pad_id)
@@ -580,7 +622,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 })
                 win_loss, win_items, win_tokens, win_time = 0.0, 0, 0, 0.0
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and done < len(mine):
-                last_ckpt = checkpoint(f"step-{step:06d}", epoch, done, len(mine))
+                running = dict(zip(_SUMS, (ep_loss, ep_items, ep_tokens, ep_time, ep_cpu,
+                                           win_loss, win_items, win_tokens, win_time)))
+                last_ckpt = checkpoint(f"step-{step:06d}", epoch, done, len(mine), running)
         batches_done = 0
         tok_total += ep_tokens
         time_total += ep_time
