@@ -26,16 +26,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def is_trajectories_file(path) -> bool:
+    """A JSONL file of exprag trajectories (its first record has a trajectory's fields): collect's own
+    output, which a rerun may replace; any other existing file is refused."""
+    from exprag.io import first_json_record
+
+    rec = first_json_record(path)
+    return isinstance(rec, dict) and {"schema_version", "id", "messages"} <= rec.keys()
+
+
 def run(args: argparse.Namespace) -> int:
     from exprag.commands._args import parse_env_args
     from exprag.envs import make_env
-    from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
+    from exprag.envs.splits import check_env, manifest_path, resolve_task_types, select_tasks, write_manifest
+    from exprag.io import check_output_file, pause_for_test, read_json_object
     from exprag.expert import CollectReport, collect
     from exprag.progress import bar
     from exprag.trajectory import write_jsonl
 
     check_env(args.env)
     types = resolve_task_types(args.env, args.task_types)
+    check_output_file(args.out, "trajectories file", is_trajectories_file)
+    check_output_file(manifest_path(args.out), "split manifest", lambda p: "tasks" in (read_json_object(p) or {}))
     with make_env(args.env, **parse_env_args(args.env_arg)) as env:
         tasks = select_tasks(env.tasks(args.split, types), args.per_type, args.limit, args.sample, args.seed)
         report = CollectReport()
@@ -47,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             pbar.update(1)
             pbar.set_postfix(ok=sum(t.success for t in trajs), failed=len(report.failures))
         pbar.close()
+    pause_for_test("collect-done")  # kill tests: all the work done, nothing written yet
     n = write_jsonl(args.out, trajs)
     mpath = write_manifest(args.out, tasks, collected=n, failures=[
         {"task_id": t.task_id, "task_type": t.task_type, "reason": why} for t, why in report.failures])
