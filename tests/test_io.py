@@ -144,6 +144,14 @@ def test_every_out_refuses_user_files(tmp_path, user_files, twx_trajs):
     d, f = user_files
     trajs = tmp_path / "in" / "t.jsonl"
     write_jsonl(trajs, twx_trajs[0][:4])
+    from exprag.bank import build_bank
+
+    build_bank(twx_trajs[0][:4], tmp_path / "in" / "bank", "bm25")
+    (tmp_path / "summary.json").write_text('{"mine": 1}\n')
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "experiment.json").write_text(json.dumps(
+        {"name": "x", "env": "twx", "models": ["m"], "command": "", "config": {"main_k": 2}}))
+    (tmp_path / "exp" / "results.jsonl").write_text("")
     (tmp_path / "exp.yaml").write_text("name: x\nenv: twx\nmodels: [smollm2-135m]\n"
                                        "grid: [{methods: [no_retrieval], splits: [easy]}]\n")
     before = snapshot(tmp_path)
@@ -157,6 +165,9 @@ def test_every_out_refuses_user_files(tmp_path, user_files, twx_trajs):
         (f, ["export", "--trajectories", str(trajs), "--format", "sharegpt", "--out", str(f)]),
         (d, ["alfworld", "generate", "--out", str(d), "--per-type", "1"]),
         (d, ["experiment", str(tmp_path / "exp.yaml"), "--out", str(d)]),
+        (d, ["report", str(tmp_path / "exp"), "--out", str(d)]),
+        (tmp_path / "summary.json", ["bank", "eval-retrieval", str(tmp_path / "in" / "bank"), "--queries",
+                                     str(trajs), "-k", "1", "--out", str(tmp_path / "summary")]),
     ]
     for path, argv in cases:
         refused(exprag(*argv), path)
