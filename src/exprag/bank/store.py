@@ -24,6 +24,7 @@ by the next one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -143,32 +144,32 @@ def build_bank(
     cfg.check(enc)
     out = Path(out)
     check_output_dir(out, "bank", is_bank_dir)
-    with run_lock(out, "bank"):
-        _remove_unused(out)
-        staging = _staging(out)
-        try:
-            write_jsonl(staging / "trajectories.jsonl", trajs)
-            labels = [t.task_type for t in trajs]
-            indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
-                       for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
-            for mode, index in indexes.items():
-                index.save(staging / mode)
-            manifest = {
-                "format": BANK_FORMAT,
-                "bank_version": BANK_VERSION if cfg.scoring == "procedure" else 1,
-                "exprag_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "encoder": enc.identity,
-                "retrieval": cfg.to_manifest(),
-                "keys": {"static": "task description", "dynamic": "whole trajectory text"},
-                **_summary(trajs),
-                "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
-            }
-            atomic_write_json(staging / "manifest.json", manifest)
-            version = _publish(out, staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    lock, staging = _begin(out)
+    try:
+        write_jsonl(staging / "trajectories.jsonl", trajs)
+        labels = [t.task_type for t in trajs]
+        indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
+                   for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
+        for mode, index in indexes.items():
+            index.save(staging / mode)
+        manifest = {
+            "format": BANK_FORMAT,
+            "bank_version": BANK_VERSION if cfg.scoring == "procedure" else 1,
+            "exprag_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "encoder": enc.identity,
+            "retrieval": cfg.to_manifest(),
+            "keys": {"static": "task description", "dynamic": "whole trajectory text"},
+            **_summary(trajs),
+            "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
+        }
+        atomic_write_json(staging / "manifest.json", manifest)
+        version = _publish(out, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        lock.close()
     return Bank(out, manifest, trajs, enc, dict(indexes), data_dir=version)
 
 
@@ -206,10 +207,19 @@ def is_bank_dir(path: str | Path) -> bool:
     return path.is_dir() and all(_is_bank_entry(e) for e in os.listdir(path))
 
 
-def _staging(root: Path) -> Path:
-    staging = root / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    return staging
+def _begin(root: Path) -> tuple[contextlib.ExitStack, Path]:
+    """Lock the bank (held until the returned stack is closed), remove what killed builds left, and
+    make a staging directory inside it."""
+    lock = contextlib.ExitStack()
+    lock.enter_context(run_lock(root, "bank"))
+    try:
+        _remove_unused(root)
+        staging = root / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except BaseException:
+        lock.close()
+        raise
+    return lock, staging
 
 
 def _remove_unused(root: Path) -> None:
@@ -318,20 +328,21 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     enc = bank.encoder
     cfg = bank.retrieval
     labels = [t.task_type for t in trajs]
-    with run_lock(bank.path, "bank"):
-        staging = _staging(bank.path)
-        try:
-            write_jsonl(staging / "trajectories.jsonl", trajs)
-            indexes: dict[str, Index] = {}
-            for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
-                indexes[mode] = extend_index(cfg, enc, bank.index(mode), [key(t) for t in trajs], labels, mode)
-                indexes[mode].save(staging / mode)
-            manifest = dict(bank.manifest)
-            manifest.update(_summary(trajs))
-            manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            atomic_write_json(staging / "manifest.json", manifest)
-            version = _publish(bank.path, staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    lock, staging = _begin(bank.path)
+    try:
+        write_jsonl(staging / "trajectories.jsonl", trajs)
+        indexes: dict[str, Index] = {}
+        for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
+            indexes[mode] = extend_index(cfg, enc, bank.index(mode), [key(t) for t in trajs], labels, mode)
+            indexes[mode].save(staging / mode)
+        manifest = dict(bank.manifest)
+        manifest.update(_summary(trajs))
+        manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(staging / "manifest.json", manifest)
+        version = _publish(bank.path, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        lock.close()
     return Bank(bank.path, manifest, trajs, enc, indexes, data_dir=version)
