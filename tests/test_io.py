@@ -214,3 +214,30 @@ def wait_for(flag: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, f"exited {proc.returncode} before pausing"
         assert time.time() < end, "never paused"
         time.sleep(0.1)
+
+
+FORK_AND_HOLD = """
+import os, sys, time
+from exprag.io import run_lock
+with run_lock(sys.argv[1]):
+    if os.fork() == 0:  # the child shares the locked file description
+        time.sleep(600)
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_message_when_the_named_holder_is_dead(tmp_path):
+    """A child of the killed holder still holds the flock: the message says the PID is gone."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORK_AND_HOLD, str(run)], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with pytest.raises(RunLockedError, match=rf"process {holder.pid} \(no longer running: a process it "):
+            with run_lock(run):
+                pass
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)

@@ -234,6 +234,16 @@ def _read_holder(fd: int) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _acquire(lock: Path, directory: Path, what: str) -> int:
     import fcntl
 
@@ -247,7 +257,11 @@ def _acquire(lock: Path, directory: Path, what: str) -> int:
             holder = _read_holder(fd)
             os.close(fd)
             pid, _, host = holder.partition(" ")
-            who = f"exprag process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+            host = host.split(" ")[0]
+            here = not host or host == socket.gethostname()
+            who = f"exprag process {pid}" + ("" if here else f" on {host}")
+            if here and pid.isdigit() and not _alive(int(pid)):
+                who += " (no longer running: a process it started still holds the lock)"
             raise RunLockedError(
                 f"{directory}: {what} in use by {who if pid else 'another exprag process'} (lock {lock}); "
                 "wait for it to finish or stop it, or choose another --out") from None
