@@ -1,6 +1,6 @@
 """One process per run directory, through the CLI: a second `exprag eval` / `exprag train` on the same
---out exits 2 naming the first one's PID and writes nothing; after the first is killed (kill -9), the
-next one takes its lock over and finishes the run."""
+--out exits 2 naming the first one's PID and writes nothing; after the first is killed (kill -9) in the
+middle of its run, the same command takes its lock over and finishes the run."""
 
 from __future__ import annotations
 
@@ -24,17 +24,17 @@ def tiny(tmp_path_factory) -> str:
     return str(tiny_random_model(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def paused(args: list[str], flag: Path) -> subprocess.Popen:
-    """An exprag process stopped right after taking its run directory's lock."""
+def paused(args: list[str], flag: Path, stage: str) -> subprocess.Popen:
+    """An exprag process stopped at ``stage`` of its run (holding its run directory's lock)."""
     proc = subprocess.Popen([sys.executable, "-m", "exprag", *args],
-                            env={**os.environ, "EXPRAG_TEST_PAUSE_AT": "locked", "EXPRAG_TEST_PAUSE_FILE": str(flag)},
+                            env={**os.environ, "EXPRAG_TEST_PAUSE_AT": stage, "EXPRAG_TEST_PAUSE_FILE": str(flag)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(flag, proc)
     return proc
 
 
-def refused_while_held_then_taken_over(args: list[str], run: Path, flag: Path) -> subprocess.CompletedProcess:
-    holder = paused(args, flag)
+def killed_then_taken_over(args: list[str], run: Path, flag: Path, stage: str) -> subprocess.CompletedProcess:
+    holder = paused(args, flag, stage)
     try:
         before = snapshot(run)
         res = exprag(*args)
@@ -63,11 +63,13 @@ def rows(run: Path) -> list[dict]:
 
 def test_eval_lock_and_takeover(tmp_path, tiny):
     run = tmp_path / "run"
-    refused_while_held_then_taken_over(eval_args(tiny, run), run, tmp_path / "paused")
-    assert len(rows(run)) == 2
+    killed_then_taken_over(eval_args(tiny, run), run, tmp_path / "paused", "eval-episode")
+    assert sorted(r["task_id"] for r in rows(run)) == sorted({r["task_id"] for r in rows(run)})
+    assert len(rows(run)) == 2 and len((run / "trajectories.jsonl").read_text().splitlines()) == 2
     assert json.loads((run / "metrics.json").read_text())["n"] == 2
 
 
+@pytest.mark.slow  # two model loads at once; the lock itself is covered by the test above
 def test_two_evals_started_together(tmp_path, tiny):
     """The reported race: two evals on one --out wrote 4 rows for 2 tasks. Now one runs, the other is
     refused at once (or, if it starts after the first finished, resumes a finished run)."""
@@ -90,7 +92,9 @@ def test_train_lock_and_takeover(tmp_path, tiny, twx_trajs):
     data = tmp_path / "train.jsonl"
     write_jsonl(data, [t for t in twx_trajs[0] if t.task_type == "simonsays"][:2])
     run = tmp_path / "run"
-    args = ["train", "--trajectories", str(data), "--model", tiny, "--out", str(run), "--epochs", "1",
-            "--lr", "1e-3", "--no-progress"]
-    refused_while_held_then_taken_over(args, run, tmp_path / "paused")
-    assert (run / "checkpoints" / "epoch-001").is_dir()
+    args = ["train", "--trajectories", str(data), "--model", tiny, "--out", str(run), "--epochs", "2",
+            "--lr", "1e-3", "--no-progress", "--resume"]  # --resume on an absent run starts it
+    killed_then_taken_over(args, run, tmp_path / "paused", "train-epoch")  # killed after epoch 1
+    assert (run / "checkpoints" / "epoch-002").is_dir()
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs if e["event"] == "epoch"] == [1, 2]

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
 from exprag.errors import BankError, DataFormatError, RunConfigError
 from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, read_json_object,
-                       run_lock, truncate_torn_tail)
+                       pause_for_test, run_lock, truncate_torn_tail)
 
 # Agent runs need no expert: skipping it saves seconds per reset (ScienceWorld's gold agent plays
 # mendelian tasks for ~10 s on a scratch world).
@@ -201,6 +201,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
                    "trajectory_id": res.trajectory.id, **res.stats}
             append_jsonl(out / "trajectories.jsonl", res.trajectory.to_dict())
             append_jsonl(out / "results.jsonl", row)
+            pause_for_test("eval-episode")
             rows.append(row)
             if cfg.write_back and retriever is not None:
                 retriever.bank = append_to_bank(retriever.bank, [res.trajectory])

@@ -39,7 +39,7 @@ import yaml
 from exprag.config import changed_fields
 from exprag.errors import ExpragError
 from exprag.io import (LOCK_FILE, append_jsonl, atomic_write_json, atomic_write_text, check_output_dir,
-                       replace_dir, run_lock, sha256_file)
+                       pause_for_test, replace_dir, run_lock, sha256_file)
 from exprag.train.config import TrainConfig, TrainConfigError, to_dict
 from exprag.train.data import (
     BuildReport,
@@ -626,6 +626,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, rollout_eval: Cal
         if every and main and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs) and not selection.has(epoch + 1):
             select(epoch + 1, last_ckpt, val_loss, train_loss)
         acc.wait_for_everyone()
+        pause_for_test("train-epoch")
     pbar.close()
     history = selection.history if selection else []
     return TrainResult(
