@@ -114,6 +114,11 @@ def test_second_process_refused_then_takeover_after_kill(tmp_path):
         with pytest.raises(RunLockedError, match=rf"run: run directory in use by exprag process {holder.pid} "):
             with run_lock(run):
                 pass
+        # A run's half-written files are not judged as someone else's: the check names the holder.
+        (run / ".config.json.tmp").write_text("{")
+        with pytest.raises(RunLockedError, match=f"process {holder.pid} "):
+            check_output_dir(run, "run directory", lambda p: False)
+        (run / ".config.json.tmp").unlink()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -173,6 +173,8 @@ def check_output_dir(path: str | Path, what: str, owned: Callable[[Path], bool])
         raise OutputPathError(f"{path}: exists and is not a directory; exprag writes a {what} only to an "
                               "absent or empty directory or to an existing one of its own")
     if path.is_dir():
+        if os.path.realpath(path) not in _held:
+            refuse_if_locked(path, what)
         entries = sorted(e for e in os.listdir(path) if e != LOCK_FILE)
         if entries and not owned(path):
             raise OutputPathError(
@@ -244,27 +246,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _acquire(lock: Path, directory: Path, what: str) -> int:
+def _locked_error(fd: int, lock: Path, directory: Path, what: str) -> Exception:
+    from exprag.errors import RunLockedError
+
+    pid, _, host = _read_holder(fd).partition(" ")
+    host = host.split(" ")[0]
+    here = not host or host == socket.gethostname()
+    who = f"exprag process {pid}" + ("" if here else f" on {host}") if pid else "another exprag process"
+    if pid.isdigit() and here and not _alive(int(pid)):
+        who += " (no longer running: a process it started still holds the lock)"
+    return RunLockedError(f"{directory}: {what} in use by {who} (lock {lock}); wait for it to finish or "
+                          "stop it, or choose another --out")
+
+
+def refuse_if_locked(directory: str | Path, what: str = "run directory") -> None:
+    """RunLockedError when another process holds ``directory``'s lock; creates nothing (a running
+    run's half-written files must not be judged as someone else's)."""
     import fcntl
 
-    from exprag.errors import RunLockedError
+    lock = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked_error(fd, lock, Path(directory), what) from None
+    finally:
+        os.close(fd)
+
+
+def _acquire(lock: Path, directory: Path, what: str) -> int:
+    import fcntl
 
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
+            err = _locked_error(fd, lock, directory, what)
             os.close(fd)
-            pid, _, host = holder.partition(" ")
-            host = host.split(" ")[0]
-            here = not host or host == socket.gethostname()
-            who = f"exprag process {pid}" + ("" if here else f" on {host}")
-            if here and pid.isdigit() and not _alive(int(pid)):
-                who += " (no longer running: a process it started still holds the lock)"
-            raise RunLockedError(
-                f"{directory}: {what} in use by {who if pid else 'another exprag process'} (lock {lock}); "
-                "wait for it to finish or stop it, or choose another --out") from None
+            raise err from None
         except BaseException:
             os.close(fd)
             raise
