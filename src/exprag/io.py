@@ -229,11 +229,15 @@ _held: dict[str, list[Any]] = {}  # realpath of the run dir -> [fd, depth]
 
 
 def _read_holder(fd: int) -> str:
-    try:
-        text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    return text.splitlines()[0] if text else ""
+    for _ in range(50):  # the holder writes its PID just after locking: give it that moment
+        try:
+            text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+        if text:
+            return text.splitlines()[0]
+        time.sleep(0.01)
+    return ""
 
 
 def _alive(pid: int) -> bool:
