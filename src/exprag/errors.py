@@ -27,3 +27,11 @@ class EnvError(ExpragError):
 
 class RunConfigError(ExpragError):
     """A run directory that holds a run made with other settings (resuming it would mix two runs)."""
+
+
+class OutputPathError(ExpragError):
+    """An output path exprag may not write: someone else's files, or not writable. Nothing was touched."""
+
+
+class RunLockedError(ExpragError):
+    """A run directory (or bank) in use by another exprag process; names that process's PID."""

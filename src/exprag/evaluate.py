@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
 from exprag.errors import DataFormatError, RunConfigError
-from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, truncate_torn_tail
+from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, read_json_object,
+                       pause_for_test, run_lock, truncate_torn_tail)
 from exprag.validate import read_json
 
 # Agent runs need no expert: skipping it saves seconds per reset (ScienceWorld's gold agent plays
@@ -132,9 +133,25 @@ def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
     atomic_write_json(path, want)
 
 
+def is_eval_run(path: Path) -> bool:
+    """An exprag eval run directory: its config.json is an evaluation's settings."""
+    cfg = read_json_object(Path(path) / "config.json")
+    return cfg is not None and {"env", "split", "model", "retrieval"} <= cfg.keys()
+
+
 def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: bool = False,
              on_episode: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
-    """Run (or resume) an evaluation. ``model``: a loaded ChatModel to share between runs."""
+    """Run (or resume) an evaluation. ``model``: a loaded ChatModel to share between runs.
+
+    ``cfg.out`` must be absent, empty or an eval run; it is locked for the run (a second process on
+    it gets RunLockedError)."""
+    check_output_dir(cfg.out, "eval run directory", is_eval_run)
+    with run_lock(cfg.out, "eval run directory"):
+        return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, on_episode=on_episode)
+
+
+def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
+              on_episode: Callable[[dict[str, Any]], None] | None) -> EvalResult:
     from exprag.agent import Agent, AgentConfig
     from exprag.bank import Retriever, append_to_bank
     from exprag.envs import make_env
@@ -184,6 +201,7 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
                    "trajectory_id": res.trajectory.id, **res.stats}
             append_jsonl(out / "trajectories.jsonl", res.trajectory.to_dict())
             append_jsonl(out / "results.jsonl", row)
+            pause_for_test("eval-episode")
             rows.append(row)
             if cfg.write_back and retriever is not None:
                 retriever.bank = append_to_bank(retriever.bank, [res.trajectory])

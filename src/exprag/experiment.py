@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
-from exprag.io import atomic_write_json, atomic_write_text, iter_json_lines
+from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
 from exprag.methods import BANKS, METHODS, SPLITS
 
 Log = Callable[[str], None]
@@ -330,7 +330,16 @@ def retrievers(cfg: ExperimentConfig) -> dict[str | None, RetrieverSpec]:
 def run_experiment(cfg: ExperimentConfig, *, command: str = "", progress: bool = False,
                    log: Log | None = None, on_cell: Callable[[dict[str, Any]], None] | None = None
                    ) -> ExperimentResult:
-    """Run (or resume) the grid. ``on_cell(row)`` is called after each finished cell."""
+    """Run (or resume) the grid. ``on_cell(row)`` is called after each finished cell. The experiment
+    directory must be absent, empty or an experiment's; it is locked for the run (its cells and
+    adapters, inside it, take their own locks too)."""
+    check_output_dir(cfg.out_dir, "experiment directory", lambda p: (p / "experiment.json").is_file())
+    with run_lock(cfg.out_dir, "experiment directory"):
+        return _run_experiment(cfg, command=command, progress=progress, log=log, on_cell=on_cell)
+
+
+def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log: Log | None,
+                    on_cell: Callable[[dict[str, Any]], None] | None) -> ExperimentResult:
     say: Log = log or (lambda s: None)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,21 @@
-"""Atomic file writes: write beside the target, fsync, rename. A crash leaves the old file intact."""
+"""Atomic file writes: write beside the target, fsync, rename. A crash leaves the old file intact.
+
+Also the two guards of every output: ``check_output_dir`` / ``check_output_file`` (exprag writes only
+where nothing of someone else's can be lost) and ``run_lock`` (one exprag process per run directory).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 _UMASK = os.umask(0)
@@ -118,3 +125,233 @@ def staging_dir(target: str | Path, tag: str = "tmp") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
     tmp.chmod(0o777 & ~_UMASK)
     return tmp
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (a power cut must not bring back the old entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- what exprag may write ------------------------------------------------------------------------
+# The rule for every --out: a path is written only when it is absent, an empty directory, or
+# something exprag made (recognised by its own files: a bank manifest, a run's config, a JSONL file of
+# the kind the command writes). Anything else is refused before any work, and left untouched.
+
+LOCK_FILE = ".exprag.lock"
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(path: str | Path) -> None:
+    """``path`` (existing) or the nearest existing directory above it must be writable; checked before
+    the work, so that a long run does not fail at its last write."""
+    from exprag.errors import OutputPathError
+
+    path = Path(path)
+    where = path if path.is_dir() else _nearest_existing(path.parent)
+    if not where.is_dir():
+        raise OutputPathError(f"{path}: cannot be created ({where} is not a directory)")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{path}: cannot write here ({where} is not writable)")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{path}: the file is not writable")
+
+
+def check_output_dir(path: str | Path, what: str, owned: Callable[[Path], bool]) -> None:
+    """Refuse (OutputPathError, nothing touched) unless ``path`` is absent, an empty directory (a lock
+    file left by a killed exprag counts as empty), or an exprag ``what`` as told by ``owned(path)``."""
+    from exprag.errors import OutputPathError
+
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise OutputPathError(f"{path}: a broken symbolic link; exprag writes a {what} only to an absent "
+                              "or empty directory or to an existing one of its own")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{path}: exists and is not a directory; exprag writes a {what} only to an "
+                              "absent or empty directory or to an existing one of its own")
+    if path.is_dir():
+        if os.path.realpath(path) not in _held:
+            refuse_if_locked(path, what)
+        entries = sorted(e for e in os.listdir(path) if e != LOCK_FILE)
+        if entries and not owned(path):
+            raise OutputPathError(
+                f"{path}: not empty and not an exprag {what} (it holds {entries[0]!r}"
+                f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}); exprag never replaces "
+                "or writes into files it did not create: choose an absent or empty directory")
+    check_writable(path)
+
+
+def check_output_file(path: str | Path, what: str, owned: Callable[[Path], bool]) -> None:
+    """Refuse (OutputPathError, nothing touched) unless ``path`` is absent, empty, or a file exprag
+    wrote (``owned(path)``: the first record is of the kind the command writes)."""
+    from exprag.errors import OutputPathError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a directory; give a file path for the {what}")
+    if path.exists() and path.stat().st_size > 0 and not owned(path):
+        raise OutputPathError(f"{path}: exists and is not an exprag {what}; exprag never replaces files it "
+                              "did not create: remove it or choose another path")
+    check_writable(path)
+
+
+def first_json_record(path: str | Path, limit: int = 1 << 24) -> Any:
+    """The first non-blank line of a JSONL file, parsed; None when unreadable or not JSON."""
+    try:
+        with Path(path).open("rb") as f:
+            for raw in f:
+                if raw.strip():
+                    return json.loads(raw[:limit].decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """A JSON file's top-level object; None when missing, unreadable, or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# ---- one process per run directory ------------------------------------------------------------------
+# An exclusive flock on RUN_DIR/.exprag.lock. The kernel drops it when its holder dies, however it dies
+# (kill -9 included), so a killed run's lock is taken over by the next process without any staleness
+# guess; the file records the holder's PID and host for the message a second process gets. Locks are
+# re-entrant within a process (an experiment evaluates cells and trains adapters under its own lock).
+
+_held: dict[str, list[Any]] = {}  # realpath of the run dir -> [fd, depth]
+
+
+def _read_holder(fd: int) -> str:
+    for _ in range(50):  # the holder writes its PID just after locking: give it that moment
+        try:
+            text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+        if text:
+            return text.splitlines()[0]
+        time.sleep(0.01)
+    return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _locked_error(fd: int, lock: Path, directory: Path, what: str) -> Exception:
+    from exprag.errors import RunLockedError
+
+    pid, _, host = _read_holder(fd).partition(" ")
+    host = host.split(" ")[0]
+    here = not host or host == socket.gethostname()
+    who = f"exprag process {pid}" + ("" if here else f" on {host}") if pid else "another exprag process"
+    if pid.isdigit() and here and not _alive(int(pid)):
+        who += " (no longer running: a process it started still holds the lock)"
+    return RunLockedError(f"{directory}: {what} in use by {who} (lock {lock}); wait for it to finish or "
+                          "stop it, or choose another --out")
+
+
+def refuse_if_locked(directory: str | Path, what: str = "run directory") -> None:
+    """RunLockedError when another process holds ``directory``'s lock; creates nothing (a running
+    run's half-written files must not be judged as someone else's)."""
+    import fcntl
+
+    lock = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked_error(fd, lock, Path(directory), what) from None
+    finally:
+        os.close(fd)
+
+
+def _acquire(lock: Path, directory: Path, what: str) -> int:
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            err = _locked_error(fd, lock, directory, what)
+            os.close(fd)
+            raise err from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder we waited on may have removed the file between our open and our flock: then we
+        # hold a lock on a dead inode, and must lock the file that is there now.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+                      .encode(), 0)
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path, what: str = "run directory") -> Iterator[Path]:
+    """Hold the run directory's lock for the block (creating the directory when absent); a second
+    exprag process gets RunLockedError naming this one's PID. A directory the lock created is removed
+    again if nothing else was written into it."""
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(directory)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield directory
+        finally:
+            _held[key][1] -= 1
+        return
+    lock = directory / LOCK_FILE
+    fd = _acquire(lock, directory, what)
+    _held[key] = [fd, 1]
+    try:
+        pause_for_test("locked")
+        yield directory
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            lock.unlink()  # still holding it: a process that opened the old file re-locks the new one
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty
+
+
+def pause_for_test(stage: str) -> None:
+    """Test hook for kill tests: with EXPRAG_TEST_PAUSE_AT=<stage> and EXPRAG_TEST_PAUSE_FILE=<path>
+    in the environment, create that file on reaching ``stage`` and wait there to be killed."""
+    if os.environ.get("EXPRAG_TEST_PAUSE_AT") != stage:
+        return
+    Path(os.environ["EXPRAG_TEST_PAUSE_FILE"]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(60)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from exprag.errors import DataFormatError
 from exprag.evaluate import read_results, wilson
-from exprag.io import atomic_write_text, iter_json_lines
+from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
 from exprag.methods import BANKS, METHODS, SPLITS
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
@@ -371,6 +371,8 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
         raise DataFormatError("no run directories given")
     exps = [read_experiment(d) for d in run_dirs]
     out = Path(out)
+    check_output_dir(out, "report directory or experiment directory",
+                     lambda p: (p / "report.md").is_file() or (p / "experiment.json").is_file())
     cells = [c for e in exps for c in e.cells]
     training = [t for e in exps for t in e.training]
     models = list(dict.fromkeys([*(m for e in exps for m in e.meta["models"]), *(c.model for c in cells)]))

@@ -34,7 +34,9 @@ def test_build_and_reload(bank, twx_trajs):
     m = read_manifest(bank.path)
     assert m["count"] == len(train) and m["envs"] == ["twx"]
     assert m["encoder"]["name"] in ("minilm", "bm25")
-    assert set(os.listdir(bank.path)) == {"manifest.json", "trajectories.jsonl", "static", "dynamic"}
+    (version,) = [e for e in os.listdir(bank.path) if e != "CURRENT"]
+    assert (bank.path / "CURRENT").read_text().strip() == version == bank.data_dir.name
+    assert set(os.listdir(bank.path / version)) == {"manifest.json", "trajectories.jsonl", "static", "dynamic"}
 
 
 def test_static_and_dynamic_retrieval(bank, twx_trajs):

@@ -91,10 +91,10 @@ def test_diversity_never_costs_a_same_type_slot(tmp_path):
 def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
     train, test = twx_trajs[0][::2], twx_trajs[1]  # 12 keys of 8 games: enough, and quick to encode
     new = build_bank(train, tmp_path / "new", "minilm")
-    m = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    m = json.loads((new.files / "manifest.json").read_text())
     assert m["retrieval"] == {"scoring": "procedure", "dense_weight": 0.05, "diversity": True, "alpha": None}
     assert m["bank_version"] == 2  # an exprag that predates procedure scoring refuses it, not misreads it
-    assert sorted(p.name for p in (tmp_path / "new" / "static").iterdir()) == \
+    assert sorted(p.name for p in (new.files / "static").iterdir()) == \
         ["embeddings.npy", "keys.json", "weights.json"]
     again = load_bank(tmp_path / "new")
     assert isinstance(again.index("static"), ProcedureIndex) and again.index("static").dense is not None
@@ -106,7 +106,7 @@ def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
         path = tmp_path / f"old-{scoring}"
         plain = build_bank(train, path, enc, retrieval=scoring)
         want = [h.trajectory.id for h in Retriever(plain).retrieve(q, k=3)]
-        mf = path / "manifest.json"
+        mf = plain.files / "manifest.json"
         old = json.loads(mf.read_text())
         assert old["bank_version"] == 1  # plain banks stay readable by older exprag
         del old["retrieval"]
@@ -119,7 +119,7 @@ def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
         build_bank(train, tmp_path / "x", "bm25", retrieval="dense")
     bad = dict(m, retrieval={"scoring": "magic"})
     (tmp_path / "bad").mkdir()
-    shutil.copy(tmp_path / "new" / "trajectories.jsonl", tmp_path / "bad")
+    shutil.copy(new.files / "trajectories.jsonl", tmp_path / "bad")
     (tmp_path / "bad" / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(BankError, match="field 'retrieval': unknown scoring 'magic'"):
         load_bank(tmp_path / "bad")
@@ -134,7 +134,7 @@ def test_append_relearns_weights_and_keeps_embeddings(tmp_path):
     assert idx.size == 19 and np.allclose(idx.dense.emb[:16], emb)
     assert "two" in idx.weights.weights and idx.weights.n_types == 5
     assert Retriever(grown).retrieve("put two tomato in shelf.", k=1)[0].trajectory.task_type == "two"
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["retrieval"]["scoring"] == "procedure"
+    assert json.loads((grown.files / "manifest.json").read_text())["retrieval"]["scoring"] == "procedure"
 
 
 def test_filters_and_fallback_with_procedure_scoring(tmp_path):

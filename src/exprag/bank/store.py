@@ -2,23 +2,35 @@
 
 Layout of BANK_DIR::
 
-    manifest.json        format, schema version, encoder identity, retrieval (scoring) config, counts,
-                         sources (path + sha256)
-    trajectories.jsonl   the stored trajectories, in index order
-    static/              index over task descriptions (static retrieval keys)
-    dynamic/             index over whole-trajectory texts (dynamic retrieval keys)
+    CURRENT              the name of the version directory readers use (one line)
+    v-<time>-<random>/   one complete bank version:
+        manifest.json        format, schema version, encoder identity, retrieval (scoring) config,
+                             counts, sources (path + sha256)
+        trajectories.jsonl   the stored trajectories, in index order
+        static/              index over task descriptions (static retrieval keys)
+        dynamic/             index over whole-trajectory texts (dynamic retrieval keys)
 
 An index directory holds what its scoring needs: ``embeddings.npy`` (dense), ``keys.json`` (BM25,
 procedure), ``weights.json`` (procedure: term weights learned from the keys' task types at build).
+Banks written by older exprag hold the version's files directly in BANK_DIR (no CURRENT); they load
+as they are, and a rebuild into them switches them to the versioned layout.
 
-A build is written to a staging directory beside BANK_DIR and swapped in by rename, so an
-interrupted build leaves the previous bank intact.
+A build or an append (write-back) runs under BANK_DIR's lock: it writes a staging directory inside
+BANK_DIR, renames it to a new version, then replaces CURRENT atomically. At every instant CURRENT
+names a complete version (the old one until the replace, the new one after it), so a kill at any
+point leaves a loadable bank; what a killed build left behind (staging, unused versions) is removed
+by the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import os
+import re
+import secrets
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +40,8 @@ from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
 from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
-from exprag.io import atomic_write_json, replace_dir, sha256_file, staging_dir
+from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir,
+                       pause_for_test, read_json_object, run_lock, sha256_file)
 from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
 from exprag.validate import read_json
 
@@ -37,6 +50,10 @@ BANK_FORMAT = "exprag-bank"
 # banks with plain scoring are still written as 1, so that older exprag reads them.
 BANK_VERSION = 2
 MODES = ("static", "dynamic")
+CURRENT = "CURRENT"
+_VERSION = re.compile(r"v-\d{8}T\d{6}-[0-9a-f]{6}")
+_STAGING = ".exprag-build-"
+_FLAT_FILES = ("manifest.json", "trajectories.jsonl", "static", "dynamic")  # the pre-versioned layout
 
 
 def static_key(t: Trajectory) -> str:
@@ -54,6 +71,11 @@ class Bank:
     trajectories: list[Trajectory]
     encoder: Encoder
     _indexes: dict[str, Index] = field(default_factory=dict)
+    data_dir: Path | None = None  # the version directory read (None: ``path`` itself)
+
+    @property
+    def files(self) -> Path:
+        return self.data_dir or self.path
 
     def __len__(self) -> int:
         return len(self.trajectories)
@@ -63,15 +85,15 @@ class Bank:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if mode not in self._indexes:
             try:
-                self._indexes[mode] = load_index(self.retrieval, self.encoder, self.path / mode)
+                self._indexes[mode] = load_index(self.retrieval, self.encoder, self.files / mode)
             except (OSError, ValueError, EOFError, KeyError, TypeError, RecursionError) as e:
                 # a truncated embeddings.npy, a garbled keys file: numpy / json say so in their own words
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise BankError(f"{self.path / mode}: unreadable index ({first}); the bank is corrupt, "
+                raise BankError(f"{self.files / mode}: unreadable index ({first}); the bank is corrupt, "
                                 "rebuild it") from None
             if self._indexes[mode].size != len(self.trajectories):
                 raise BankError(
-                    f"{self.path / mode}: index holds {self._indexes[mode].size} keys but the bank "
+                    f"{self.files / mode}: index holds {self._indexes[mode].size} keys but the bank "
                     f"has {len(self.trajectories)} trajectories; rebuild the bank"
                 )
         return self._indexes[mode]
@@ -79,7 +101,7 @@ class Bank:
     @property
     def retrieval(self) -> RetrievalConfig:
         """The scoring the bank was built with (plain dense / BM25 for banks older than the field)."""
-        return RetrievalConfig.from_manifest(self.manifest, str(self.path / "manifest.json"))
+        return RetrievalConfig.from_manifest(self.manifest, str(self.files / "manifest.json"))
 
     @property
     def envs(self) -> list[str]:
@@ -127,8 +149,8 @@ def build_bank(
     enc = make_scoring_encoder(encoder, cfg.scoring)
     cfg.check(enc)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(out, "build")
+    check_output_dir(out, "bank", is_bank_dir)
+    lock, staging = _begin(out)
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
         labels = [t.task_type for t in trajs]
@@ -148,11 +170,103 @@ def build_bank(
             "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
         }
         atomic_write_json(staging / "manifest.json", manifest)
-        replace_dir(staging, out)
+        version = _publish(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Bank(out, manifest, trajs, enc, dict(indexes))
+    finally:
+        lock.close()
+    return Bank(out, manifest, trajs, enc, dict(indexes), data_dir=version)
+
+
+# ---- the versioned layout and its swap --------------------------------------------------------------
+def _current(root: Path) -> str | None:
+    pointer = root / CURRENT
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not _VERSION.fullmatch(name) or not (root / name).is_dir():
+        raise BankError(f"{pointer}: names {name!r}, which is not a version of this bank; rebuild the bank")
+    return name
+
+
+def bank_files(path: str | Path) -> Path:
+    """The directory holding a bank's files: the version CURRENT names, or BANK_DIR itself for a bank
+    written before versions."""
+    path = Path(path)
+    name = _current(path)
+    return path / name if name else path
+
+
+def _is_bank_entry(name: str) -> bool:
+    return (name in (CURRENT, LOCK_FILE) or bool(_VERSION.fullmatch(name)) or name.startswith(_STAGING)
+            or (name.startswith(f".{CURRENT}.") and name.endswith(".tmp")))
+
+
+def is_bank_dir(path: str | Path) -> bool:
+    """A directory exprag may replace with a new bank: a bank of either layout, or what a killed first
+    build left (only names a build writes)."""
+    path = Path(path)
+    manifest = read_json_object(path / "manifest.json")
+    if manifest is not None and manifest.get("format") == BANK_FORMAT:
+        return True
+    return path.is_dir() and all(_is_bank_entry(e) for e in os.listdir(path))
+
+
+def _begin(root: Path) -> tuple[contextlib.ExitStack, Path]:
+    """Lock the bank (held until the returned stack is closed), remove what killed builds left, and
+    make a staging directory inside it."""
+    lock = contextlib.ExitStack()
+    lock.enter_context(run_lock(root, "bank"))
+    try:
+        _remove_unused(root)
+        staging = root / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except BaseException:
+        lock.close()
+        raise
+    return lock, staging
+
+
+def _remove_unused(root: Path) -> None:
+    """Under the bank's lock: remove staging directories and versions CURRENT does not name (left by
+    killed builds), and the files of the pre-versioned layout once CURRENT exists."""
+    try:
+        keep, drop_versions = _current(root), True
+    except BankError:  # a broken pointer: keep every version until a new one is published
+        keep, drop_versions = None, False
+    for name in os.listdir(root):
+        p = root / name
+        if name.startswith(_STAGING) or (drop_versions and _VERSION.fullmatch(name) and name != keep) \
+                or (keep and name in _FLAT_FILES):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        elif name.startswith(f".{CURRENT}.") and name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+    # Older exprag swapped banks through siblings; what a killed swap left there is a bank or a staging
+    # directory (a moved-away plain file stays: it was the user's).
+    for p in root.parent.glob(f".{root.name}.*-*"):
+        kind = p.name[len(root.name) + 2:].split("-", 1)[0]
+        if p.is_dir() and not p.is_symlink() and (kind in ("build", "append") or
+                                                  (kind == "old" and is_bank_dir(p))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _publish(root: Path, staging: Path) -> Path:
+    """Rename the complete staging directory to a new version, point CURRENT at it (one atomic
+    replace: readers see the old version or the new one, never neither), then drop the old one."""
+    pause_for_test("bank-staged")
+    version = root / f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    os.rename(staging, version)
+    fsync_dir(root)
+    pause_for_test("bank-renamed")
+    atomic_write_text(root / CURRENT, version.name + "\n")
+    fsync_dir(root)
+    pause_for_test("bank-switched")
+    _remove_unused(root)
+    return version
 
 
 def build_bank_from_files(paths: list[str | Path], out: str | Path, encoder: str = "minilm",
@@ -165,7 +279,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise BankError(f"{path}: no bank directory here (build one with `exprag bank build`)")
-    mf = path / "manifest.json"
+    mf = bank_files(path) / "manifest.json"
     if not mf.is_file():
         raise BankError(f"{mf}: missing; {path} is not an exprag bank")
     manifest = read_json(mf, BankError)
@@ -186,22 +300,23 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
     """Open a bank. ``encoder``, when given, must match the one the bank was built with."""
     path = Path(path)
+    files = bank_files(path)
     manifest = read_manifest(path)
     identity = manifest.get("encoder")
     if not isinstance(identity, dict):
-        raise BankError(f"{path / 'manifest.json'}: field 'encoder' missing")
+        raise BankError(f"{files / 'manifest.json'}: field 'encoder' missing")
     if encoder is not None and encoder != identity.get("name"):
         raise BankError(
-            f"{path / 'manifest.json'}: field 'encoder' is {identity.get('name')!r} but {encoder!r} was "
+            f"{files / 'manifest.json'}: field 'encoder' is {identity.get('name')!r} but {encoder!r} was "
             "asked for; query with the bank's encoder or rebuild the bank"
         )
-    trajs = list(iter_jsonl(path / "trajectories.jsonl"))
+    trajs = list(iter_jsonl(files / "trajectories.jsonl"))
     if len(trajs) != manifest.get("count"):
         raise BankError(
-            f"{path / 'manifest.json'}: field 'count' is {manifest.get('count')} but "
+            f"{files / 'manifest.json'}: field 'count' is {manifest.get('count')} but "
             f"trajectories.jsonl holds {len(trajs)}; the bank is corrupt, rebuild it"
         )
-    bank = Bank(path, manifest, trajs, make_encoder(identity))
+    bank = Bank(path, manifest, trajs, make_encoder(identity), data_dir=files if files != path else None)
     bank.retrieval  # validate the retrieval block now, not at the first query
     return bank
 
@@ -218,7 +333,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     enc = bank.encoder
     cfg = bank.retrieval
     labels = [t.task_type for t in trajs]
-    staging = staging_dir(bank.path, "append")
+    lock, staging = _begin(bank.path)
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
         indexes: dict[str, Index] = {}
@@ -229,8 +344,10 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
         manifest.update(_summary(trajs))
         manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(staging / "manifest.json", manifest)
-        replace_dir(staging, bank.path)
+        version = _publish(bank.path, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Bank(bank.path, manifest, trajs, enc, indexes)
+    finally:
+        lock.close()
+    return Bank(bank.path, manifest, trajs, enc, indexes, data_dir=version)

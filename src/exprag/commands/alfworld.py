@@ -36,6 +36,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from exprag.envs import alfworld_gen as gen
     from exprag.envs.alfworld import DEFAULT_GEN_PER_TYPE, default_generated_dir
     from exprag.envs.splits import resolve_task_types
+    from exprag.io import LOCK_FILE, check_output_dir
     from exprag.progress import bar
 
     from exprag.validate import check_output
@@ -46,6 +47,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.per_type is None:
         args.per_type = DEFAULT_GEN_PER_TYPE[args.split]
     out = args.out or str(default_generated_dir(args.seed))
+    # Games go to OUT/json_2.1.1/...: OUT may hold that and nothing else (another data set stays untouched).
+    check_output_dir(out, "ALFWorld games directory",
+                     lambda p: {e.name for e in p.iterdir()} <= {gen.DATA_DIR, LOCK_FILE})
     pbar = bar(total=args.per_type * len(types), desc=f"alfworld generate {args.split}", unit="game")
     dropped = 0
 

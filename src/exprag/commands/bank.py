@@ -163,7 +163,7 @@ def run_info(args: argparse.Namespace) -> int:
 def run_eval_retrieval(args: argparse.Namespace) -> int:
     from exprag.bank import load_bank
     from exprag.bank.quality import evaluate_retrieval
-    from exprag.io import atomic_write_json, atomic_write_text
+    from exprag.io import atomic_write_json, atomic_write_text, check_output_file, read_json_object
     from exprag.trajectory import read_jsonl
 
     from exprag.validate import check_output
@@ -171,6 +171,10 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
     if args.out:
         check_output(f"{args.out}.json")
     bank = load_bank(args.bank)
+    if args.out:  # replaces only its own earlier report
+        json_out = lambda p: {"k", "mode", "overall"} <= (read_json_object(p) or {}).keys()  # noqa: E731
+        check_output_file(f"{args.out}.json", "retrieval report", json_out)
+        check_output_file(f"{args.out}.md", "retrieval report", lambda p: json_out(Path(f"{args.out}.json")))
     report = evaluate_retrieval(bank, read_jsonl(*args.queries), k=args.k, mode=args.mode)
     md = report.markdown()
     if report.skipped_in_bank:

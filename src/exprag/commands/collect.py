@@ -29,10 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def is_trajectories_file(path) -> bool:
+    """A JSONL file of exprag trajectories (its first record has a trajectory's fields): collect's own
+    output, which a rerun may replace; any other existing file is refused."""
+    from exprag.io import first_json_record
+
+    rec = first_json_record(path)
+    return isinstance(rec, dict) and {"schema_version", "id", "messages"} <= rec.keys()
+
+
 def run(args: argparse.Namespace) -> int:
     from exprag.commands._args import parse_env_args
     from exprag.envs import check_env_args, make_env
-    from exprag.envs.splits import check_env, resolve_task_types, select_tasks, write_manifest
+    from exprag.envs.splits import check_env, manifest_path, resolve_task_types, select_tasks, write_manifest
+    from exprag.io import check_output_file, pause_for_test, read_json_object
     from exprag.expert import CollectReport, collect
     from exprag.io import sha256_file
     from exprag.progress import bar
@@ -43,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     types = resolve_task_types(args.env, args.task_types)
     env_args = check_env_args(args.env, parse_env_args(args.env_arg))
     check_output(args.out)  # before the expert runs: a failed write would waste the whole collection
+    check_output_file(args.out, "trajectories file", is_trajectories_file)
+    check_output_file(manifest_path(args.out), "split manifest", lambda p: "tasks" in (read_json_object(p) or {}))
     with make_env(args.env, **env_args) as env:
         tasks = select_tasks(env.tasks(args.split, types), args.per_type, args.limit, args.sample, args.seed)
         report = CollectReport()
@@ -54,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             pbar.update(1)
             pbar.set_postfix(ok=sum(t.success for t in trajs), failed=len(report.failures))
         pbar.close()
+    pause_for_test("collect-done")  # kill tests: all the work done, nothing written yet
     n = write_jsonl(args.out, trajs)
     # sha256 covers the task list; content_sha256 the bytes written (same command + seed: same hash).
     mpath = write_manifest(args.out, tasks, collected=n, content_sha256=sha256_file(Path(args.out)), failures=[

@@ -16,8 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _is_export_file(path) -> bool:
+    """A JSONL file this command wrote (ShareGPT ``conversations`` or OpenAI ``messages`` records),
+    which a rerun may replace; any other existing file is refused."""
+    from exprag.io import first_json_record
+
+    rec = first_json_record(path)
+    return isinstance(rec, dict) and ("conversations" in rec or "messages" in rec) and "schema_version" not in rec
+
+
 def run(args: argparse.Namespace) -> int:
     from exprag.envs import action_templates
+    from exprag.io import check_output_file
     from exprag.prompt import system_prompt
     from exprag.trajectory import export_jsonl, read_jsonl
     from exprag.validate import check_output
@@ -27,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         return system_prompt(action_templates(env))
 
     check_output(args.out)
+    check_output_file(args.out, "export file", _is_export_file)
     system = (lambda t: env_system(t.env)) if args.with_system else None
     n = export_jsonl(args.out, read_jsonl(*args.trajectories), args.format, system)
     print(f"wrote {n} {args.format} records to {args.out}")

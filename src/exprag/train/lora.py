@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -38,7 +39,8 @@ import yaml
 
 from exprag.config import changed_fields
 from exprag.errors import ExpragError
-from exprag.io import append_jsonl, atomic_write_json, atomic_write_text, replace_dir, sha256_file
+from exprag.io import (LOCK_FILE, append_jsonl, atomic_write_json, atomic_write_text, check_output_dir,
+                       pause_for_test, replace_dir, run_lock, sha256_file)
 from exprag.train.config import TrainConfig, TrainConfigError, to_dict
 from exprag.train.data import (
     BuildReport,
@@ -182,13 +184,18 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool, main: bo
     out = Path(cfg.out)
     if resume and overwrite:
         raise RunDirError("choose one of --resume and --overwrite")
-    exists = out.exists() and any(out.iterdir())
+    exists = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
     if exists and not (resume or overwrite):
         raise RunDirError(f"{out} exists; pass --resume to continue its training or --overwrite to "
                           "start over (which deletes it)")
     if exists and overwrite:
-        if main:
-            shutil.rmtree(out)
+        if main:  # everything but the lock this process holds
+            for p in out.iterdir():
+                if p.name != LOCK_FILE:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
         return None
     if not exists or not (out / "state.json").is_file():
         return None
@@ -448,6 +455,11 @@ def _loss_on(model: Any, examples: list[Example], batch_size: int, pad_id: int, 
     return total / max(count, 1)
 
 
+def is_train_run(path: Path) -> bool:
+    """An exprag training run directory (what ``train`` writes first: its config, then state)."""
+    return any((Path(path) / name).exists() for name in (CONFIG_FILE, "state.json", "data_report.json"))
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           rollout_eval: Callable[[Path], float] | None = None, progress: bool = False,
           log: Log | None = None) -> TrainResult:
@@ -455,7 +467,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     ``rollout_eval(adapter_dir) -> success rate`` scores checkpoints when ``cfg.selection.every``
     is set; None = ``exprag.evaluate`` on ``cfg.selection`` (see select.make_rollout_eval).
+    ``cfg.out`` must be absent, empty or a training run; the main process locks it for the run.
     """
+    kw = dict(resume=resume, overwrite=overwrite, rollout_eval=rollout_eval, progress=progress, log=log)
+    if os.environ.get("RANK", "0") != "0":  # another process of a distributed run: the main one locks
+        return _train(cfg, **kw)
+    cfg.validate()
+    check_output_dir(cfg.out, "training run directory", is_train_run)
+    with run_lock(cfg.out, "training run directory"):
+        return _train(cfg, **kw)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, rollout_eval: Callable[[Path], float] | None,
+           progress: bool, log: Log | None) -> TrainResult:
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from peft import set_peft_model_state_dict
@@ -649,6 +673,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if every and main and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs) and not selection.has(epoch + 1):
             select(epoch + 1, last_ckpt, val_loss, train_loss)
         acc.wait_for_everyone()
+        pause_for_test("train-epoch")
     pbar.close()
     history = selection.history if selection else []
     return TrainResult(
@@ -672,6 +697,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = N
         raise RunDirError(f"{adapter}: no adapter_config.json (not a PEFT adapter directory)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunDirError(f"{out} exists; pass --overwrite to replace it")
+    check_output_dir(out, "merged model directory", lambda p: (p / "config.json").is_file())
     base_spec = model or json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base_spec:
         raise RunDirError(f"{cfg_file}: no base_model_name_or_path; pass --model")

@@ -1,0 +1,99 @@
+"""The bank swap: a `bank build` killed at any point leaves a loadable bank at --out (the old one or the
+new one, never neither), and the next build removes what the killed one left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exprag.bank import build_bank, load_bank
+from exprag.bank.store import CURRENT, bank_files, is_bank_dir
+from exprag.io import LOCK_FILE
+from exprag.trajectory import write_jsonl
+from tests.test_io import exprag, refused, snapshot, wait_for
+
+
+@pytest.fixture()
+def inputs(tmp_path, twx_trajs):
+    """An old bank (4 trajectories) at BANK and the input of a new one (8 trajectories)."""
+    train, _ = twx_trajs
+    write_jsonl(tmp_path / "old.jsonl", train[:4])
+    write_jsonl(tmp_path / "new.jsonl", train[:8])
+    build_bank(train[:4], tmp_path / "bank", "bm25")
+    return tmp_path / "bank", tmp_path / "new.jsonl"
+
+
+def killed_build(bank: Path, trajs: Path, stage: str) -> None:
+    flag = bank.parent / f"paused-{stage}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exprag", "bank", "build", "--trajectories", str(trajs), "--out", str(bank),
+         "--encoder", "bm25"],
+        env={**os.environ, "EXPRAG_TEST_PAUSE_AT": stage, "EXPRAG_TEST_PAUSE_FILE": str(flag)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(flag, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def layout_is_clean(bank: Path) -> None:
+    (version,) = [e for e in os.listdir(bank) if e != CURRENT]
+    assert (bank / CURRENT).read_text().strip() == version and bank_files(bank) == bank / version
+
+
+@pytest.mark.parametrize("stage, count", [("bank-staged", 4), ("bank-renamed", 4), ("bank-switched", 8)])
+def test_kill_at_each_step_of_the_swap(inputs, stage, count):
+    bank, new = inputs
+    killed_build(bank, new, stage)
+    assert len(load_bank(bank)) == count  # the old bank until the switch, the new one after it
+    assert (bank / LOCK_FILE).is_file()  # the dead builder's; the next build takes it over
+    res = exprag("bank", "build", "--trajectories", str(new), "--out", str(bank), "--encoder", "bm25")
+    assert res.returncode == 0, res.stderr
+    assert len(load_bank(bank)) == 8
+    layout_is_clean(bank)  # staging and unused versions of the killed build are gone
+
+
+def test_old_layout_banks_load_and_are_replaced_in_place(inputs, twx_trajs):
+    """A bank written before versions (files directly in BANK_DIR) loads as it is; a rebuild killed
+    mid-swap still leaves it loadable; a finished one switches it to versions, keeping foreign files."""
+    bank, new = inputs
+    files = bank_files(bank)
+    for name in os.listdir(files):
+        shutil.move(files / name, bank / name)
+    files.rmdir()
+    (bank / CURRENT).unlink()
+    (bank / "README.txt").write_text("built for the March runs")
+    assert len(load_bank(bank)) == 4 and load_bank(bank).index("static").size == 4
+    killed_build(bank, new, "bank-renamed")
+    assert len(load_bank(bank)) == 4
+    # What older exprag left beside a bank when killed mid-swap: a moved-away bank and a staging dir
+    # are removed; a moved-away plain file was the user's and stays.
+    old_bank = bank.parent / f".{bank.name}.old-123"
+    build_bank(twx_trajs[0][:2], old_bank, "bm25")
+    (bank.parent / f".{bank.name}.build-x1y2").mkdir()
+    (bank.parent / f".{bank.name}.old-456").write_text("a user's file")
+    res = exprag("bank", "build", "--trajectories", str(new), "--out", str(bank), "--encoder", "bm25")
+    assert res.returncode == 0, res.stderr
+    assert len(load_bank(bank)) == 8 and (bank / "README.txt").read_text() == "built for the March runs"
+    assert sorted(os.listdir(bank)) == sorted([CURRENT, "README.txt", bank_files(bank).name])
+    assert not old_bank.exists() and not (bank.parent / f".{bank.name}.build-x1y2").exists()
+    assert (bank.parent / f".{bank.name}.old-456").read_text() == "a user's file"
+
+
+def test_build_refuses_what_is_not_a_bank(tmp_path, twx_trajs):
+    write_jsonl(tmp_path / "t.jsonl", twx_trajs[0][:4])
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "table.csv").write_text("a,b\n")
+    (tmp_path / "file").write_text("x")
+    before = snapshot(tmp_path)
+    for out in (target, tmp_path / "file"):
+        refused(exprag("bank", "build", "--trajectories", str(tmp_path / "t.jsonl"), "--out", str(out),
+                       "--encoder", "bm25"), out)
+    assert snapshot(tmp_path) == before
+    assert not is_bank_dir(target)
