@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from exprag.bank import build_bank
+from exprag.bank.store import bank_files
 from exprag.train.config import TrainConfigError, load_train_config
 from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 from exprag.validate import read_json
@@ -51,7 +52,7 @@ def ws(tmp_path_factory) -> Path:
     write_jsonl(d / "good.jsonl", good)
     build_bank(good, d / "bank", "bm25", sources=[d / "good.jsonl"], retrieval="bm25")
     build_bank(good, d / "dense-bank", "minilm", sources=[d / "good.jsonl"], retrieval="dense")
-    emb = d / "dense-bank" / "static" / "embeddings.npy"
+    emb = bank_files(d / "dense-bank") / "static" / "embeddings.npy"
     emb.write_bytes(emb.read_bytes()[: emb.stat().st_size // 2])  # a copy cut short
     (d / "manifest-bank").mkdir()
     (d / "manifest-bank" / "manifest.json").write_text('{"format": "exprag-bank", ')
@@ -169,14 +170,14 @@ CASES = [
      "model '/nonexistent': no such directory"),
     ("eval-adapter-missing", EVAL + ["--adapter", "{d}/no-adapter"], "no-adapter: no adapter_config.json"),
     ("eval-bank-missing", EVAL + ["--bank", "{d}/no-bank"], "no-bank: no bank directory"),
-    ("eval-bank-truncated", EVAL + ["--bank", "{d}/dense-bank"], "dense-bank/static: unreadable index"),
+    ("eval-bank-truncated", EVAL + ["--bank", "{d}/dense-bank"], "/static: unreadable index"),
     ("eval-bank-manifest", EVAL + ["--bank", "{d}/manifest-bank"], "manifest.json:1: invalid JSON"),
     ("eval-env-arg-unknown", EVAL + ["--env-arg", "colour=red"], "--env-arg 'colour': twx takes no such option"),
     ("eval-env-arg-text", EVAL + ["--env-arg", "env_step_limit=lots"], "--env-arg 'env_step_limit': must be an integer"),
     ("eval-env-arg-form", EVAL + ["--env-arg", "colour"], "--env-arg 'colour' is not KEY=VALUE"),
     ("eval-alfworld-data", ["eval", "--env", "alfworld", "--env-arg", "data_dir={d}/no-games", "--out", "{d}/run"],
      "no ALFWorld games under"),
-    ("eval-out-file", ["eval", "--env", "twx", "--out", "{d}/afile"], "afile: --out exists and is not a directory"),
+    ("eval-out-file", ["eval", "--env", "twx", "--out", "{d}/afile"], "exists and is not a directory"),
     ("eval-openai-no-url", EVAL + ["--backend", "openai"], "the openai backend needs --base-url"),
     ("eval-task-type", ["eval", "--env", "twx", "--task-types", "nope", "--out", "{d}/run"], "unknown task type 'nope'"),
     ("train-model-missing", ["train", "--trajectories", "{d}/good.jsonl", "--model", "/nonexistent", "--out", "{d}/run"],
@@ -190,7 +191,7 @@ CASES = [
      "no trainable trajectories in"),
     ("train-bank-missing", TRAIN + ["--bank", "{d}/no-bank"], "no-bank: no bank directory"),
     ("train-out-file", ["train", "--trajectories", "{d}/good.jsonl", "--model", "smollm2-135m", "--out", "{d}/afile"],
-     "afile: --out exists and is not a directory"),
+     "exists and is not a directory"),
     # input files: malformed, non-UTF-8, absurdly nested, out-of-range values, duplicates, empty
     ("build-bad-json", BUILD + ["{d}/bad-json.jsonl"], "bad-json.jsonl:2: invalid JSON"),
     ("build-bad-type", BUILD + ["{d}/bad-type.jsonl"], "bad-type.jsonl:2: field 'success' must be a boolean"),
@@ -205,7 +206,7 @@ CASES = [
      "failures.jsonl: no successful trajectories"),
     ("build-missing", BUILD + ["{d}/no.jsonl"], "no.jsonl: no such file"),
     ("build-out-file", ["bank", "build", "--encoder", "bm25", "--trajectories", "{d}/good.jsonl", "--out", "{d}/afile"],
-     "afile: --out exists and is not a directory"),
+     "exists and is not a directory"),
     ("collect-out-under-file", ["collect", "--env", "twx", "--per-type", "1", "--out", "{d}/afile/o.jsonl"],
      "is not a directory"),
     ("collect-env-arg", ["collect", "--env", "twx", "--env-arg", "colour=red", "--out", "{d}/o.jsonl"],
@@ -224,14 +225,14 @@ CASES = [
      "deep.json: invalid JSON (nested too deeply)"),
     ("query-history-missing", QUERY + ["--mode", "dynamic", "--history", "{d}/no.json"], "no.json: no such file"),
     ("query-truncated-index", ["bank", "query", "{d}/dense-bank", "--task", "find the coin"],
-     "dense-bank/static: unreadable index"),
+     "/static: unreadable index"),
     ("query-manifest", ["bank", "query", "{d}/manifest-bank", "--task", "x"], "manifest.json:1: invalid JSON"),
     ("query-encoder", QUERY + ["--encoder", "minilm"], "'bm25' but 'minilm' was asked for"),
     ("info-not-bank", ["bank", "info", "{d}/afile"], "no bank directory here"),
     ("unknown-flag", ["eval", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("experiment-out-file", ["experiment", str(REPO / "configs" / "small-cpu.yaml"), "--out", "{d}/afile"],
-     "afile: --out exists and is not a directory"),
-    ("report-out-file", ["report", "{d}/bank", "--out", "{d}/afile"], "afile: --out exists and is not a directory"),
+     "exists and is not a directory"),
+    ("report-out-file", ["report", "{d}/bank", "--out", "{d}/afile"], "exists and is not a directory"),
 ]
 
 
@@ -309,5 +310,5 @@ def test_truncated_embeddings_detected_by_the_library(ws):
     bank = load_bank(ws / "dense-bank")
     with pytest.raises(BankError, match="unreadable index"):
         bank.index("static")
-    assert np.load(ws / "dense-bank" / "dynamic" / "embeddings.npy").shape[0] == 6  # the intact one reads
-    assert read_json(ws / "bank" / "manifest.json")["count"] == 6
+    assert np.load(bank_files(ws / "dense-bank") / "dynamic" / "embeddings.npy").shape[0] == 6  # the intact one reads
+    assert read_json(bank_files(ws / "bank") / "manifest.json")["count"] == 6

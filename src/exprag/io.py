@@ -173,11 +173,11 @@ def check_output_dir(path: str | Path, what: str, owned: Callable[[Path], bool])
 
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise OutputPathError(f"{path}: a broken symbolic link; exprag writes a {what} only to an absent "
-                              "or empty directory or to an existing one of its own")
+        raise OutputPathError(f"{path}: a broken symbolic link; exprag writes its {what} only to an "
+                              "absent or empty directory or to one of its own")
     if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{path}: exists and is not a directory; exprag writes a {what} only to an "
-                              "absent or empty directory or to an existing one of its own")
+        raise OutputPathError(f"{path}: exists and is not a directory; exprag writes its {what} only to an "
+                              "absent or empty directory or to one of its own")
     if path.is_dir():
         if os.path.realpath(path) not in _held:
             refuse_if_locked(path, what)
