@@ -261,7 +261,7 @@ def configs(bank_trajs: list[Trajectory], dense: DenseEncoder, log: Callable[[st
         ("masked dense", "MiniLM on keys and queries with entity-like words masked", MaskedDenseIndex(default, dense)),
         ("rerank dense→procedure", "MiniLM top-32 reranked by procedure-weighted lexical", RerankIndex(plain_dense, lexical)),
         ("procedure lexical", "learned term weights, cosine; no dense, no diversity", lexical),
-        ("procedure + dense", "+ 0.05 x MiniLM dot product; no diversity", no_div),
+        ("procedure + dense", "+ 0.5 x MiniLM dot product, word expansion; no diversity", no_div),
         ("procedure + dense + diversity", "exprag default (--scoring procedure)", default),
     ]
 
