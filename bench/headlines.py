@@ -125,6 +125,15 @@ def retrieval_quality_headline(result: dict) -> list[dict]:
                       ours["top1"], True),
                 entry(f"{what}: all@{k} same-type rate", "dense (paper)", base["all_at_k"],
                       "exprag default (procedure)", ours["all_at_k"], True)]
+    for env in result.get("paraphrases", []):
+        rows = {r["config"]: r for r in env["rows"]}
+        base, ours = rows.get("dense (paper)"), rows.get("procedure, default (dense 0.5 + word expansion)")
+        if base and ours:
+            what = f"{env['env']} test paraphrases (n={ours['test']['n']})"
+            out += [entry(f"{what}: top-1 same-type rate", "dense (paper)", base["test"]["top1"],
+                          "exprag default (procedure)", ours["test"]["top1"], True),
+                    entry(f"{what}: all@{k} same-type rate", "dense (paper)", base["test"]["all_at_k"],
+                          "exprag default (procedure)", ours["test"]["all_at_k"], True)]
     dyn = result.get("alfworld_episodes")
     if dyn:
         rows = {r["config"]: r for r in dyn["rows"]}

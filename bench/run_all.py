@@ -39,6 +39,10 @@ BENCHES: dict[str, Bench] = {
     "retrieval": Bench("bench_retrieval.py", ["--no-env"], ["--sizes", "1000", "10000", "--queries", "50"]),
     # Full: TWX, ScienceWorld (official split) and ALFWorld; the first run records and caches resets.
     "retrieval_quality": Bench("bench_retrieval_quality.py", [], ["--envs", "twx"]),
+    # Hand-written paraphrases vs templated banks (ALFWorld in seconds; ScienceWorld reuses the records above).
+    "retrieval_paraphrases": Bench("bench_retrieval_quality.py",
+                                   ["--paraphrases", "--no-templated", "--envs", "alfworld", "scienceworld"],
+                                   ["--envs", "alfworld"]),
     "env_step": Bench("bench_env_step.py", [], ["--steps", "100"]),
     "alfworld": Bench("bench_alfworld.py", [], ["--per-type", "1"]),
     "llm": Bench("bench_llm.py", [], ["--episodes", "2", "--turns", "4", "--batch", "2"]),

@@ -83,6 +83,15 @@ def test_headline_entries(hl):
     alf = {"k": 2, "envs": [dict(QUALITY["envs"][0], env="alfworld", judged_on="no_twin")]}
     assert hl.retrieval_quality_headline(alf)[0]["baseline_value"] is None
     assert "no-twin queries, n=3" in hl.retrieval_quality_headline(alf)[0]["metric"]
+    # the paraphrase benchmark: test-set rates, default vs dense
+    rate = lambda t1, a2: {"test": {"n": 72, "top1": t1, "all_at_k": a2}}  # noqa: E731
+    para = {"k": 2, "envs": [], "paraphrases": [{"env": "alfworld", "rows": [
+        {"config": "dense (paper)", **rate(0.5, 0.4)},
+        {"config": "procedure, default (dense 0.5 + word expansion)", **rate(0.75, 0.6)}]}]}
+    p = hl.retrieval_quality_headline(para)
+    assert [(x["ratio"], x["metric"]) for x in p] == [
+        (1.5, "alfworld test paraphrases (n=72): top-1 same-type rate"),
+        (1.5, "alfworld test paraphrases (n=72): all@2 same-type rate")]
 
 
 def test_summary_table_and_json(run_all, hl):

@@ -3,6 +3,8 @@
 
 import json
 import shutil
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from exprag.bank import Retriever, append_to_bank, build_bank, load_bank
 from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, diverse_order
 from exprag.bank.quality import evaluate_retrieval
 from exprag.bank.scoring import RetrievalConfig
+from exprag.bank.store import Bank
 from exprag.cli import main
 from exprag.errors import BankError
 from exprag.trajectory import Trajectory, write_jsonl
@@ -92,10 +95,11 @@ def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
     train, test = twx_trajs[0][::2], twx_trajs[1]  # 12 keys of 8 games: enough, and quick to encode
     new = build_bank(train, tmp_path / "new", "minilm")
     m = json.loads((new.files / "manifest.json").read_text())
-    assert m["retrieval"] == {"scoring": "procedure", "dense_weight": 0.05, "diversity": True, "alpha": None}
+    assert m["retrieval"] == {"scoring": "procedure", "dense_weight": 0.5, "diversity": True, "alpha": None,
+                              "expand": True}
     assert m["bank_version"] == 2  # an exprag that predates procedure scoring refuses it, not misreads it
     assert sorted(p.name for p in (new.files / "static").iterdir()) == \
-        ["embeddings.npy", "keys.json", "weights.json"]
+        ["embeddings.npy", "keys.json", "term_embeddings.npy", "weights.json"]
     again = load_bank(tmp_path / "new")
     assert isinstance(again.index("static"), ProcedureIndex) and again.index("static").dense is not None
     q = test[0].task
@@ -233,6 +237,95 @@ def test_eval_retrieval_alfworld(tmp_path, capsys, alfworld_trajs):
     bank = load_bank(tmp_path / "alf-bank")
     dyn = evaluate_retrieval(bank, test, k=2, mode="dynamic").as_dict()
     assert dyn["overall"]["n"] == 6 and dyn["mode"] == "dynamic"
+
+
+# ---- paraphrases: hand-written free-form tasks against templated banks ------------------------------
+def _bench_module():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_retrieval_quality as bq
+
+    return bq
+
+
+def test_paraphrase_sets_are_shipped_and_dev_is_separate_from_test():
+    import yaml
+
+    from exprag.bank.quality import paraphrase_file, read_text_queries
+    from exprag.envs.alfworld_gen import TASK_TYPES
+
+    splits = yaml.safe_load(open(Path(__file__).resolve().parents[2] / "src/exprag/data/splits.yaml"))
+    want = {"alfworld": set(TASK_TYPES), "scienceworld": set(splits["scienceworld"]["easy"] + splits["scienceworld"]["hard"])}
+    assert len(want["alfworld"]) == 6 and len(want["scienceworld"]) == 30
+    for env, types in want.items():
+        sets = {s: read_text_queries(paraphrase_file(env, s)) for s in ("dev", "test")}
+        for split, least in (("test", 10), ("dev", 5)):
+            per = Counter(q.task_type for q in sets[split])
+            assert set(per) == types and min(per.values()) >= least, (env, split, per)
+        assert not {q.text for q in sets["dev"]} & {q.text for q in sets["test"]}  # tuning never sees test
+        assert all(q.source for q in sets["test"])
+
+
+def test_unknown_words_borrow_the_weight_of_their_nearest_bank_terms(tmp_path):
+    bank = build_bank(alfworld_like(12, "train"), tmp_path / "b", "minilm")
+    old = build_bank(alfworld_like(12, "train"), tmp_path / "old", "minilm",
+                     retrieval=RetrievalConfig(dense_weight=0.05, expand=False))
+    new_r, old_r = Retriever(bank), Retriever(old)
+    queries = {"warm up an egg and set it on the desk": "heat", "rinse the mug, then leave it on the shelf": "clean",
+               "I need a heated potato on the countertop": "heat", "wash a knife and store it in the cabinet": "clean"}
+    got = {q: [h.trajectory.task_type for h in new_r.retrieve(q, k=2)] for q in queries}
+    assert all(types == [queries[q]] * 2 for q, types in got.items()), got
+    before = sum(old_r.retrieve(q, k=1)[0].trajectory.task_type == t for q, t in queries.items())
+    assert before < len(queries)  # the words the bank lacks weighed 0 before
+    # the templated queries keep their exact-word scores
+    rep = evaluate_retrieval(bank, alfworld_like(6, "test", offset=5), k=2).as_dict()
+    assert rep["overall"]["top1"] == 1.0 and rep["overall"]["all_at_k"] == 1.0
+    # the manifest says how it scores; a bank of the earlier default reloads as it was built
+    idx = load_bank(tmp_path / "b").index("static")
+    assert idx.expand and idx._term_emb is not None and idx._term_emb.shape[0] == len(idx.weights.weights)
+    cfg = RetrievalConfig.from_manifest({"retrieval": {"scoring": "procedure", "dense_weight": 0.05,
+                                                       "diversity": True, "alpha": None}})
+    assert cfg.expand is False and cfg.dense_weight == 0.05
+
+
+def test_alfworld_paraphrases_reduced_size():
+    """The ALFWorld paraphrase benchmark at a reduced bank (20 templated games per type, seconds): the
+    default keeps every templated query and lifts the paraphrases well above the earlier default."""
+    bq = _bench_module()
+    from exprag.bank.encoders import DenseEncoder
+    from exprag.bank.quality import evaluate_text_queries, paraphrase_file, read_text_queries
+
+    dense = DenseEncoder("minilm")
+    train, templated = bq.alfworld_templated("train", 20), bq.alfworld_templated("test", 3)
+    queries = read_text_queries(paraphrase_file("alfworld", "test"))
+    got = {}
+    for name, index in bq.paraphrase_configs(train, dense):
+        bank = Bank(Path("."), {"encoder": dense.identity, "retrieval": {"scoring": "procedure"}}, train, dense,
+                    {"static": index})
+        got[name] = (evaluate_retrieval(bank, templated, k=2).as_dict()["overall"],
+                     evaluate_text_queries(bank, queries, k=2).as_dict()["overall"])
+    before, ours = got["procedure, before (dense 0.05, no expansion)"], got["procedure, default (dense 0.5 + word expansion)"]
+    assert ours[0]["top1"] == 1.0 and ours[0]["all_at_k"] == 1.0, got
+    assert ours[1]["n"] == 72 and ours[1]["top1"] >= 0.65 and ours[1]["all_at_k"] >= 0.6, got
+    assert ours[1]["top1"] >= before[1]["top1"] + 0.15, got
+    assert ours[1]["top1"] > got["dense (paper)"][1]["top1"] and ours[1]["top1"] > got["bm25"][1]["top1"], got
+
+
+def test_eval_retrieval_reads_text_queries(tmp_path, capsys):
+    from exprag.bank.quality import paraphrase_file
+
+    data, bank, out = tmp_path / "bank.jsonl", tmp_path / "bank", tmp_path / "q"
+    write_jsonl(data, alfworld_like(6, "train"))
+    assert main(["bank", "build", "--trajectories", str(data), "--out", str(bank), "--encoder", "bm25"]) == 0
+    qfile = paraphrase_file("alfworld", "dev")
+    assert main(["bank", "eval-retrieval", str(bank), "--queries", str(qfile), "--out", str(out)]) == 0
+    d = json.loads((tmp_path / "q.json").read_text())
+    assert d["overall"]["n"] == 36 and d["mode"] == "static" and "pick_heat_then_place_in_recep" in d["per_type"]
+    capsys.readouterr()
+    assert main(["bank", "eval-retrieval", str(bank), "--queries", str(qfile), "--mode", "dynamic"]) == 2
+    assert "use --mode static" in capsys.readouterr().err
 
 
 # ---- full sizes (minutes): the issue's targets -------------------------------------------------------

@@ -13,7 +13,15 @@ bank shows across many types, get weights near 0: a soft mask of the entities, l
 Keys and queries become binary term vectors scaled by these weights (L2-normalised); the score is
 their cosine, plus ``dense_weight`` x the dense encoder's dot product on the raw texts (it orders keys
 of the same procedure by entity similarity and covers words the bank's vocabulary lacks).
-Labels are read at build time only; a query is only text, and its terms unknown to the bank weigh 0.
+Labels are read at build time only; a query is only text.
+
+Words the bank never used (a user's "warm up", "rinse", "2" against the templates' "heat", "clean",
+"two") borrow the weight of their nearest bank terms in the dense encoder's word-embedding space
+(``expand``): an unknown query word whose best cosine to a bank term is at least ``EXPAND_MIN_SIM``
+adds every bank term within ``EXPAND_MARGIN`` of that best match, at the term's weight x the cosine.
+Near-ties are kept on purpose: MiniLM puts "cold" as close to "hot" as to "cool", and keeping all
+three lets the learned weights decide. Known words keep their own weight, so templated queries score
+exactly as before. Without a dense encoder (``--encoder bm25``) unknown words still weigh 0.
 
 Diversity: two keys with the same template — the same text once entity-like words are masked
 (``TermWeights.mask``: "put a hot something in something") — show the same procedure. When a key's
@@ -41,6 +49,10 @@ TOKENIZER = "lower-alnum-stop-v1"
 MASK_FRACTION = 0.5
 # extra candidates looked at beyond k so that diversity has copies to skip
 _DIVERSITY_WINDOW = 64
+# query-word expansion (chosen on the dev paraphrase sets, see docs/retrieval-quality.md)
+EXPAND_MIN_SIM = 0.5
+EXPAND_MARGIN = 0.08
+TERM_EMBEDDINGS = "term_embeddings.npy"
 
 
 def procedure_tokens(text: str) -> set[str]:
@@ -157,8 +169,11 @@ class ProcedureIndex:
     dense: Any = None  # a DenseIndex over the same raw texts, or None (lexical only)
     dense_weight: float = 0.05
     diversity: bool = True
+    expand: bool = False  # unknown query words borrow their nearest bank terms' weights (needs dense)
     _postings: Any = field(default=None, repr=False)  # (term start offsets, key ids, values)
     _templates: list[str] | None = field(default=None, repr=False)  # masked keys, for diversity
+    _term_emb: np.ndarray | None = field(default=None, repr=False)  # (n_terms, d) bank-term embeddings
+    _word_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # unknown query words seen
 
     def __post_init__(self) -> None:
         if self.dense is not None and self.dense.size != len(self.texts):
@@ -174,10 +189,48 @@ class ProcedureIndex:
         """(n_queries, size) cosine of the weighted term vectors, through the inverted index."""
         start, keys, vals = self._postings
         out = np.zeros((len(queries), self.size), np.float32)
-        for q, (ids, wq) in enumerate(self.weights.vectors(queries)):
+        vecs = self._expanded(queries) if self.expand and self.dense is not None else self.weights.vectors(queries)
+        for q, (ids, wq) in enumerate(vecs):
             for t, w in zip(ids.tolist(), wq.tolist()):
                 a, b = start[t], start[t + 1]
                 out[q, keys[a:b]] += w * vals[a:b]  # a key holds a term once: no repeated indices
+        return out
+
+    def term_embeddings(self) -> np.ndarray:
+        """The bank terms (in weight order) embedded one word at a time; computed once, saved with the index."""
+        if self._term_emb is None:
+            self._term_emb = self.dense.encoder.encode(list(self.weights.weights))
+        return self._term_emb
+
+    def _expanded(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Query term vectors with unknown words mapped onto their nearest bank terms (module docstring)."""
+        w = self.weights.weights
+        toks = [procedure_tokens(q) for q in queries]
+        new = sorted({t for ts in toks for t in ts if t not in w and t not in self._word_emb})
+        if new:
+            self._word_emb.update(zip(new, self.dense.encoder.encode(new)))
+        if not w:
+            return self.weights.vectors(queries)
+        vocab, emb = self.weights._vocab(), self.term_embeddings()
+        wv = np.fromiter(w.values(), np.float32, len(w))
+        out = []
+        for ts in toks:
+            row: dict[int, float] = {vocab[t]: w[t] for t in ts if w.get(t, 0.0) > 0.0}
+            for t in ts:
+                if t in w:
+                    continue
+                sim = emb @ self._word_emb[t]
+                best = float(sim.max())
+                if best < EXPAND_MIN_SIM:
+                    continue
+                for j in np.flatnonzero(sim >= best - EXPAND_MARGIN).tolist():
+                    val = float(wv[j] * sim[j])
+                    if val > row.get(j, 0.0):
+                        row[j] = val
+            ids = np.fromiter(sorted(row), np.int64, len(row))
+            vals = np.fromiter((row[j] for j in sorted(row)), np.float32, len(row))
+            norm = float(np.linalg.norm(vals))
+            out.append((ids, vals / norm if norm > 0 else vals))
         return out
 
     def scores(self, queries: list[str]) -> np.ndarray:
@@ -214,6 +267,8 @@ class ProcedureIndex:
         (path / "weights.json").write_text(json.dumps(self.weights.to_json(), ensure_ascii=False), encoding="utf-8")
         if self.dense is not None:
             self.dense.save(path)
+            if self.expand:
+                np.save(path / TERM_EMBEDDINGS, self.term_embeddings())
 
 
 def _postings(vectors: list[tuple[np.ndarray, np.ndarray]], n_terms: int) -> tuple[np.ndarray, ...]:
@@ -250,7 +305,8 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, diversity: bool) -> ProcedureIndex:
+def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, diversity: bool,
+                         expand: bool = False) -> ProcedureIndex:
     keys, wfile = path / "keys.json", path / "weights.json"
     for f in (keys, wfile):
         if not f.is_file():
@@ -261,4 +317,10 @@ def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, di
     except json.JSONDecodeError as e:
         raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
     dense = dense_encoder.load(path) if dense_encoder is not None else None
-    return ProcedureIndex(texts, TermWeights.from_json(wobj, str(wfile)), dense, dense_weight, diversity)
+    index = ProcedureIndex(texts, TermWeights.from_json(wobj, str(wfile)), dense, dense_weight, diversity, expand)
+    temb = path / TERM_EMBEDDINGS
+    if expand and dense is not None and temb.is_file():
+        emb = np.load(temb)
+        if emb.shape[0] == len(index.weights.weights):  # else stale: recomputed on first use
+            index._term_emb = emb
+    return index

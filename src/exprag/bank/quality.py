@@ -6,17 +6,66 @@ query's task type — overall, per task type, with the confusion of top-1 types,
 queries with no exact-text twin in the bank (large banks hide failures behind twins). Also: the
 exact-duplicate rate (queries whose text is a bank key) and the copy rate (queries whose K slots hold
 two trajectories with the same task text: near-copies that show the agent one task twice).
+
+Queries are either held-out trajectories or **text queries**: JSON lines ``{"task_type", "text",
+"source"?}``, a task as a user would write it (the paraphrase sets shipped under
+``exprag/data/paraphrases/``), scored the same way (static retrieval of the text alone).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from exprag.bank.retriever import Filters, Retriever
 from exprag.bank.store import Bank, static_key
+from exprag.errors import DataFormatError
 from exprag.trajectory import Trajectory
+
+PARAPHRASES_DIR = Path(__file__).resolve().parent.parent / "data" / "paraphrases"
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """A task written as free text, with the task type a right retrieval shows (never read by retrieval)."""
+
+    task_type: str
+    text: str
+    source: str | None = None  # the templated task text it paraphrases, if any
+
+
+def is_text_query_file(path: str | Path) -> bool:
+    """True when the file's first record is a text query (``text`` and ``task_type``, no ``messages``)."""
+    from exprag.io import iter_json_lines
+
+    for _, obj in iter_json_lines(path):
+        return isinstance(obj, dict) and "text" in obj and "task_type" in obj and "messages" not in obj
+    return False
+
+
+def read_text_queries(*paths: str | Path) -> list[TextQuery]:
+    from exprag.io import iter_json_lines
+
+    out = []
+    for p in paths:
+        for where, obj in iter_json_lines(p):
+            if not isinstance(obj, dict):
+                raise DataFormatError(f"{where}: a text query must be a JSON object")
+            for f in ("task_type", "text"):
+                if not isinstance(obj.get(f), str) or not obj[f].strip():
+                    raise DataFormatError(f"{where}: field {f!r} must be a non-empty string")
+            src = obj.get("source")
+            if src is not None and not isinstance(src, str):
+                raise DataFormatError(f"{where}: field 'source' must be a string")
+            out.append(TextQuery(obj["task_type"], obj["text"], src))
+    return out
+
+
+def paraphrase_file(env: str, split: str) -> Path:
+    """The shipped hand-written paraphrases: ``split`` is ``dev`` (for tuning) or ``test`` (for reporting)."""
+    return PARAPHRASES_DIR / f"{env}.{split}.jsonl"
 
 
 @dataclass
@@ -175,6 +224,33 @@ def evaluate_retrieval(bank: Bank, queries: list[Trajectory], *, k: int = 2, mod
             texts = [" ".join(h.trajectory.task.lower().split()) for h in hs]
             report.copies += len(set(texts)) < len(texts)
     return report
+
+
+def evaluate_text_queries(bank: Bank, queries: list[TextQuery], *, k: int = 2,
+                          batch_size: int = 256) -> QualityReport:
+    """Static retrieval of each query's text alone, no filter; rates as for trajectory queries (a text
+    equal to a bank key counts as an exact duplicate)."""
+    report = QualityReport(k=k, mode="static", encoder=bank.manifest.get("encoder", {}),
+                           retrieval=bank.retrieval.to_manifest())
+    bank_keys = {_norm(t.task) for t in bank.trajectories}
+    retriever = Retriever(bank)
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        hits = retriever.retrieve_batch([(q.text, None) for q in chunk], k=k, mode="static")
+        for q, hs in zip(chunk, hits):
+            types = [h.trajectory.task_type for h in hs]
+            report.all.add(types, q.task_type)
+            if _norm(q.text) in bank_keys:
+                report.exact_duplicates += 1
+            else:
+                report.twinless.add(types, q.task_type)
+            texts = [_norm(h.trajectory.task) for h in hs]
+            report.copies += len(set(texts)) < len(texts)
+    return report
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def _history(q: Trajectory, steps: int = 2) -> list[dict[str, str]]:

@@ -1,8 +1,8 @@
 """How a bank scores keys against a query: the ``retrieval`` block of the bank manifest.
 
 ``procedure`` (default for new banks): procedure-weighted lexical cosine + ``dense_weight`` x dense dot
-product, with diversity among ties (``exprag.bank.procedure``). With ``--encoder bm25`` it is lexical
-only (no model).
+product, with diversity among ties, and query words unknown to the bank mapped onto their nearest bank
+terms (``expand``) (``exprag.bank.procedure``). With ``--encoder bm25`` it is lexical only (no model).
 ``dense``: the paper's plain dot product of the dense encoder's normalised embeddings (SPEC §1).
 ``bm25``: plain BM25 over the key texts (no model).
 
@@ -24,7 +24,9 @@ from exprag.errors import BankError
 
 SCORINGS = ("procedure", "dense", "bm25")
 DEFAULT_SCORING = "procedure"
-DEFAULT_DENSE_WEIGHT = 0.05
+# 0.5, up from 0.05: the dense term carries paraphrases whose words the bank lacks; templated queries
+# keep 1.000 up to 0.5 (docs/retrieval-quality.md)
+DEFAULT_DENSE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class RetrievalConfig:
     dense_weight: float = DEFAULT_DENSE_WEIGHT  # procedure only
     diversity: bool = True  # procedure only
     alpha: float | None = None  # procedure only; None: default_alpha(number of keys, mode)
+    expand: bool = True  # procedure only: unknown query words borrow their nearest bank terms' weights
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -56,9 +59,14 @@ class RetrievalConfig:
             return cls(scoring="bm25" if kind == "bm25" else "dense")
         if not isinstance(block, dict):
             raise BankError(f"{where}: field 'retrieval' must be an object")
-        known = {"scoring", "dense_weight", "diversity", "alpha"}
+        known = {"scoring", "dense_weight", "diversity", "alpha", "expand"}
+        fields = {k: v for k, v in block.items() if k in known}
+        if fields.get("scoring", DEFAULT_SCORING) == "procedure":
+            # banks built before these options keep the scoring they were built with
+            fields.setdefault("dense_weight", 0.05)
+            fields.setdefault("expand", False)
         try:
-            return cls(**{k: v for k, v in block.items() if k in known})
+            return cls(**fields)
         except (TypeError, BankError) as e:
             raise BankError(f"{where}: field 'retrieval': {e}") from None
 
@@ -84,13 +92,19 @@ def build_index(cfg: RetrievalConfig, encoder: Encoder, texts: list[str], labels
     weights = TermWeights.learn(texts, list(labels), alpha)
     dense = _dense(encoder)
     dense_index = dense.build(texts, progress=progress) if dense is not None else None
-    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity)
+    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode))
+
+
+def _expand(cfg: RetrievalConfig, mode: str) -> bool:
+    """Static keys only: a dynamic query's history is mostly words of observations, not of the task."""
+    return cfg.expand and mode == "static"
 
 
 def load_index(cfg: RetrievalConfig, encoder: Encoder, path: Path) -> Index:
     if cfg.scoring != "procedure":
         return encoder.load(path)
-    return load_procedure_index(path, _dense(encoder), cfg.dense_weight, cfg.diversity)
+    # a bank stores each mode's index in a directory named after the mode
+    return load_procedure_index(path, _dense(encoder), cfg.dense_weight, cfg.diversity, _expand(cfg, path.name))
 
 
 def extend_index(cfg: RetrievalConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],
@@ -113,7 +127,7 @@ def extend_index(cfg: RetrievalConfig, encoder: Encoder, old: Index, texts: list
         emb = (np.concatenate([prev.emb, dense.encode(new)]) if prev is not None
                else dense.encode(texts))
         dense_index = dense.from_embeddings(emb)
-    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity)
+    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode))
 
 
 def make_scoring_encoder(encoder: str | Encoder, scoring: str) -> Encoder:

@@ -25,8 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "~0 weight) + a small dense term, diversity among ties; dense: the paper's plain "
                         "dot product of the encoder's embeddings; bm25: plain BM25, no model")
     b.add_argument("--dense-weight", type=non_negative_float, default=None, metavar="W",
-                   help="procedure: weight of the dense dot product added to the lexical cosine (default 0.05; "
+                   help="procedure: weight of the dense dot product added to the lexical cosine (default 0.5; "
                         "0 = lexical only)")
+    b.add_argument("--no-expand", action="store_true",
+                   help="procedure: query words unknown to the bank weigh 0 (default: they borrow the weight of "
+                        "their nearest bank terms in the dense encoder's word space)")
     b.add_argument("--no-diversity", action="store_true",
                    help="procedure: keep exact-text copies where they rank (default: behind keys of equal score)")
     b.add_argument("--alpha", type=positive_float, default=None,
@@ -63,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "type, confusion, duplicates; overall and on queries with no exact-text twin")
     e.add_argument("bank", metavar="BANK_DIR")
     e.add_argument("--queries", nargs="+", required=True, metavar="F.jsonl",
-                   help="held-out trajectories used as queries")
+                   help="held-out trajectories used as queries, or text queries (JSON lines with task_type "
+                        "and text, e.g. the shipped paraphrase sets; static retrieval)")
     e.add_argument("-k", type=positive_int, default=2, help="slots per query (default 2, the training K)")
     e.add_argument("--mode", default="static", choices=["static", "dynamic"])
     e.add_argument("--out", default=None, metavar="PREFIX",
@@ -87,6 +91,7 @@ def run_build(args: argparse.Namespace) -> int:
     from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, RetrievalConfig
 
     cfg = RetrievalConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
+                          expand=not args.no_expand,
                           dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight)
     bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty(),
                       retrieval=cfg)
@@ -162,7 +167,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_eval_retrieval(args: argparse.Namespace) -> int:
     from exprag.bank import load_bank
-    from exprag.bank.quality import evaluate_retrieval
+    from exprag.bank.quality import (evaluate_retrieval, evaluate_text_queries, is_text_query_file,
+                                     read_text_queries)
+    from exprag.errors import DataFormatError
     from exprag.io import atomic_write_json, atomic_write_text, check_output_file, read_json_object
     from exprag.trajectory import read_jsonl
 
@@ -175,7 +182,15 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
         json_out = lambda p: {"k", "mode", "overall"} <= (read_json_object(p) or {}).keys()  # noqa: E731
         check_output_file(f"{args.out}.json", "retrieval report", json_out)
         check_output_file(f"{args.out}.md", "retrieval report", lambda p: json_out(Path(f"{args.out}.json")))
-    report = evaluate_retrieval(bank, read_jsonl(*args.queries), k=args.k, mode=args.mode)
+    kinds = {is_text_query_file(f) for f in args.queries}
+    if kinds == {True}:
+        if args.mode != "static":
+            raise DataFormatError("text queries have no episode history: use --mode static")
+        report = evaluate_text_queries(bank, read_text_queries(*args.queries), k=args.k)
+    elif len(kinds) > 1:
+        raise DataFormatError("--queries mixes text-query files and trajectory files; evaluate them separately")
+    else:
+        report = evaluate_retrieval(bank, read_jsonl(*args.queries), k=args.k, mode=args.mode)
     md = report.markdown()
     if report.skipped_in_bank:
         md += (f"\n{report.skipped_in_bank} of the queries are stored in the bank and were skipped "
