@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
+from exprag.bank.labels import check_labels
 from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
 from exprag.io import atomic_write_json, replace_dir, sha256_file, staging_dir
@@ -81,7 +82,7 @@ class Bank:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
-        d = {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created") if k in m}
+        d = {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created", "labels") if k in m}
         d["retrieval"] = self.retrieval.to_manifest()
         return d
 
@@ -95,6 +96,17 @@ def _summary(trajs: list[Trajectory]) -> dict[str, Any]:
         "success": {"successful": sum(t.success for t in trajs), "unsuccessful": sum(not t.success for t in trajs)},
         "sources": sorted({t.source for t in trajs}),
     }
+
+
+def _scoring_labels(cfg: RetrievalConfig, trajs: list[Trajectory]) -> tuple[list[str], dict[str, Any]]:
+    """The labels ``procedure`` scoring learns its weights from, and the manifest's ``labels`` block.
+    Labels that do not tell the procedures apart (one type, or unrelated to the task texts) are
+    replaced by one shared label: label-free IDF weights instead of noise (``exprag.bank.labels``)."""
+    labels = [t.task_type for t in trajs]
+    if cfg.scoring != "procedure":
+        return labels, {}
+    check = check_labels([static_key(t) for t in trajs], labels)
+    return (labels if check.useful else [""] * len(trajs)), {"labels": check.to_manifest()}
 
 
 def build_bank(
@@ -125,7 +137,7 @@ def build_bank(
     staging = staging_dir(out, "build")
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
-        labels = [t.task_type for t in trajs]
+        labels, label_check = _scoring_labels(cfg, trajs)
         indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
                    for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
         for mode, index in indexes.items():
@@ -139,6 +151,7 @@ def build_bank(
             "retrieval": cfg.to_manifest(),
             "keys": {"static": "task description", "dynamic": "whole trajectory text"},
             **_summary(trajs),
+            **label_check,
             "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
         }
         atomic_write_json(staging / "manifest.json", manifest)
@@ -212,7 +225,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     trajs = bank.trajectories + list(new)
     enc = bank.encoder
     cfg = bank.retrieval
-    labels = [t.task_type for t in trajs]
+    labels, label_check = _scoring_labels(cfg, trajs)
     staging = staging_dir(bank.path, "append")
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
@@ -222,6 +235,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
             indexes[mode].save(staging / mode)
         manifest = dict(bank.manifest)
         manifest.update(_summary(trajs))
+        manifest.update(label_check)
         manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(staging / "manifest.json", manifest)
         replace_dir(staging, bank.path)
