@@ -60,6 +60,8 @@ QUERIES: dict[str, Callable[[str, list[dict[str, str]]], str]] = {
     "task only": lambda task, msgs: task,
     "task + history, no first observation": lambda task, msgs: history_text(task, _episode(msgs)[1:]),
     "task + last 3 steps, no first observation": lambda task, msgs: history_text(task, _episode(msgs)[1:][-6:]),
+    "task + actions so far (no observations)": lambda task, msgs: history_text(
+        task, [m for m in _episode(msgs) if m["role"] == "assistant"]),
     "exprag query_text": lambda task, msgs: query_text(task, msgs, "dynamic"),
 }
 KEYS: dict[str, Callable[[Trajectory], str]] = {

@@ -162,3 +162,18 @@ def dynamic_retrieval_headline(result: dict) -> list[dict]:
                              "task + whole history vs whole trajectories", mean(rows[DYNAMIC_BEFORE], key),
                              "exprag dynamic query and keys", mean(rows[DYNAMIC_OURS], key), True))
     return out
+
+
+def label_fallback_headline(result: dict) -> list[dict]:
+    """``bench_label_fallback``: per env, a bank with shuffled labels: top-1 same-(true)-type rate of the
+    label-free fallback vs procedure weights learned from the shuffled labels."""
+    out = []
+    for env in result.get("envs", []):
+        rows = {(r["labels"], r["config"]): r for r in env["rows"]}
+        noisy = rows.get(("shuffled labels", "procedure, weights from these labels (no check)"))
+        fallback = rows.get(("–", "procedure, label-free fallback (uniform weights)"))
+        if noisy and fallback:
+            out.append(entry(f"{env['env']} bank with shuffled labels ({env['judged_on']}, n={fallback['n']}): "
+                             "top-1 same-type rate", "weights learned from the shuffled labels", noisy["top1"],
+                             "label-free fallback (uniform weights)", fallback["top1"], True))
+    return out

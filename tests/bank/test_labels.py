@@ -1,7 +1,6 @@
 """Banks whose task-type labels do not tell procedures apart: detected at build, label-free fallback."""
 
 import json
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +14,12 @@ def _relabel(trajs, labels):
     return [replace(t, task_type=lab) for t, lab in zip(trajs, labels)]
 
 
+def _unrelated(trajs):
+    """Labels a user's own data might carry, unrelated to the procedure: which of three runs (or
+    days) a trajectory came from. Every game's tasks are spread over the three evenly."""
+    return [f"run-{i % 3}" for i in range(len(trajs))]
+
+
 def _bank_cli(*args):
     return subprocess.run([sys.executable, "-m", "exprag", "bank", *args], capture_output=True, text=True)
 
@@ -23,11 +28,9 @@ def test_check_labels_tells_real_from_useless(twx_trajs):
     train, _ = twx_trajs
     texts, labels = [t.task for t in train], [t.task_type for t in train]
     real = check_labels(texts, labels)
-    assert real.useful and real.distinct_types == 8 and real.lift > 0.9
-    shuffled = labels[:]
-    random.Random(0).shuffle(shuffled)
-    noise = check_labels(texts, shuffled)
-    assert not noise.useful and noise.lift < 0.3 and "do not follow" in noise.reason
+    assert real.useful and real.distinct_types == 8 and real.z > 3
+    noise = check_labels(texts, _unrelated(train))
+    assert not noise.useful and noise.z < 3 and "do not follow" in noise.reason
     one = check_labels(texts, ["all"] * len(texts))
     assert not one.useful and one.distinct_types == 1 and "one task type" in one.reason
     # a label per trajectory groups nothing
@@ -40,14 +43,14 @@ def test_single_label_bank_falls_back_and_info_says_so(tmp_path, twx_trajs):
     write_jsonl(data, _relabel(train, ["my-task"] * len(train)))
     b = _bank_cli("build", "--trajectories", str(data), "--out", str(tmp_path / "bank"), "--encoder", "bm25")
     assert b.returncode == 0, b.stderr
-    assert "labels not used: one task type" in b.stdout and "idf" in b.stdout
+    assert "labels not used: one task type" in b.stdout and "uniform" in b.stdout
     info = _bank_cli("info", str(tmp_path / "bank"))
     assert info.returncode == 0, info.stderr
     m = json.loads(info.stdout)
-    assert m["labels"]["useful"] is False and m["labels"]["fallback"] == "idf"
+    assert m["labels"]["useful"] is False and m["labels"]["fallback"] == "uniform"
     assert "labels not used" in m["retrieval"]["labels_fallback"]
     bank = load_bank(tmp_path / "bank")
-    assert bank.index("static").weights.source == "idf"
+    assert bank.index("static").weights.source == "uniform"
     # label-free weights still find the game: TWX task texts name it (true types kept in the ids)
     true_type = {t.id: t.task_type for t in train}
     for q in test:
@@ -55,13 +58,11 @@ def test_single_label_bank_falls_back_and_info_says_so(tmp_path, twx_trajs):
         assert true_type[hits[0].trajectory.id] == q.task_type
 
 
-def test_random_label_bank_falls_back(tmp_path, twx_trajs):
+def test_unrelated_label_bank_falls_back(tmp_path, twx_trajs):
     train, test = twx_trajs
-    labels = [t.task_type for t in train]
-    random.Random(0).shuffle(labels)
-    bank = build_bank(_relabel(train, labels), tmp_path / "bank", "bm25")
+    bank = build_bank(_relabel(train, _unrelated(train)), tmp_path / "bank", "bm25")
     assert bank.manifest["labels"]["useful"] is False and "do not follow" in bank.manifest["labels"]["reason"]
-    assert bank.index("dynamic").weights.source == "idf"
+    assert bank.index("dynamic").weights.source == "uniform"
     true_type = {t.id: t.task_type for t in train}
     assert all(true_type[Retriever(bank).retrieve(q.task, k=1)[0].trajectory.id] == q.task_type for q in test)
     # the real labels are used, and say so; appending re-checks over the whole bank

@@ -6,7 +6,7 @@ Layout of BANK_DIR::
                          sources (path + sha256)
     trajectories.jsonl   the stored trajectories, in index order
     static/              index over task descriptions (static retrieval keys)
-    dynamic/             index over whole-trajectory texts (dynamic retrieval keys)
+    dynamic/             index over task + action texts (dynamic retrieval keys)
 
 An index directory holds what its scoring needs: ``embeddings.npy`` (dense), ``keys.json`` (BM25,
 procedure), ``weights.json`` (procedure: term weights learned from the keys' task types at build).
@@ -31,7 +31,7 @@ from exprag.bank.labels import check_labels
 from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
 from exprag.io import atomic_write_json, replace_dir, sha256_file, staging_dir
-from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
+from exprag.trajectory import Trajectory, history_text, iter_jsonl, read_jsonl, write_jsonl
 
 BANK_FORMAT = "exprag-bank"
 # 2: procedure-scored banks (a reader of version 1 would silently score them as plain dense / BM25);
@@ -45,7 +45,10 @@ def static_key(t: Trajectory) -> str:
 
 
 def dynamic_key(t: Trajectory) -> str:
-    return t.text()
+    """The task and the trajectory's actions. Observations are left out: the first one (welcome
+    banner, room listing) and the room descriptions that follow are mostly text every trajectory of
+    the env shares, and they outweighed the task in the key (docs/retrieval-quality.md)."""
+    return history_text(t.task, [m for m in t.episode_messages() if m["role"] == "assistant"])
 
 
 @dataclass
@@ -149,7 +152,7 @@ def build_bank(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "encoder": enc.identity,
             "retrieval": cfg.to_manifest(),
-            "keys": {"static": "task description", "dynamic": "whole trajectory text"},
+            "keys": {"static": "task description", "dynamic": "task + the trajectory's actions"},
             **_summary(trajs),
             **label_check,
             "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],

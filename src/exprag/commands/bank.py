@@ -95,7 +95,7 @@ def _labels_note(manifest: dict) -> str | None:
     if not isinstance(labels, dict) or labels.get("useful", True):
         return None
     return (f"labels not used: {labels.get('reason')}; procedure term weights fall back to "
-            f"{labels.get('fallback', 'idf')} (label-free)")
+            f"{labels.get('fallback', 'uniform')} weights (label-free)")
 
 
 def _load_history(path: str) -> list[dict]:
