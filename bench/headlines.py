@@ -144,3 +144,45 @@ def retrieval_quality_headline(result: dict) -> list[dict]:
                 out.append(entry(f"alfworld expert episodes, {mode} ({j}, n={o[j]['n']}): top-1 same-type rate",
                                  "dense (paper)", b[j]["top1"], "exprag default (procedure)", o[j]["top1"], True))
     return out
+
+
+DYNAMIC_BEFORE = ("procedure", "whole trajectory (before)", "task + whole history (before)")
+DYNAMIC_OURS = ("procedure", "exprag dynamic_key", "exprag query_text")
+
+
+def dynamic_retrieval_headline(result: dict) -> list[dict]:
+    """``bench_dynamic_retrieval``: per env, same-task-type rates of dynamic retrieval on agent episodes,
+    averaged over the measured steps, for exprag's query and keys vs task + whole history against whole
+    trajectories (both with the default procedure scoring)."""
+    k = result.get("k", 2)
+    out = []
+    for env in result.get("envs", []):
+        rows = {(r["scoring"], r["keys"], r["query"]): r for r in env["rows"]}
+        if DYNAMIC_BEFORE not in rows or DYNAMIC_OURS not in rows:
+            continue
+
+        def mean(row: dict, key: str) -> float | None:
+            vals = [d[key] for d in row["steps"].values() if d.get(key) is not None]
+            return round(sum(vals) / len(vals), 4) if vals else None
+
+        steps = "/".join(rows[DYNAMIC_OURS]["steps"])
+        for key, name in (("top1", "top-1"), ("all_at_k", f"all@{k}")):
+            out.append(entry(f"{env['env']} agent episodes, dynamic, mean of steps {steps}: {name} same-type rate",
+                             "task + whole history vs whole trajectories", mean(rows[DYNAMIC_BEFORE], key),
+                             "exprag dynamic query and keys", mean(rows[DYNAMIC_OURS], key), True))
+    return out
+
+
+def label_fallback_headline(result: dict) -> list[dict]:
+    """``bench_label_fallback``: per env, a bank with shuffled labels: top-1 same-(true)-type rate of the
+    label-free fallback vs procedure weights learned from the shuffled labels."""
+    out = []
+    for env in result.get("envs", []):
+        rows = {(r["labels"], r["config"]): r for r in env["rows"]}
+        noisy = rows.get(("shuffled labels", "procedure, weights from these labels (no check)"))
+        fallback = rows.get(("–", "procedure, label-free fallback (uniform weights)"))
+        if noisy and fallback:
+            out.append(entry(f"{env['env']} bank with shuffled labels ({env['judged_on']}, n={fallback['n']}): "
+                             "top-1 same-type rate", "weights learned from the shuffled labels", noisy["top1"],
+                             "label-free fallback (uniform weights)", fallback["top1"], True))
+    return out

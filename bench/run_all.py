@@ -43,6 +43,9 @@ BENCHES: dict[str, Bench] = {
     "retrieval_paraphrases": Bench("bench_retrieval_quality.py",
                                    ["--paraphrases", "--no-templated", "--envs", "alfworld", "scienceworld"],
                                    ["--envs", "alfworld"]),
+    # Cached episodes under $EXPRAG_CACHE/dynamic-retrieval; the first run records them (~25 min on 2 busy cores).
+    "dynamic_retrieval": Bench("bench_dynamic_retrieval.py", [], ["--envs", "twx", "--scorings", "procedure"]),
+    "label_fallback": Bench("bench_label_fallback.py", [], ["--envs", "twx"]),
     "env_step": Bench("bench_env_step.py", [], ["--steps", "100"]),
     "alfworld": Bench("bench_alfworld.py", [], ["--per-type", "1"]),
     "llm": Bench("bench_llm.py", [], ["--episodes", "2", "--turns", "4", "--batch", "2"]),

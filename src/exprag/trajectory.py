@@ -66,7 +66,7 @@ class Trajectory:
         return [m for m in self.messages if m["role"] != "system"]
 
     def text(self) -> str:
-        """The whole trajectory as plain text: the dynamic-retrieval key."""
+        """The whole trajectory as plain text (dynamic keys use the task and actions only: store.dynamic_key)."""
         return history_text(self.task, self.episode_messages())
 
     def to_dict(self) -> dict[str, Any]:

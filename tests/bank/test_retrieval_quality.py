@@ -50,8 +50,8 @@ def test_term_weights_learn_procedure_words_not_entities():
             assert w.weights[proc] > 3 * w.weights[entity], (proc, entity, w.weights)
     assert "the" not in w.weights and "a" not in w.weights  # stop words are never learned
     assert w.mask("put a hot apple in fridge.") == "something a hot something in something"
-    one = TermWeights.learn(["heat an egg", "heat a mug"], ["t", "t"], 5.0)  # one type: IDF fallback
-    assert one.source == "idf" and one.weights["egg"] > one.weights["heat"]
+    one = TermWeights.learn(["heat an egg", "heat a mug"], ["t", "t"], 5.0)  # one type: label-free
+    assert one.source == "uniform" and one.weights["egg"] == one.weights["heat"] == 1.0
 
 
 def test_procedure_beats_entity_overlap_without_query_metadata(tmp_path):

@@ -76,7 +76,7 @@ class TermWeights:
 
     weights: dict[str, float]
     alpha: float
-    source: str  # "task-type" (learned from labels) | "idf" (a bank of one type: no labels to learn from)
+    source: str  # "task-type" (learned from labels) | "uniform" (no useful labels to learn from)
     n_keys: int
     n_types: int
     _vocab_cache: dict[str, int] | None = field(default=None, repr=False, compare=False)
@@ -100,9 +100,10 @@ class TermWeights:
         df = np.zeros((len(terms), len(types)), np.float64)
         np.add.at(df, (np.asarray(cols), np.asarray([tix[labels[r]] for r in rows])), 1.0)
         if len(types) < 2:
-            n = len(texts)
-            idf = np.log1p(n / df.sum(1)) / math.log1p(n)
-            return cls(dict(zip(terms, idf.round(6).tolist())), alpha, "idf", n, len(types))
+            # No labels to learn from (one type, or labels the build-time check rejected): every word
+            # weighs the same, a cosine of word sets. It beat IDF weights, which favour rare entity
+            # names, on ScienceWorld (docs/retrieval-quality.md, "Banks whose labels do not help").
+            return cls(dict.fromkeys(terms, 1.0), alpha, "uniform", len(texts), len(types))
         n_c = np.bincount([tix[lab] for lab in labels], minlength=len(types)).astype(np.float64)
         prior = n_c / n_c.sum()
         p = (df + alpha * prior) / n_c  # P(term | type), smoothed toward the bank-wide rate

@@ -1,7 +1,7 @@
 """Static and dynamic retrieval over a bank: top-K with filters, exclusions and a token budget.
 
 Static: the query is the task description, keys are the stored task descriptions (SPEC §2).
-Dynamic: the query is task + partial history, keys are whole trajectories.
+Dynamic: the query is the task + the agent's last actions, keys are task + a trajectory's actions.
 A token budget never changes which trajectories are retrieved: it shortens them (``fit_memory``).
 How keys are scored is the bank's (``bank.retrieval``, see ``exprag.bank.scoring``); a query is only
 text: no task-type metadata of the query is used.
@@ -73,10 +73,18 @@ class Filters:
                      or (t.env, leakage_group(t.env, t.task_id, self.group_scope)) not in self.exclude_groups))
 
 
+# Dynamic queries keep the agent's last few actions: on agent episodes the whole history (room
+# listings, observations of wandering) drowned the task text; see docs/retrieval-quality.md.
+DYNAMIC_QUERY_ACTIONS = 3
+
+
 def query_text(task: str, history: Sequence[dict[str, str]] | None, mode: str) -> str:
+    """Static: the task. Dynamic: the task and the last ``DYNAMIC_QUERY_ACTIONS`` actions of the
+    episode so far, in the form of the dynamic keys (``store.dynamic_key``: task + actions)."""
     if mode == "static":
         return task
-    return history_text(task, [m for m in (history or []) if m["role"] != "system"])
+    actions = [m for m in (history or []) if m["role"] == "assistant"]
+    return history_text(task, actions[-DYNAMIC_QUERY_ACTIONS:])
 
 
 class Retriever:

@@ -8,7 +8,7 @@ Layout of BANK_DIR::
                              counts, sources (path + sha256)
         trajectories.jsonl   the stored trajectories, in index order
         static/              index over task descriptions (static retrieval keys)
-        dynamic/             index over whole-trajectory texts (dynamic retrieval keys)
+        dynamic/             index over task + action texts (dynamic retrieval keys)
 
 An index directory holds what its scoring needs: ``embeddings.npy`` (dense), ``keys.json`` (BM25,
 procedure), ``weights.json`` (procedure: term weights learned from the keys' task types at build).
@@ -38,11 +38,12 @@ from typing import Any, Iterable
 
 from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
+from exprag.bank.labels import check_labels
 from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
 from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir,
                        pause_for_test, read_json_object, run_lock, sha256_file)
-from exprag.trajectory import Trajectory, iter_jsonl, read_jsonl, write_jsonl
+from exprag.trajectory import Trajectory, history_text, iter_jsonl, read_jsonl, write_jsonl
 from exprag.validate import read_json
 
 BANK_FORMAT = "exprag-bank"
@@ -61,7 +62,10 @@ def static_key(t: Trajectory) -> str:
 
 
 def dynamic_key(t: Trajectory) -> str:
-    return t.text()
+    """The task and the trajectory's actions. Observations are left out: the first one (welcome
+    banner, room listing) and the room descriptions that follow are mostly text every trajectory of
+    the env shares, and they outweighed the task in the key (docs/retrieval-quality.md)."""
+    return history_text(t.task, [m for m in t.episode_messages() if m["role"] == "assistant"])
 
 
 @dataclass
@@ -109,7 +113,7 @@ class Bank:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
-        d = {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created") if k in m}
+        d = {k: m[k] for k in ("count", "envs", "task_types", "success", "encoder", "created", "labels") if k in m}
         d["retrieval"] = self.retrieval.to_manifest()
         return d
 
@@ -123,6 +127,17 @@ def _summary(trajs: list[Trajectory]) -> dict[str, Any]:
         "success": {"successful": sum(t.success for t in trajs), "unsuccessful": sum(not t.success for t in trajs)},
         "sources": sorted({t.source for t in trajs}),
     }
+
+
+def _scoring_labels(cfg: RetrievalConfig, trajs: list[Trajectory]) -> tuple[list[str], dict[str, Any]]:
+    """The labels ``procedure`` scoring learns its weights from, and the manifest's ``labels`` block.
+    Labels that do not tell the procedures apart (one type, or unrelated to the task texts) are
+    replaced by one shared label: label-free IDF weights instead of noise (``exprag.bank.labels``)."""
+    labels = [t.task_type for t in trajs]
+    if cfg.scoring != "procedure":
+        return labels, {}
+    check = check_labels([static_key(t) for t in trajs], labels)
+    return (labels if check.useful else [""] * len(trajs)), {"labels": check.to_manifest()}
 
 
 def build_bank(
@@ -153,7 +168,7 @@ def build_bank(
     lock, staging = _begin(out)
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
-        labels = [t.task_type for t in trajs]
+        labels, label_check = _scoring_labels(cfg, trajs)
         indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
                    for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
         for mode, index in indexes.items():
@@ -165,8 +180,9 @@ def build_bank(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "encoder": enc.identity,
             "retrieval": cfg.to_manifest(),
-            "keys": {"static": "task description", "dynamic": "whole trajectory text"},
+            "keys": {"static": "task description", "dynamic": "task + the trajectory's actions"},
             **_summary(trajs),
+            **label_check,
             "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
         }
         atomic_write_json(staging / "manifest.json", manifest)
@@ -332,7 +348,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     trajs = bank.trajectories + list(new)
     enc = bank.encoder
     cfg = bank.retrieval
-    labels = [t.task_type for t in trajs]
+    labels, label_check = _scoring_labels(cfg, trajs)
     lock, staging = _begin(bank.path)
     try:
         write_jsonl(staging / "trajectories.jsonl", trajs)
@@ -342,6 +358,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
             indexes[mode].save(staging / mode)
         manifest = dict(bank.manifest)
         manifest.update(_summary(trajs))
+        manifest.update(label_check)
         manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(staging / "manifest.json", manifest)
         version = _publish(bank.path, staging)

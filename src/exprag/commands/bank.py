@@ -98,7 +98,19 @@ def run_build(args: argparse.Namespace) -> int:
     d = bank.describe()
     print(f"built bank {args.out}: {d['count']} trajectories, envs {', '.join(d['envs'])}, "
           f"encoder {d['encoder']['name']}, scoring {d['retrieval']['scoring']}")
+    note = _labels_note(d)
+    if note:
+        print(note)
     return 0
+
+
+def _labels_note(manifest: dict) -> str | None:
+    """A sentence when the bank's labels were not used for its term weights (build and info say it)."""
+    labels = manifest.get("labels")
+    if not isinstance(labels, dict) or labels.get("useful", True):
+        return None
+    return (f"labels not used: {labels.get('reason')}; procedure term weights fall back to "
+            f"{labels.get('fallback', 'uniform')} weights (label-free)")
 
 
 def _load_history(path: str) -> list[dict]:
@@ -161,6 +173,9 @@ def run_info(args: argparse.Namespace) -> int:
     out = {k: v for k, v in m.items() if k != "inputs"}
     if "retrieval" not in out:  # a bank from before scoring options: say what it is read with
         out["retrieval"] = {**RetrievalConfig.from_manifest(m).to_manifest(), "inferred": True}
+    note = _labels_note(m)
+    if note:  # beside the scoring it changes, so that a reader of the JSON sees it
+        out["retrieval"] = {**out["retrieval"], "labels_fallback": note}
     print(json.dumps(out, indent=2))
     return 0
 
