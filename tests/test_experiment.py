@@ -175,6 +175,8 @@ def test_cli_lists_the_grid(capsys):
 def test_grid_with_two_retrievers_and_encoder_fallback(tmp_path, tiny_model):
     """Frozen methods only: the paper's dense retriever (its encoder is not in the offline cache, so the
     config's MiniLM fallback is used and labelled) beside a block with procedure scoring."""
+    from exprag.bank.store import read_manifest
+
     out = tmp_path / "exp"
     cfg = experiment_config_from_dict({
         "name": "retr", "env": "twx", "models": [tiny_model], "out": str(out), "main_k": 1,
@@ -201,8 +203,8 @@ def test_grid_with_two_retrievers_and_encoder_fallback(tmp_path, tiny_model):
     # Each retriever has its own banks, built with its scoring; the fallback is in the bank's manifest.
     cell_cfg = json.loads((out / "cells" / proc["cell"] / "config.json").read_text())
     assert cell_cfg["retrieval"]["bank"] == str(out / "banks" / "procedure-minilm" / "hard")
-    m_dense = json.loads((out / "banks/dense-Qwen3-Embedding-0.6B/hard/manifest.json").read_text())
-    m_proc = json.loads((out / "banks/procedure-minilm/hard/manifest.json").read_text())
+    m_dense = read_manifest(out / "banks/dense-Qwen3-Embedding-0.6B/hard")
+    m_proc = read_manifest(out / "banks/procedure-minilm/hard")
     assert (m_dense["retrieval"]["scoring"], m_dense["encoder"]["name"]) == ("dense", "minilm")
     assert "Qwen/Qwen3-Embedding-0.6B" in m_dense["experiment"]["fallback_reason"]
     assert m_proc["retrieval"]["scoring"] == "procedure" and not (out / "banks/procedure-minilm/easy").exists()

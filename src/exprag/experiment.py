@@ -608,9 +608,12 @@ def _usable_encoder(spec: RetrieverSpec) -> tuple[str, str | None]:
 
 def _note_fallback(path: Path, spec: RetrieverSpec, why: str) -> None:
     """Record in the bank's manifest that it was built with the fallback encoder, and why."""
-    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    from exprag.bank.store import bank_files
+
+    mf = bank_files(path) / "manifest.json"  # the published version's manifest
+    manifest = json.loads(mf.read_text(encoding="utf-8"))
     manifest["experiment"] = {"requested_encoder": spec.encoder, "fallback_reason": why}
-    atomic_write_json(path / "manifest.json", manifest)
+    atomic_write_json(mf, manifest)
 
 
 def adapter_dir(out: Path, model: str, kind: str, seed: int) -> Path:
