@@ -1,4 +1,4 @@
-"""`exprag experiment`: the paper's method grid (SPEC §6) from one YAML file, resumably.
+"""`exprag experiment`: the paper's method grid (docs/method.md#method-grid) from one YAML file, resumably.
 
 An experiment directory holds, each stage reused when it is already there::
 
@@ -122,7 +122,7 @@ class ExperimentConfig:
     retrieval: RetrieverSettings = field(default_factory=RetrieverSettings)
     out: str | None = None  # None = runs/experiments/<name>
     seeds: list[int] = field(default_factory=lambda: [2025])
-    main_k: int = 2  # K of the main table and of ExpRAG-LoRA's training memory (SPEC §5)
+    main_k: int = 2  # K of the main table and of ExpRAG-LoRA's training memory (docs/method.md#exprag-lora)
     data: DataSettings = field(default_factory=DataSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (epochs, lr, lora, selection...)
@@ -639,7 +639,7 @@ def _train_config(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed:
 def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed: int,
                     data: dict[str, Path], banks: dict[str, Path], progress: bool, say: Log) -> Path:
     """Train (or resume, or reuse) one adapter; returns the checkpoint the cells evaluate: the best by
-    rollout success when selection is configured (SPEC §4), else the last epoch."""
+    rollout success when selection is configured (docs/method.md#checkpoint-selection), else the last epoch."""
     from exprag.train.lora import train
 
     tcfg = _train_config(cfg, out, model, kind, seed, data, banks)

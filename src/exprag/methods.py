@@ -1,4 +1,5 @@
-"""The methods of the paper's grid (SPEC §6), as data: which adapter each uses and whether it retrieves.
+"""The methods of the paper's grid (docs/method.md#method-grid), as data: which adapter each uses and
+whether it retrieves.
 
 Shared by the experiment runner (what to train and evaluate) and the report (row order and labels).
 """

@@ -1,7 +1,7 @@
 """The agent's system prompt: instructions + the env's action templates + the memory block.
 
 One builder for inference and training, so that ExpRAG-LoRA trains on exactly the context the
-agent sees at test time (SPEC §5).
+agent sees at test time (docs/method.md#exprag-lora).
 """
 
 from __future__ import annotations

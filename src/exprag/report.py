@@ -1,5 +1,5 @@
-"""The experiment report: markdown tables shaped like the paper's (SPEC §6) and PNG plots, read from one
-or more experiment run directories::
+"""The experiment report: markdown tables shaped like the paper's (docs/method.md#method-grid) and PNG plots,
+read from one or more experiment run directories::
 
     experiment.json   what ran, where, how long, with which resolved config (its ``main_k`` included)
     results.jsonl     one row per evaluated cell (model x method x split x bank x K x mode x seed)

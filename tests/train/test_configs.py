@@ -1,4 +1,4 @@
-"""The shipped training recipes load, validate, and keep the paper's LoRA recipe (SPEC §4, §5)."""
+"""The shipped training recipes load, validate, and keep the paper's LoRA recipe (docs/method.md#hyperparameters)."""
 
 from pathlib import Path
 

@@ -1,8 +1,8 @@
 """Encoders behind one protocol: dense (sentence-transformers) and lexical (BM25).
 
 An encoder turns a list of key texts into an ``Index`` that scores query texts against every key.
-Dense: L2-normalised embeddings scored by dot product (SPEC §1); exact matrix product for small
-banks, a FAISS HNSW index when large. Lexical: BM25 via ``bm25s``.
+Dense: L2-normalised embeddings scored by dot product (the paper's scoring, docs/method.md#objects); exact matrix
+product for small banks, a FAISS HNSW index when large. Lexical: BM25 via ``bm25s``.
 """
 
 from __future__ import annotations

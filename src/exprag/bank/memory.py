@@ -1,4 +1,4 @@
-"""The memory block: K retrieved trajectories rendered into the system prompt (SPEC §1).
+"""The memory block: K retrieved trajectories rendered into the system prompt (docs/method.md#memory-block).
 
 Trajectories are grouped under "Successful" and "Unsuccessful" headings. ``json`` (default) renders
 each episode as a chat-JSON list of messages, the robust choice across models; ``text`` renders
@@ -6,7 +6,7 @@ each episode as a chat-JSON list of messages, the robust choice across models; `
 
 A token budget shortens trajectories instead of replacing them (``fit_memory``): the retrieved
 trajectories stay the same, in the same order; each keeps its task, its first observation and its
-first steps, and a final line says how many steps were cut.
+first steps, and a final line says how many steps were cut (docs/method.md#d-memory-budget).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Static and dynamic retrieval over a bank: top-K with filters, exclusions and a token budget.
 
-Static: the query is the task description, keys are the stored task descriptions (SPEC §2).
-Dynamic: the query is the task + the agent's last actions, keys are task + a trajectory's actions.
+Static: the query is the task description, keys are the stored task descriptions (docs/method.md#static-retrieval).
+Dynamic: the query is the task + the agent's last actions, keys are task + a trajectory's actions
+(docs/method.md#d-dynamic-keys).
 A token budget never changes which trajectories are retrieved: it shortens them (``fit_memory``).
 How keys are scored is the bank's (``bank.retrieval``, see ``exprag.bank.scoring``); a query is only
 text: no task-type metadata of the query is used.

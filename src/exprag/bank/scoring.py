@@ -3,7 +3,8 @@
 ``procedure`` (default for new banks): procedure-weighted lexical cosine + ``dense_weight`` x dense dot
 product, with diversity among ties, and query words unknown to the bank mapped onto their nearest bank
 terms (``expand``) (``exprag.bank.procedure``). With ``--encoder bm25`` it is lexical only (no model).
-``dense``: the paper's plain dot product of the dense encoder's normalised embeddings (SPEC §1).
+``dense``: the paper's plain dot product of the dense encoder's normalised embeddings
+(docs/method.md#d-procedure-scoring).
 ``bm25``: plain BM25 over the key texts (no model).
 
 Banks written before this block existed have no ``retrieval`` field: they are read with the plain

@@ -10,7 +10,7 @@ Data, first found wins:
    ``meta.generated = True``: their numbers are not comparable with published ALFWorld results.
 
 Observations are the engine's text, unchanged (the first one starts with ALFWorld's welcome banner
-and ends with "Your task is to: ..."); success is ALFWorld's ``won``; the step cap is 50 (SPEC §1).
+and ends with "Your task is to: ..."); success is ALFWorld's ``won``; the step cap is 50 (docs/method.md#evaluation).
 Actions are normalised first (``normalize_action``): ALFWorld 0.4 spells ``put X in/on Y`` as
 ``move X to Y``; both spellings and common variants reach the engine in its own syntax.
 """

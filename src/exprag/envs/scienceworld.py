@@ -10,7 +10,7 @@ completion flag and move count, which is all an agent loop needs. ``admissible_a
 only when asked. ``fast_step=False`` goes through the package's ``step`` (for comparison).
 
 Tasks are ``(task type, variation)``; the train / dev / test variation lists are ScienceWorld's
-official ones. Success is the full score (100), as in SPEC §3.
+official ones. Success is the full score (100), as in the paper (docs/method.md#evaluation).
 
 Quirks passed on as they are: unknown input answers "No known action matches that input."; an
 ambiguous one lists numbered choices and expects the number as the next action; the simulator is not

@@ -1,4 +1,4 @@
-"""Training: the LoRA recipe and ExpRAG-LoRA (SPEC §4, §5).
+"""Training: the LoRA recipe and ExpRAG-LoRA (docs/method.md#lora-recipe, docs/method.md#exprag-lora).
 
 ``data``    trajectories -> tokenized examples with loss on the actions only (+ memory block)
 ``lora``    the training loop, checkpoints, resume, merge

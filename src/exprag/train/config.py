@@ -1,4 +1,4 @@
-"""The training recipe as a typed config: defaults are the paper's LoRA recipe (SPEC §4, §5).
+"""The training recipe as a typed config: defaults are the paper's LoRA recipe (docs/method.md#hyperparameters).
 
 No ``from __future__ import annotations`` here on purpose: ``exprag.config.from_dict`` resolves
 nested dataclass fields from real annotations, so YAML sections (``lora:``, ``retrieval:``,
@@ -36,7 +36,8 @@ class LoraSettings:
 
 @dataclass
 class SelectionConfig:
-    """Checkpoint selection by rollout success on held-out tasks (SPEC §4: not by validation loss)."""
+    """Checkpoint selection by rollout success on held-out tasks, not by validation loss
+    (docs/method.md#checkpoint-selection)."""
 
     every: int | None = None  # evaluate every N epochs (and after the last); None = no rollouts
     env: str | None = None  # None = the training trajectories' env
@@ -57,9 +58,10 @@ class TrainConfig:
     out: str = "runs/train"
     # ExpRAG-LoRA when retrieval.bank is set: the same retrieval as inference (K=2, static, chat JSON).
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    empty_memory_fraction: float = 0.0  # examples trained with an empty memory block (SPEC §7)
+    # examples trained with an empty memory block (docs/method.md#d-empty-memory-mixing)
+    empty_memory_fraction: float = 0.0
     # Memories never come from the example's own task (ALFWorld: every trial of its task folder);
-    # "scene" also excludes every ALFWorld task of the same scene (see docs/leakage.md)
+    # "scene" also excludes every ALFWorld task of the same scene (see docs/memory.md)
     leakage: str = "task"
     only_successful: bool = True  # SFT imitates successes; failures are skipped and counted
     serialization: str = "trajectory"  # one example per trajectory | per step (benchmark baseline)

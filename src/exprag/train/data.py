@@ -281,8 +281,7 @@ def build_examples(
 ) -> tuple[list[Example], BuildReport]:
     """Tokenized examples, in input order. ``bank=None`` = plain LoRA (same system prompt, empty
     memory block). Over-long examples (``max_length``) are never cut inside an assistant turn:
-    ``trim`` drops the lowest-ranked memory trajectory first (as the retriever's token budget does
-    at inference), then whole trailing turns; ``drop`` drops the example. All are reported."""
+    ``trim`` drops the lowest-ranked memory trajectory first, then whole trailing turns; ``drop`` drops the example. All are reported."""
     if serialization not in ("trajectory", "step"):
         raise ValueError(f"unknown serialization {serialization!r} (choose trajectory or step)")
     memory = memory or MemorySettings()

@@ -1,4 +1,5 @@
-"""The LoRA recipe (SPEC §4) and ExpRAG-LoRA (SPEC §5): a plain torch loop on transformers + peft.
+"""The LoRA recipe (docs/method.md#lora-recipe) and ExpRAG-LoRA (docs/method.md#exprag-lora): a plain
+torch loop on transformers + peft.
 
 Why not TRL's SFTTrainer: our examples are already tokenized with exact masks, and what we need
 around the loop (length-bucketed batches, adapter-only checkpoints with optimizer state, rollout
@@ -55,7 +56,7 @@ from exprag.train.data import (
 
 Log = Callable[[str], None]
 
-# Attention projection names by architecture family, tried in order (SPEC §4: LoRA on q/k/v/o).
+# Attention projection names by architecture family, tried in order (LoRA on q/k/v/o: docs/method.md#d-precision).
 _ATTENTION_SETS = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama, Qwen2/3, Mistral, Gemma, SmolLM, Phi-3.5-MoE
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT, BART-like
@@ -120,7 +121,7 @@ def cpu_bf16_native() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """'bf16' or 'fp32': ``auto`` = bf16 where the hardware supports it (SPEC §4), else fp32."""
+    """'bf16' or 'fp32': ``auto`` = bf16 where the hardware supports it (docs/method.md#d-precision), else fp32."""
     import torch
 
     if precision != "auto":

@@ -1,10 +1,10 @@
-"""Checkpoint selection by rollout success, not by validation loss (SPEC §4: out-of-distribution
-success keeps rising after the validation loss turns up).
+"""Checkpoint selection by rollout success, not by validation loss (docs/method.md#checkpoint-selection):
+out-of-distribution success keeps rising after the validation loss turns up.
 
 ``Selection`` keeps the metric history in RUN_DIR/selection.json, points RUN_DIR/best at the best
 checkpoint (a relative symlink; a copy where symlinks fail), and plots success and validation loss
 against epochs in RUN_DIR/selection.png. Ties go to the later checkpoint: out-of-distribution
-success keeps rising with training (SPEC §4), so an equal score is no reason to stop early; with a
+success keeps rising with training, so an equal score is no reason to stop early; with a
 small selection set (or a small model scoring 0 everywhere) the earlier rule kept epoch 1.
 """
 
