@@ -109,30 +109,35 @@ def test_token_budget_at_inference_counts_with_the_models_tokenizer(tiny_model, 
 
 
 def test_agent_replays_an_episode_lost_to_a_jvm_restart(tiny_model):
-    """The ScienceWorld JVM killed once the episode has started (before its first step, while the
-    model writes the first reply): the episode starts over on a new JVM and runs to its cap."""
-    import threading
-    import time
-
+    """The ScienceWorld JVM dies once the episode has started (reset done, before its first step: while
+    the model writes the first reply): the episode starts over on a new JVM and runs to its cap."""
     env = make_env("scienceworld", gold=False)
+    seen: dict[str, int] = {}
+
+    class KillsTheJvmOnItsFirstReply:
+        """The real tiny model; its first generate() kills the env's JVM (deterministic, no thread race)."""
+
+        name = tiny_model.name
+
+        def generate(self, conversations, **kw):
+            if not seen:
+                seen["steps"] = env._steps
+                proc = env._sw._gateway.java_process
+                seen["pid"] = proc.pid
+                proc.kill()
+                proc.wait()
+            return tiny_model.generate(conversations, **kw)
+
+        def end_session(self, session_id):
+            tiny_model.end_session(session_id)
+
     try:
         task = env.tasks("test", ["find-plant"])[0]
-        env.reset(task)  # the JVM is up
-        old, seen = env._sw._gateway.java_process, {}
-
-        def killer() -> None:
-            while env._task is None:
-                time.sleep(0.0005)
-            seen["steps"] = env._steps
-            old.kill()
-
-        env._task = None
-        threading.Thread(target=killer, daemon=True).start()
-        agent = Agent(tiny_model, None, AgentConfig(k=0, max_steps=3, max_new_tokens=6))
+        agent = Agent(KillsTheJvmOnItsFirstReply(), None, AgentConfig(k=0, max_steps=3, max_new_tokens=6))
         (result,) = list(agent.run([env], [task]))
         new = env._sw._gateway.java_process
     finally:
         env.close()
-    assert seen["steps"] == 0 and new.pid != old.pid
+    assert seen["steps"] == 0 and new.pid != seen["pid"]
     traj = result.trajectory
     assert traj.num_steps == 3 and traj.task_id == task.task_id and len(traj.messages) == 7

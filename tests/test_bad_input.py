@@ -254,20 +254,34 @@ def test_bad_input_is_refused_and_changes_nothing(ws, argv, expect):
     assert snapshot(ws) == before
 
 
-def test_read_only_out_refused_before_work(ws, tmp_path):
-    """collect into a directory it cannot write fails before the expert runs (root writes anyway)."""
-    if os.geteuid() == 0:
-        pytest.skip("root may write into a read-only directory")
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write: mode 0555 for a normal user; for root (who writes through
+    mode bits) a read-only tmpfs mounted there, skipped where mounting is not allowed."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        res = run_cli(["collect", "--env", "twx", "--per-type", "1", "--out", str(ro / "o.jsonl")], tmp_path)
-        assert res.returncode == 2 and "Traceback" not in res.stderr
-        assert f"{ro / 'o.jsonl'}: --out is not writable" in res.stderr
-        assert list(ro.iterdir()) == []
-    finally:
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
         ro.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root writes through mode bits and cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_read_only_out_refused_before_work(read_only_dir, tmp_path):
+    """collect into a directory it cannot write fails before the expert runs."""
+    ro = read_only_dir
+    res = run_cli(["collect", "--env", "twx", "--per-type", "1", "--out", str(ro / "o.jsonl")], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{ro / 'o.jsonl'}: --out is not writable" in res.stderr
+    assert res.stderr.count("\n") == 1 and list(ro.iterdir()) == []
 
 
 def test_debug_shows_the_traceback(ws):
