@@ -3,8 +3,11 @@
 An experiment directory holds, each stage reused when it is already there::
 
     experiment.json   the resolved config, the command, commit, machine, and time spent per stage
-    data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss)
-    banks/            easy, hard and all (easy + hard) train banks, per retriever (see RetrieverSettings)
+    data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss);
+                      with an expert ceiling or oracle cells, test-<split> (and ceiling.json: the games
+                      kept for test and selection, and why the others were dropped)
+    banks/            easy, hard and all (easy + hard) train banks, per retriever (see RetrieverSettings);
+                      oracle-<split>: the test games' expert trajectories, for the diagnostic oracle cells
     adapters/         one LoRA and one ExpRAG-LoRA adapter per (model, seed), each trained once
     cells/            one evaluation run (exprag.evaluate) per cell: model x method x split x bank x K x mode x seed
     results.jsonl     one row per finished cell (rewritten atomically after every cell), with the retriever
@@ -277,7 +280,8 @@ def _check_task_types(cfg: ExperimentConfig, bad: Callable[[str, str], DataForma
         if not isinstance(types, list) or not types or any(t not in known for t in types):
             raise bad(f"data.task_types.{split}", f"{types!r}; a non-empty list of {cfg.env} task types: "
                                                   f"{', '.join(known)}")
-    both = set(resolve_task_types(cfg.env, cfg.split_types("easy"))) & set(resolve_task_types(cfg.env, cfg.split_types("hard")))
+    easy, hard = (set(resolve_task_types(cfg.env, cfg.split_types(s))) for s in SPLITS)
+    both = easy & hard
     if both:
         raise bad("data.task_types", f"{sorted(both)[0]!r} is in both splits; held-out types must not be trained")
 

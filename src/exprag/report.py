@@ -643,8 +643,12 @@ def _diagnostic_section(models: list[str], cells: list[Cell]) -> list[str]:
     if not cells:
         return []
     groups = _grouped(cells, lambda c: (c.model, c.method, c.bank, c.split))
-    rows = [[m, METHODS[meth].label, bank, *(f"{_text(p)} {p.ci_text()}" if (p := _pool(groups.get(
-             (m, meth, bank, s), []))) else _DASH for s in SPLITS)]
+
+    def entry(key: tuple) -> str:
+        p = _pool(groups.get(key, []))
+        return f"{p.text()} {p.ci_text()}" if p else _DASH
+
+    rows = [[m, METHODS[meth].label, bank, *(entry((m, meth, bank, s)) for s in SPLITS)]
             for m in models for meth in METHODS for bank in DIAGNOSTIC_BANKS
             if any((m, meth, bank, s) in groups for s in SPLITS)]
     return ["## Diagnostic: oracle memory (not a method)", "",
@@ -666,7 +670,8 @@ def _coverage_section(models: list[str], cells: list[Cell]) -> list[str]:
     order = lambda kk: (models.index(kk[0]) if kk[0] in models else 0, list(METHODS).index(kk[1]),  # noqa: E731
                         BANKS.index(kk[2]), SPLITS.index(kk[3]))
     rows = [[m, METHODS[meth].label, bank + (" (diagnostic)" if bank in DIAGNOSTIC_BANKS else ""), s,
-             f"{100 * f / n:.1f} ({f}/{n})" if n else _DASH] for (m, meth, bank, s), (f, n) in sorted(got.items(), key=lambda i: order(i[0]))]
+             f"{100 * f / n:.1f} ({f}/{n})" if n else _DASH]
+            for (m, meth, bank, s), (f, n) in sorted(got.items(), key=lambda i: order(i[0]))]
     return ["## Expert actions in the retrieved memory (test)", "",
             "Of the expert's actions on each evaluated game, the share that appears verbatim among the "
             "actions of the trajectories retrieved into that episode's memory (whole trajectories; main K; "
