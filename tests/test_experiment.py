@@ -59,6 +59,18 @@ def test_expand_dedups_and_normalises():
      r"grid\[1\].retrieval.*'dense-enc' would name two retrievers"),
     ({"hypotheses": [{"id": "H1"}]}, r"hypotheses\[0\].text"),
     ({"hypotheses": [{"id": "H1", "text": "t", "why": "x"}]}, r"hypotheses\[0\].why"),
+    ({"hypotheses": [{"id": "H1", "text": "t", "a": "lora", "b": "lora/matched", "split": "hard"}]},
+     r"hypotheses\[0\].b"),  # LoRA reads no bank
+    ({"hypotheses": [{"id": "H1", "text": "t", "a": "exprag_lora/oracle", "b": "lora", "split": "hard"}]},
+     r"hypotheses\[0\].a"),  # the oracle is a diagnostic, never tested
+    ({"hypotheses": [{"id": "H1", "text": "t", "a": "exprag_lora", "b": "lora"}]}, r"hypotheses\[0\].split"),
+    ({"hypotheses": [{"id": "H1", "text": "t", "a": "exprag_lora", "b": "lora", "split": "hard",
+                      "alternative": "less"}]}, r"hypotheses\[0\].alternative"),
+    ({"alpha": 1.5}, "field 'alpha'"),
+    ({"data": {"expert_ceiling": 1.5}}, r"data.expert_ceiling"),
+    ({"data": {"task_types": {"medium": ["coin"]}}}, r"data.task_types.medium"),
+    ({"data": {"task_types": {"hard": ["coin", "nope"]}}}, r"data.task_types.hard"),
+    ({"data": {"task_types": {"easy": ["twc", "coin"]}}}, r"data.task_types.*'coin' is in both splits"),
 ])
 def test_bad_configs_name_the_field(patch, match):
     with pytest.raises(ExpragError, match=match):
@@ -230,3 +242,69 @@ def test_experiment_scorings_are_the_banks():
     from exprag.experiment import _SCORINGS
 
     assert set(_SCORINGS) == set(SCORINGS)  # the config check keeps its own list to avoid loading numpy
+
+
+def test_expert_ceiling_oracle_cell_and_hypotheses(tmp_path, tiny_model):
+    """TWX hard with a 12-step cap and a 0.75 ceiling (9 expert steps at most): games the expert needs
+    longer for are dropped from test and selection, and recorded; the oracle cells' memory is the
+    expert's own trajectory of each test game; the report evaluates the tested hypothesis, labels the
+    oracle and prints the expert-action coverage of training and test memories."""
+    out = tmp_path / "exp"
+    cfg = experiment_config_from_dict({
+        "name": "ceil", "env": "twx", "models": [tiny_model], "encoder": "bm25", "out": str(out), "main_k": 1,
+        "data": {"train_per_type": 1, "test_per_type": 1, "expert_ceiling": 0.75},
+        "eval": {"max_steps": 12, "max_new_tokens": 4, "batch_size": 4},
+        "train": {"epochs": 1, "lr": 1e-3, "batch_size": 2, "max_length": 1024,
+                  "selection": {"every": 1, "split": "dev", "task_types": "hard", "per_type": 1, "max_steps": 12}},
+        "hypotheses": [{"id": "H3", "text": "retrieval does not hurt the frozen model", "a": "exprag_frozen",
+                        "b": "no_retrieval", "split": "hard", "alternative": "not_less"}],
+        "grid": [{"methods": ["no_retrieval", "exprag_frozen"], "splits": ["hard"], "banks": ["matched", "oracle"]},
+                 {"methods": ["exprag_lora"], "splits": ["hard"], "banks": ["oracle"]}],
+    })
+    res = run_experiment(cfg, command="pytest")
+    ceiling = json.loads((out / "data" / "ceiling.json").read_text())["groups"]["test-hard"]
+    kept = ceiling["kept"]
+    assert kept and not any(k.startswith("cookingworld/") for k in kept)  # its expert needs >= 36 steps
+    assert all(g["expert_steps"] <= 9 for g in ceiling["games"] if g["task_id"] in kept)
+    assert any("> 0.75 x cap 12" in g.get("dropped", "") for g in ceiling["games"])
+    sel = json.loads((out / "data" / "ceiling.json").read_text())["groups"]["sel"]
+    assert sel["split"] == "dev" and sel["kept"] and not any(k.startswith("cookingworld/") for k in sel["kept"])
+    sel_run = next((out / "adapters" / "model").glob("exprag_lora-s*/eval/*/results.jsonl"))
+    assert {json.loads(line)["task_id"] for line in sel_run.read_text().splitlines()} == set(sel["kept"])
+    train_cov = json.loads((out / "data" / "train-coverage.json").read_text())
+    assert train_cov["examples"] == 4 and 0 <= train_cov["found"] <= train_cov["expert_actions"]
+    by = {r["cell"]: r for r in res.rows}
+    oracle = by["model/exprag_frozen-hard-oracle-k1-static"]
+    assert set(oracle["episodes"]) == set(kept) == set(by["model/no_retrieval-hard-none"]["episodes"])
+    assert oracle["diagnostic"] and oracle["expert_action_coverage"]["fraction"] == 1.0
+    from exprag.trajectory import read_jsonl
+
+    experts = {t.id: t.task_id for t in read_jsonl(out / "data" / "test-hard.jsonl")}
+    for cell in ("exprag_frozen-hard-oracle-k1-static", "exprag_lora-hard-oracle-k1-static-s2025"):
+        for t in read_jsonl(out / "cells" / "model" / cell / "trajectories.jsonl"):
+            assert [experts[i] for i in t.meta["memory_ids"]] == [t.task_id]  # the very game, nothing else
+    matched = by["model/exprag_frozen-hard-matched-k1-static"]["expert_action_coverage"]
+    assert matched["games"] == len(kept) and matched["fraction"] < 1.0
+
+    from exprag.report import write_report
+
+    report = write_report([out], out).report.read_text()
+    n = len(kept)
+    assert f"expert success within the cap on the {n} evaluated games: {n}/{n} (100%)" in report
+    assert "## Diagnostic: oracle memory (not a method)" in report
+    assert "| ExpRAG-LoRA | oracle |" in report.split("## Diagnostic")[1]
+    assert "ExpRAG-LoRA training examples: " in report
+    assert "## Hypotheses (pre-registered)" in report and "| H3 | exprag_frozen >= no_retrieval, hard |" in report
+    hyp = report.split("## Hypotheses (pre-registered)")[1].split("##")[0]
+    assert f"| {n} |" in hyp and "supported" in hyp
+    main = report.split("## Success rate")[1].split("## Paired")[0]
+    assert "oracle" not in main  # never pooled with the methods
+
+
+def test_replication_config_lists_the_oracle_cell(capsys):
+    from exprag.cli import main
+
+    assert main(["experiment", str(Path(__file__).parent.parent / "configs" / "replication-cpu.yaml"), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "exprag_lora-hard-oracle-k2-static-s2025  (diagnostic: oracle memory, not a method)" in out
+    assert "within 0.667 x the step cap" in out

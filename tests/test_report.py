@@ -353,3 +353,46 @@ def test_retrievers_labelled_and_hypotheses_in_header(tmp_path):
     # Rows from before retrievers were recorded say so.
     old = make_run(tmp_path / "old", "old", [M], FULL_ROWS[:2])
     assert "- retriever: not recorded" in write_report([old], old).report.read_text()
+
+
+def test_hypotheses_evaluated_and_oracle_kept_apart(tmp_path):
+    """Pre-registered tests on the PAIRED_ROWS outcomes: H1 (b = 9, c = 1, p = 0.0215) is supported at
+    0.05, not at 0.01; H2 (matched vs empty: b = 9, c = 0); a not-less test with A significantly worse is
+    rejected. The oracle cell has its own section and never enters a method's table or test."""
+    oracle = outcomes(row(M, "exprag_lora", "hard", 12, 12, bank="oracle", k=4, seed=0), T12, T12)
+    oracle["expert_action_coverage"] = {"found": 30, "expert_actions": 30, "games": 12, "fraction": 1.0}
+    matched = dict(PAIRED_ROWS[0], expert_action_coverage={"found": 10, "expert_actions": 40, "games": 12,
+                                                           "fraction": 0.25})
+    run = make_run(tmp_path / "r", "hyp", [M], [matched, *PAIRED_ROWS[1:], oracle])
+    meta = json.loads((run / "experiment.json").read_text())
+    meta["config"]["alpha"] = 0.05
+    meta["config"]["hypotheses"] = [
+        {"id": "H1", "text": "t", "a": "exprag_lora", "b": "lora", "split": "hard"},
+        {"id": "H2", "text": "t", "a": "exprag_lora", "b": "exprag_lora/empty", "split": "hard"},
+        {"id": "H9", "text": "t", "a": "lora", "b": "exprag_lora", "split": "hard", "alternative": "not_less"},
+        {"id": "H0", "text": "free-form, not tested"},
+    ]
+    (run / "data").mkdir()
+    (run / "data" / "ceiling.json").write_text(json.dumps({"expert_ceiling": 0.667, "groups": {"test-hard": {
+        "kept": T12, "games": [{"task_id": t, "task_type": "pick", "cap": 30, "expert_steps": 12,
+                                "expert_success": True} for t in T12]
+        + [{"task_id": "long", "task_type": "pick", "cap": 30, "expert_steps": 25, "expert_success": True,
+            "dropped": "the expert needs 25 steps > 0.667 x cap 30"}]}}}))
+    (run / "experiment.json").write_text(json.dumps(meta))
+    md = write_report([run], run).report.read_text()
+    got = {r[1]: r[2:] for r in table(section(md, "## Hypotheses"))[1:]}
+    assert got["H1"] == ["exprag_lora > lora, hard", M, "12", "9", "1", "0.0215", "supported"]
+    assert got["H2"] == ["exprag_lora > exprag_lora/empty, hard", M, "12", "9", "0", "0.0039", "supported"]
+    assert got["H9"][-1] == "not supported (A significantly worse)" and "H0" not in got
+    meta["config"]["alpha"] = 0.01
+    (run / "experiment.json").write_text(json.dumps(meta))
+    md = write_report([run], run).report.read_text()
+    assert {r[1]: r[-1] for r in table(section(md, "## Hypotheses"))[1:]}["H1"] == "not supported"
+    assert "expert success within the cap on the 12 evaluated games: 12/12 (100%)" in md
+    assert "1 games dropped" in md
+    diag = by_label(table(section(md, "## Diagnostic: oracle memory")))
+    assert diag[M][:2] == ["ExpRAG-LoRA", "oracle"] and diag[M][3].startswith("100.0 (12/12)")
+    cov = table(section(md, "## Expert actions in the retrieved memory"))
+    assert [r[2:] for r in cov[1:]] == [["matched", "hard", "25.0 (10/40)"],
+                                         ["oracle (diagnostic)", "hard", "100.0 (30/30)"]]
+    assert "oracle" not in section(md, "## Paired comparisons") + section(md, "## Robustness")

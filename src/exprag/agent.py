@@ -8,6 +8,7 @@ dynamic retrieval the memory block is re-retrieved from task + history before ev
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class AgentConfig:
     max_new_tokens: int = 32
     show_admissible: bool = False
     track_valid: bool = True  # check each parsed action against the admissible ones (cheap envs only)
+    # A diagnostic, deliberately leaky memory: only the bank's trajectories of the very game played
+    # (the expert's own solution), to tell "cannot use a memory" from "retrieval finds nothing useful".
+    same_task_memory: bool = False
 
 
 @dataclass
@@ -102,8 +106,11 @@ class Agent:
             return "", []
         history = slot.rec.messages if self.cfg.mode == "dynamic" else None
         budget = self.cfg.token_budget
+        filters = self.filters
+        if self.cfg.same_task_memory:
+            filters = dataclasses.replace(filters or Filters(), task_ids={slot.task.task_id})
         hits = self.retriever.retrieve(slot.rec.reset.task, history, k=self.cfg.k, mode=self.cfg.mode,
-                                       filters=self.filters, token_budget=budget,
+                                       filters=filters, token_budget=budget,
                                        count_tokens=self._counter() if budget is not None else approx_tokens,
                                        memory_format=self.cfg.memory_format)
         slot.retrievals += 1

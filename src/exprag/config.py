@@ -46,6 +46,9 @@ class EvalConfig:
     show_admissible: bool = False
     seed: int = 2025
     out: str = "runs/eval"
+    # None (the default) keeps runs made before these fields resumable: an absent key compares equal.
+    task_ids: list[str] | None = None  # only these games of the selection (an experiment's expert ceiling)
+    oracle_memory: bool | None = None  # diagnostic: memory = the bank's trajectories of the very game
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>") -> T:

@@ -180,7 +180,11 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         env_args = {**AGENT_ENV_DEFAULTS.get(cfg.env, {}), **cfg.env_args}
         first = make_env(cfg.env, **env_args)
         envs.append(first)
-        tasks = select_tasks(first.tasks(cfg.split, types), cfg.per_type, cfg.limit)
+        pool = first.tasks(cfg.split, types)
+        if cfg.task_ids is not None:
+            wanted = set(cfg.task_ids)
+            pool = [t for t in pool if t.task_id in wanted]
+        tasks = select_tasks(pool, cfg.per_type, cfg.limit)
         todo = [t for t in tasks if t.task_id not in done]
         if todo:
             if model is None:
@@ -192,7 +196,8 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,
                                                     token_budget=r.token_budget, max_steps=cfg.max_steps,
                                                     max_new_tokens=cfg.max_new_tokens,
-                                                    show_admissible=cfg.show_admissible))
+                                                    show_admissible=cfg.show_admissible,
+                                                    same_task_memory=bool(cfg.oracle_memory)))
         pbar = bar(total=len(tasks), desc=f"eval {cfg.env}/{cfg.split}", unit="ep", enabled=progress or None)
         pbar.update(len(tasks) - len(todo))
         for res in (agent.run(envs, todo) if todo else []):

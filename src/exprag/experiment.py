@@ -3,8 +3,11 @@
 An experiment directory holds, each stage reused when it is already there::
 
     experiment.json   the resolved config, the command, commit, machine, and time spent per stage
-    data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss)
-    banks/            easy, hard and all (easy + hard) train banks, per retriever (see RetrieverSettings)
+    data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss);
+                      with an expert ceiling or oracle cells, test-<split> (and ceiling.json: the games
+                      kept for test and selection, and why the others were dropped)
+    banks/            easy, hard and all (easy + hard) train banks, per retriever (see RetrieverSettings);
+                      oracle-<split>: the test games' expert trajectories, for the diagnostic oracle cells
     adapters/         one LoRA and one ExpRAG-LoRA adapter per (model, seed), each trained once
     cells/            one evaluation run (exprag.evaluate) per cell: model x method x split x bank x K x mode x seed
     results.jsonl     one row per finished cell (rewritten atomically after every cell), with the retriever
@@ -33,7 +36,7 @@ from typing import Any, Callable
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
 from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
-from exprag.methods import BANKS, METHODS, SPLITS
+from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
 
 Log = Callable[[str], None]
 # Fields of the training config that the runner sets itself (data, model, output, seed, memory).
@@ -42,6 +45,7 @@ _RUNNER_TRAIN_FIELDS = ("trajectories", "val_trajectories", "model", "out", "see
 _CELL_RESUMABLE = {"out", "batch_size", "request_timeout"}  # transport settings do not change results
 _SCORINGS = ("procedure", "dense", "bm25")  # exprag.bank.scoring.SCORINGS (not imported: it loads numpy)
 _MINILM, _BM25 = "minilm", "bm25"
+_CEILING_LOOK = 5  # with an expert ceiling, games looked at per type: at most this x test_per_type
 
 
 @dataclass
@@ -83,6 +87,13 @@ class DataSettings:
     val_per_type: int = 2  # easy dev expert trajectories, for validation loss; 0 = none
     test_per_type: int | None = 5  # evaluation tasks per task type; None = all
     test_split: str = "test"
+    # Keep as test and dev (checkpoint selection) games only those the expert solves within this
+    # fraction of the step cap (e.g. 0.667), so that no cap falls below the expert; what was dropped
+    # and why is written to data/ceiling.json. None = every selected game.
+    expert_ceiling: float | None = None
+    # The experiment's own split, e.g. {easy: [types trained], hard: [types held out]}, for a held-out
+    # set other than the env's default easy / hard; a split not named keeps the env's default.
+    task_types: dict[str, list[str]] | None = None
 
 
 @dataclass
@@ -129,10 +140,17 @@ class ExperimentConfig:
     grid: list[Any] = field(default_factory=list)  # GridBlock mappings
     # Pre-registered hypotheses, printed in the report header: [{id, text, comparison}], free-form.
     hypotheses: list[dict[str, Any]] = field(default_factory=list)
+    alpha: float = 0.05  # significance level of the hypotheses' paired exact McNemar tests
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/experiments/{self.name}")
+
+    def split_types(self, split: str) -> str:
+        """The task types of a split (easy | hard) as eval configs take them: the env's split name, or
+        the comma list of ``data.task_types``; any other value (a type list) is returned as is."""
+        custom = (self.data.task_types or {}).get(split)
+        return ",".join(custom) if custom else split
 
     @property
     def retriever(self) -> RetrieverSpec:
@@ -229,6 +247,11 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
             raise bad(f"grid[{i}].models", f"{stray[0]!r} is not in the experiment's models")
     _check_retrievers(cfg, bad)
     _check_hypotheses(cfg.hypotheses, bad)
+    if not 0 < cfg.alpha < 1:
+        raise bad("alpha", f"{cfg.alpha}; a significance level in (0, 1)")
+    if cfg.data.expert_ceiling is not None and not 0 < cfg.data.expert_ceiling <= 1:
+        raise bad("data.expert_ceiling", f"{cfg.data.expert_ceiling}; a fraction of the step cap in (0, 1]")
+    _check_task_types(cfg, bad)
     owned = [k for k in _RUNNER_TRAIN_FIELDS if k in cfg.train]
     if owned:
         raise bad(f"train.{owned[0]}", "is set by the experiment (data, models, seeds, main_k and eval set it)")
@@ -240,6 +263,27 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
     if cfg.eval.backend != "hf" and any(METHODS[m].adapter for b in cfg.grid for m in b.methods):
         raise bad("eval.backend", "methods with a LoRA adapter run on the hf backend")
     return cfg
+
+
+def _check_task_types(cfg: ExperimentConfig, bad: Callable[[str, str], DataFormatError]) -> None:
+    from exprag.envs.splits import all_types, resolve_task_types
+
+    custom = cfg.data.task_types
+    if custom is None:
+        return
+    if not isinstance(custom, dict):
+        raise bad("data.task_types", "a mapping {easy: [task types], hard: [task types]}")
+    known = all_types(cfg.env)
+    for split, types in custom.items():
+        if split not in SPLITS:
+            raise bad(f"data.task_types.{split}", f"unknown split; choose from {', '.join(SPLITS)}")
+        if not isinstance(types, list) or not types or any(t not in known for t in types):
+            raise bad(f"data.task_types.{split}", f"{types!r}; a non-empty list of {cfg.env} task types: "
+                                                  f"{', '.join(known)}")
+    easy, hard = (set(resolve_task_types(cfg.env, cfg.split_types(s))) for s in SPLITS)
+    both = easy & hard
+    if both:
+        raise bad("data.task_types", f"{sorted(both)[0]!r} is in both splits; held-out types must not be trained")
 
 
 def _check_retrievers(cfg: ExperimentConfig, bad: Callable[[str, str], DataFormatError]) -> None:
@@ -272,6 +316,21 @@ def _check_retrievers(cfg: ExperimentConfig, bad: Callable[[str, str], DataForma
                             "two encoders with the same final name, or one encoder with two fallbacks")
 
 
+# A hypothesis's optional test, evaluated by the report: A vs B paired on the cells of one split.
+# a / b: "method" (matched bank) or "method/bank"; alternative: greater (A > B: b > c and p < alpha)
+# or not_less (A >= B: not significantly worse).
+_HYPOTHESIS_FIELDS = ("id", "text", "comparison", "a", "b", "split", "alternative")
+ALTERNATIVES = ("greater", "not_less")
+
+
+def parse_arm(arm: str) -> tuple[str, str]:
+    """(method, bank) of a hypothesis arm "method" or "method/bank"; a method without retrieval reads none."""
+    method, _, bank = arm.partition("/")
+    if method in METHODS and not METHODS[method].retrieval:
+        return method, bank or "none"
+    return method, bank or "matched"
+
+
 def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> None:
     if not isinstance(hyps, list):
         raise bad("hypotheses", "a list of {id, text, comparison}")
@@ -280,8 +339,9 @@ def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> 
         if not isinstance(h, dict):
             raise bad(f"hypotheses[{i}]", "a mapping {id, text, comparison}")
         for f in h:
-            if f not in ("id", "text", "comparison"):
-                raise bad(f"hypotheses[{i}].{f}", "unknown; choose from id, text, comparison")
+            if f not in _HYPOTHESIS_FIELDS:
+                raise bad(f"hypotheses[{i}].{f}", f"unknown; choose from {', '.join(_HYPOTHESIS_FIELDS)}")
+        _check_hypothesis_test(h, f"hypotheses[{i}]", bad)
         for f in ("id", "text"):
             if not isinstance(h.get(f), str) or not h[f].strip():
                 raise bad(f"hypotheses[{i}].{f}", "a non-empty string")
@@ -290,6 +350,25 @@ def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> 
         if h["id"] in ids:
             raise bad(f"hypotheses[{i}].id", f"{h['id']!r} is used twice")
         ids.add(h["id"])
+
+
+def _check_hypothesis_test(h: dict[str, Any], where: str, bad: Callable[[str, str], DataFormatError]) -> None:
+    given = [f for f in ("a", "b", "split") if f in h]
+    if not given and "alternative" not in h:
+        return  # free-form: printed, not tested
+    if len(given) < 3:
+        missing = [f for f in ("a", "b", "split") if f not in h]
+        raise bad(f"{where}.{missing[0]}", "a tested hypothesis names a, b and split")
+    for f in ("a", "b"):
+        method, bank = parse_arm(h[f]) if isinstance(h[f], str) else ("", "")
+        if method not in METHODS or bank not in (*BANKS, "none") or bank in DIAGNOSTIC_BANKS \
+                or (bank == "none") == METHODS[method].retrieval:
+            raise bad(f"{where}.{f}", f"{h[f]!r}; a method ({', '.join(METHODS)}), optionally /bank "
+                                      f"({', '.join(b for b in BANKS if b not in DIAGNOSTIC_BANKS)})")
+    if h["split"] not in SPLITS:
+        raise bad(f"{where}.split", f"{h['split']!r}; choose from {', '.join(SPLITS)}")
+    if h.get("alternative", "greater") not in ALTERNATIVES:
+        raise bad(f"{where}.alternative", f"{h['alternative']!r}; choose from {', '.join(ALTERNATIVES)}")
 
 
 def expand(cfg: ExperimentConfig) -> list[Cell]:
@@ -360,21 +439,27 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
                               if METHODS[c.method].adapter}, key=lambda a: (cfg.models.index(a[0]), a[1], a[2]))
     say(f"experiment {cfg.name}: {len(cells)} cells, {len(adapters_needed)} adapters -> {out}")
     data = timed("data_s", lambda: _ensure_data(cfg, out, adapters_needed, progress, say))
+    kept = timed("data_s", lambda: _ensure_test_experts(cfg, out, cells, adapters_needed, progress, say))
+    data.update({g: out / "data" / f"{g}.jsonl" for g in kept if g.startswith("test-")})
+    kept = kept if cfg.data.expert_ceiling is not None else {}  # oracle only: the usual selection
     banks, used = timed("banks_s", lambda: _ensure_banks(cfg, out, data, cells, say))
     info["retrievers"] = {"default" if k is None else k: v for k, v in used.items()}
     _save_info(out, info, t0)
     adapters: dict[tuple[str, str, int], Path] = {}
     for model, kind, seed in adapters_needed:
         adapters[(model, kind, seed)] = timed(
-            "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks[None], progress, say))
+            "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks[None], progress, say,
+                                               kept.get("sel")))
     _write_training_summary(out, cfg, adapters_needed)
+    if cfg.data.expert_ceiling is not None and any(kind == "exprag_lora" for _, kind, _ in adapters_needed):
+        timed("train_s", lambda: _write_training_coverage(cfg, out, data, banks[None]))
 
     rows: dict[Cell, dict[str, Any]] = {}
     run = reused = 0
     model_key, model_obj = None, None
     for i, cell in enumerate(cells, 1):
         adapter = adapters.get((cell.model, METHODS[cell.method].adapter, cell.seed))
-        ecfg = _cell_eval_config(cfg, out, cell, banks, adapter)
+        ecfg = _cell_eval_config(cfg, out, cell, banks, adapter, kept.get(f"test-{cell.split}"))
         cell_dir = Path(ecfg.out)
         done = _finished_cell(cell_dir, ecfg)
         if done is None:
@@ -428,24 +513,26 @@ def _finished_cell(cell_dir: Path, ecfg: EvalConfig) -> dict[str, Any] | None:
 
 
 def _bank_name(cell: Cell) -> str:
-    """The train bank (easy | hard | all) a retrieving cell reads."""
+    """The bank (easy | hard | all train bank, or oracle-<split>) a retrieving cell reads."""
     other = {"easy": "hard", "hard": "easy"}[cell.split]
-    return {"matched": cell.split, "mismatched": other, "all": "all"}[cell.bank]
+    return {"matched": cell.split, "mismatched": other, "all": "all", "oracle": f"oracle-{cell.split}"}[cell.bank]
 
 
 def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[str | None, dict[str, Path]],
-                      adapter: Path | None) -> EvalConfig:
+                      adapter: Path | None, task_ids: list[str] | None = None) -> EvalConfig:
+    """``task_ids``: the games that pass the expert ceiling (already at most ``test_per_type`` per type)."""
     e = cfg.eval
     retrieval = RetrievalConfig()
     if cell.retrieves:
         retrieval = RetrievalConfig(bank=str(banks[cell.retriever][_bank_name(cell)]), k=cell.k, mode=cell.mode,
                                     memory_format=e.memory_format, token_budget=e.token_budget)
     return EvalConfig(
-        env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cell.split,
+        env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cfg.split_types(cell.split),
         per_type=cfg.data.test_per_type, model=cell.model, adapter=str(adapter) if adapter else None,
         backend=e.backend, base_url=e.base_url, retrieval=retrieval, max_steps=e.max_steps,
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, show_admissible=e.show_admissible,
         seed=cell.seed if cell.seed is not None else 2025, out=str(out / "cells" / cell.id),
+        task_ids=task_ids, oracle_memory=True if cell.bank in DIAGNOSTIC_BANKS else None,
     )
 
 
@@ -462,7 +549,35 @@ def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: d
                        for t, b in m.get("per_type", {}).items()}
     row["run_dir"] = _rel(ecfg.out, out)
     row["episodes"] = _episodes(Path(ecfg.out), m.get("n"))
+    if cell.bank in DIAGNOSTIC_BANKS:
+        row["diagnostic"] = "oracle memory: the expert trajectory of the very test game (leaky by design)"
+    experts = out / "data" / f"test-{cell.split}.jsonl"
+    if cell.retrieves and experts.is_file():
+        row["expert_action_coverage"] = expert_action_coverage(experts, Path(ecfg.out), Path(ecfg.retrieval.bank))
     return row
+
+
+def expert_action_coverage(experts: Path, cell_dir: Path, bank: Path) -> dict[str, Any] | None:
+    """How many of the expert's actions on each evaluated game appear verbatim among the actions of the
+    trajectories retrieved into that episode's memory (whole trajectories: an upper bound when a token
+    budget shortened them). ``None`` when the cell's episodes record no memory ids."""
+    from exprag.bank.store import bank_files
+    from exprag.trajectory import read_jsonl
+
+    expert = {t.task_id: t.actions() for t in read_jsonl(experts)}
+    memory = {t.id: set(t.actions()) for t in read_jsonl(bank_files(bank) / "trajectories.jsonl")}
+    path = cell_dir / "trajectories.jsonl"
+    found = total = games = 0
+    for t in read_jsonl(path) if path.is_file() else []:
+        ids = t.meta.get("memory_ids")
+        if t.task_id not in expert or not isinstance(ids, list):
+            continue
+        seen = set().union(*(memory.get(i, set()) for i in ids))
+        found += sum(a in seen for a in expert[t.task_id])
+        total += len(expert[t.task_id])
+        games += 1
+    return {"found": found, "expert_actions": total, "games": games,
+            "fraction": round(found / total, 4) if total else None} if games else None
 
 
 def _episodes(cell_dir: Path, n: int | None) -> dict[str, bool] | None:
@@ -518,7 +633,7 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
         with make_env(cfg.env, **cfg.env_args) as env:
             for name in todo:
                 split, group, per_type = wanted[name]
-                tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, group)), per_type)
+                tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, cfg.split_types(group))), per_type)
                 trajs = list(collect(env, bar(tasks, desc=f"expert {name}", unit="ep", enabled=progress or None)))
                 ok = [t for t in trajs if t.success]
                 if not ok:
@@ -528,6 +643,89 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
                 write_manifest(paths[name], tasks, collected=len(ok))
                 say(f"data: {len(ok)}/{len(tasks)} expert trajectories -> {paths[name]}")
     return paths
+
+
+def _needs_test_experts(cfg: ExperimentConfig, cells: list[Cell]) -> bool:
+    return cfg.data.expert_ceiling is not None or any(c.bank in DIAGNOSTIC_BANKS for c in cells)
+
+
+def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], adapters: list, progress: bool,
+                         say: Log) -> dict[str, list[str]]:
+    """Expert trajectories of the test games of every split under test (and, with a ceiling, of the dev
+    games of checkpoint selection): ``data/test-<split>.jsonl`` feed the oracle banks and the report's
+    expert-action coverage. Returns the task ids kept per group (``test-<split>``, ``sel``), at most
+    ``per_type`` of each type, the first the expert solves within ``expert_ceiling`` x the step cap;
+    ``data/ceiling.json`` records every game looked at, its expert length, its cap, and why it was dropped."""
+    from exprag.envs import make_env
+    from exprag.envs.splits import resolve_task_types
+    from exprag.expert import collect
+    from exprag.progress import bar
+    from exprag.train.config import config_from_dict
+    from exprag.trajectory import write_jsonl
+
+    if not _needs_test_experts(cfg, cells):
+        return {}
+    path = out / "data" / "ceiling.json"
+    groups = {f"test-{s}": (cfg.data.test_split, cfg.split_types(s), cfg.data.test_per_type, cfg.eval.max_steps)
+              for s in SPLITS if any(c.split == s for c in cells)}
+    sel = config_from_dict({**cfg.train, "trajectories": ["-"]}, f"{cfg.name}.train").selection
+    if adapters and sel.every and cfg.data.expert_ceiling is not None:
+        groups["sel"] = (sel.split, cfg.split_types(sel.task_types), sel.per_type, sel.max_steps or cfg.eval.max_steps)
+    want = {"expert_ceiling": cfg.data.expert_ceiling,
+            "groups": {g: {"split": sp, "task_types": ty, "per_type": n, "max_steps": m}
+                       for g, (sp, ty, n, m) in groups.items()}}
+    if path.is_file():
+        done = json.loads(path.read_text(encoding="utf-8"))
+        settings = {g: {k: v.get(k) for k in ("split", "task_types", "per_type", "max_steps")}
+                    for g, v in (done.get("groups") or {}).items()}
+        if done.get("expert_ceiling") == want["expert_ceiling"] and settings == want["groups"] \
+                and all((out / "data" / f"{g}.jsonl").is_file() for g in groups):
+            return {g: v["kept"] for g, v in done["groups"].items()}
+    ceiling = cfg.data.expert_ceiling
+    record: dict[str, Any] = {"expert_ceiling": ceiling, "groups": {}}
+    with make_env(cfg.env, **cfg.env_args) as env:
+        for g, (split, types, per_type, max_steps) in groups.items():
+            tasks = env.tasks(split, resolve_task_types(cfg.env, types))
+            if ceiling is None:  # oracle memories only: the games the cells evaluate
+                from exprag.envs.splits import select_tasks
+
+                tasks = select_tasks(tasks, per_type)
+            kept: list[str] = []
+            per: dict[str, int] = {}
+            games, ok = [], []
+            pbar = bar(total=len(tasks), desc=f"expert {g}", unit="ep", enabled=progress or None)
+            looked: dict[str, int] = {}
+            for task in tasks:
+                if per_type is not None and (per.get(task.task_type, 0) >= per_type
+                                             or looked.get(task.task_type, 0) >= _CEILING_LOOK * per_type):
+                    continue  # enough games of this type (or looked at): the expert is not run on the rest
+                looked[task.task_type] = looked.get(task.task_type, 0) + 1
+                traj, cap = next(iter(collect(env, [task])), None), max_steps or env.max_steps(task)
+                game = {"task_id": task.task_id, "task_type": task.task_type, "cap": cap,
+                        "expert_steps": traj.num_steps if traj else None, "expert_success": bool(traj and traj.success)}
+                if traj is None:
+                    game["dropped"] = "the expert hit an env error"
+                elif not traj.success:
+                    game["dropped"] = "the expert fails"
+                elif ceiling is not None and traj.num_steps > ceiling * cap:
+                    game["dropped"] = f"the expert needs {traj.num_steps} steps > {ceiling} x cap {cap}"
+                else:
+                    per[task.task_type] = per.get(task.task_type, 0) + 1
+                    kept.append(task.task_id)
+                if traj is not None and traj.success:
+                    ok.append(traj)
+                games.append(game)
+                pbar.update(1)
+            pbar.close()
+            short = [t for t in resolve_task_types(cfg.env, types) if per_type and per.get(t, 0) < per_type]
+            if short:
+                say(f"data: {g}: only {', '.join(f'{t} {per.get(t, 0)}' for t in short)} of {per_type} games "
+                    "per type pass the expert ceiling")
+            write_jsonl(out / "data" / f"{g}.jsonl", ok)
+            record["groups"][g] = {**want["groups"][g], "kept": kept, "games": games}
+            say(f"data: {g}: {len(kept)} games kept of {len(games)} ({len(ok)} expert trajectories)")
+    atomic_write_json(path, record)
+    return {g: v["kept"] for g, v in record["groups"].items()}
 
 
 def bank_dir(out: Path, key: str | None, spec: RetrieverSpec, name: str) -> Path:
@@ -552,9 +750,12 @@ def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], cells
 
     sources = {"easy": [data["train-easy"]], "hard": [data["train-hard"]],
                "all": [data["train-easy"], data["train-hard"]]}
+    for s in SPLITS:  # the diagnostic oracle banks: expert trajectories of the test games themselves
+        if f"test-{s}" in data:
+            sources[f"oracle-{s}"] = [data[f"test-{s}"]]
     specs = retrievers(cfg)
-    needed = {key: set(sources) if key is None else {_bank_name(c) for c in cells if c.retrieves and c.retriever == key}
-              for key in specs}
+    needed = {key: {_bank_name(c) for c in cells if c.retrieves and c.retriever == key}
+              | ({"easy", "hard", "all"} if key is None else set()) for key in specs}
     banks: dict[str | None, dict[str, Path]] = {}
     used: dict[str | None, dict[str, Any]] = {}
     for key, spec in specs.items():
@@ -637,7 +838,8 @@ def _train_config(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed:
 
 
 def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed: int,
-                    data: dict[str, Path], banks: dict[str, Path], progress: bool, say: Log) -> Path:
+                    data: dict[str, Path], banks: dict[str, Path], progress: bool, say: Log,
+                    selection_ids: list[str] | None = None) -> Path:
     """Train (or resume, or reuse) one adapter; returns the checkpoint the cells evaluate: the best by
     rollout success when selection is configured (docs/method.md#checkpoint-selection), else the last epoch."""
     from exprag.train.lora import train
@@ -651,7 +853,7 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
             return run_dir / done["checkpoint"]
         say(f"adapter {run_dir}: the training settings changed; resuming checks what may change")
     say(f"train {kind} (seed {seed}) on {model} -> {run_dir}")
-    rollout = _selection_eval(cfg, tcfg, kind, banks) if tcfg.selection.every else None
+    rollout = _selection_eval(cfg, tcfg, kind, banks, selection_ids) if tcfg.selection.every else None
     res = train(tcfg, resume=True, rollout_eval=rollout, progress=progress, log=say)
     ckpt = res.best_checkpoint or res.last_checkpoint
     if ckpt is None:
@@ -662,9 +864,11 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
     return ckpt
 
 
-def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str, Path]) -> Callable[[Path], float]:
+def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str, Path],
+                    task_ids: list[str] | None = None) -> Callable[[Path], float]:
     """Rollout success of a checkpoint on the selection split, with the memory the method uses at test
-    time: the train bank of the selection task types for ExpRAG-LoRA, none for plain LoRA."""
+    time: the train bank of the selection task types for ExpRAG-LoRA, none for plain LoRA. ``task_ids``:
+    the dev games that pass the expert ceiling (None = the selection's first ``per_type``)."""
     from exprag.evaluate import evaluate
 
     sel = tcfg.selection
@@ -676,12 +880,13 @@ def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str
             retrieval = RetrievalConfig(bank=bank, k=cfg.main_k, mode="static",
                                         memory_format=cfg.eval.memory_format, token_budget=cfg.eval.token_budget)
         e = cfg.eval
-        ecfg = EvalConfig(env=cfg.env, env_args=dict(cfg.env_args), split=sel.split, task_types=sel.task_types,
+        ecfg = EvalConfig(env=cfg.env, env_args=dict(cfg.env_args), split=sel.split,
+                          task_types=cfg.split_types(sel.task_types),
                           per_type=sel.per_type, limit=sel.limit, model=tcfg.model, adapter=str(ckpt),
                           retrieval=retrieval, max_steps=sel.max_steps or e.max_steps,
                           max_new_tokens=e.max_new_tokens, batch_size=sel.batch_size,
                           show_admissible=e.show_admissible, seed=tcfg.seed,
-                          out=str(Path(tcfg.out) / "eval" / ckpt.name))
+                          out=str(Path(tcfg.out) / "eval" / ckpt.name), task_ids=task_ids)
         return float(evaluate(ecfg).success_rate)
 
     return rollout_eval
@@ -706,6 +911,30 @@ def _write_training_summary(out: Path, cfg: ExperimentConfig, adapters: list) ->
                         "checkpoint": _rel(run_dir / done["checkpoint"], out) if "checkpoint" in done else None,
                         "wall_s": done.get("wall_s"), "epochs": [epochs[k] for k in sorted(epochs)]})
     atomic_write_json(out / "training.json", summary)
+
+
+def _write_training_coverage(cfg: ExperimentConfig, out: Path, data: dict[str, Path], banks: dict[str, Path]) -> None:
+    """data/train-coverage.json: of the target (expert) actions of ExpRAG-LoRA's training examples, the
+    share that appears verbatim among the actions of the memory retrieved for that example, with the
+    retrieval training uses (leakage filter, K, budget; the budget counted as chars/4, not the tokenizer)."""
+    from exprag.bank import load_bank
+    from exprag.train.config import config_from_dict
+    from exprag.train.data import MemorySettings, retrieve_memories
+    from exprag.trajectory import read_jsonl
+
+    path = out / "data" / "train-coverage.json"
+    if path.is_file():
+        return
+    tcfg = config_from_dict({**cfg.train, "trajectories": ["-"]}, f"{cfg.name}.train")
+    trajs = read_jsonl(data["train-easy"])
+    mem = MemorySettings(cfg.main_k, "static", cfg.eval.memory_format, cfg.eval.token_budget, tcfg.leakage)
+    found = total = 0
+    for t, hits in zip(trajs, retrieve_memories(load_bank(banks["easy"]), trajs, mem)):
+        seen = {a for h in hits for a in h.trajectory.actions()}
+        found += sum(a in seen for a in t.actions())
+        total += len(t.actions())
+    atomic_write_json(path, {"examples": len(trajs), "found": found, "expert_actions": total,
+                             "fraction": round(found / total, 4) if total else None})
 
 
 # ---- provenance ---------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 # Which bank a retrieving method reads at inference, relative to the split under test:
 # matched = that split's train bank; mismatched = the other split's; all = both; empty = no trajectories
-# (the memory block is then absent, as for a method without retrieval).
-BANKS = ("matched", "mismatched", "all", "empty")
+# (the memory block is then absent, as for a method without retrieval); oracle = a diagnostic, not a
+# method: the memory holds only the expert trajectory of the very test game (deliberately leaky), to tell
+# whether a model can use a memory at all. Oracle cells are labelled and never pooled with methods.
+BANKS = ("matched", "mismatched", "all", "empty", "oracle")
+DIAGNOSTIC_BANKS = ("oracle",)
 SPLITS = ("easy", "hard")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 from exprag.errors import DataFormatError
 from exprag.evaluate import read_results, wilson
 from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
-from exprag.methods import BANKS, METHODS, SPLITS
+from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
 # The main table prefers static retrieval; a group evaluated in one mode only (e.g. no retrieval) uses it.
@@ -55,6 +55,7 @@ class Cell:
     retriever: str | None = None  # a grid block's own retriever (its key); None = the experiment's
     retriever_info: dict[str, Any] | None = None  # scoring, encoder (requested / used), fallback
     episodes: dict[str, bool] | None = None  # success per task id; None in rows that predate it
+    coverage: tuple[int, int] | None = None  # expert actions found verbatim in the memory, of all
 
 
 @dataclass
@@ -178,8 +179,13 @@ def _read_cell(obj: Any, where: str, main_k: int) -> tuple[str, Cell]:
     for task, ok in (episodes or {}).items():
         if not isinstance(ok, bool):
             raise DataFormatError(f"{where}: field 'episodes.{task}' must be true or false, got {ok!r}")
+    cov = obj.get("expert_action_coverage")
+    coverage = None
+    if isinstance(cov, dict):
+        coverage = (_get(cov, "found", where, int, prefix="expert_action_coverage."),
+                    _get(cov, "expert_actions", where, int, prefix="expert_action_coverage."))
     return cell_id, Cell(model, method, split, bank, k, mode, seed, n, successes, per_type, main_k, steps, valid,
-                         retriever, info, episodes)
+                         retriever, info, episodes, coverage)
 
 
 def _read_cells(path: Path, main_k: int) -> list[Cell]:
@@ -309,8 +315,11 @@ def _header(exp: Experiment) -> list[str]:
         f"- settings: train per type {show(data.get('train_per_type'))}, test per type "
         f"{show(data.get('test_per_type'))}, split {show(data.get('test_split', data.get('split')))}, max steps "
         f"{show(ev.get('max_steps'))}, main K {cfg['main_k']}",
+        *(["- task types (the experiment's own split): " + "; ".join(
+            f"{k} = {', '.join(v)}" for k, v in data["task_types"].items())] if data.get("task_types") else []),
         *_retriever_lines(exp),
         *_hypothesis_lines(cfg.get("hypotheses")),
+        *_ceiling_lines(exp.dir),
         f"- run directory: {exp.dir}", "",
     ]
 
@@ -373,7 +382,10 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     out = Path(out)
     check_output_dir(out, "report directory or experiment directory",
                      lambda p: (p / "report.md").is_file() or (p / "experiment.json").is_file())
-    cells = [c for e in exps for c in e.cells]
+    every_cell = [c for e in exps for c in e.cells]
+    # Diagnostic cells (the oracle memory) get their own section, never a method's table or test.
+    diagnostic = [c for c in every_cell if c.bank in DIAGNOSTIC_BANKS]
+    cells = [c for c in every_cell if c.bank not in DIAGNOSTIC_BANKS]
     training = [t for e in exps for t in e.training]
     models = list(dict.fromkeys([*(m for e in exps for m in e.meta["models"]), *(c.model for c in cells)]))
     methods = [m for m in METHODS if any(c.method == m for c in cells)]
@@ -429,6 +441,9 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
                       "(same cells, weighted by steps):", ""] + _table(header, valid_rows)
 
     lines += _paired_section(models, methods, groups, robust_groups)
+    lines += _hypotheses_section(exps)
+    lines += _diagnostic_section(models, diagnostic)
+    lines += _coverage_section(models, every_cell)
 
     if robust:
         lines += ["## Robustness to the bank at inference (%)", "",
@@ -575,6 +590,121 @@ def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, l
             "(successes/pairs) and 95% Wilson intervals over the pairs.", ""] + _table(
         ["model", "A vs B", "split", "pairs", "b (A only)", "c (B only)", "McNemar p", "A % [95% CI]",
          "B % [95% CI]"], rows)
+
+
+def _arm_cells(cells: list[Cell], arm: str, split: str) -> dict[str, list[Cell]]:
+    """Per model: the experiment's-retriever cells of a hypothesis arm ("method" or "method/bank") at
+    the main K, static retrieval where both modes ran."""
+    from exprag.experiment import parse_arm
+
+    method, bank = parse_arm(arm)
+    got = _grouped(cells, lambda c: (c.model,),
+                   lambda c: c.retriever is None and (c.method, c.bank, c.split) == (method, bank, split))
+    return {m: cs for (m,), cs in got.items()}
+
+
+def _hypotheses_section(exps: list[Experiment]) -> list[str]:
+    """Each pre-registered hypothesis that names its test (a, b, split, alternative), evaluated on the
+    paired episodes of its experiment: greater = A > B (b > c and p < alpha); not_less = A >= B (not
+    significantly worse: not (c > b and p < alpha))."""
+    rows = []
+    for e in exps:
+        cfg = e.meta["config"]
+        alpha = float(cfg.get("alpha", 0.05))
+        for h in cfg.get("hypotheses") or []:
+            if not (isinstance(h, dict) and {"a", "b", "split"} <= h.keys()):
+                continue
+            alt = h.get("alternative", "greater")
+            comp = f"{h['a']} {'>' if alt == 'greater' else '>='} {h['b']}, {h['split']}"
+            a, b = _arm_cells(e.cells, h["a"], h["split"]), _arm_cells(e.cells, h["b"], h["split"])
+            for m in [m for m in e.meta["models"] if m in a and m in b] or [_DASH]:
+                pr = pair_cells(a[m], b[m]) if m in a else None
+                if pr is None or not pr.n:
+                    rows.append([e.meta["name"], str(h["id"]), comp, m, "0", _DASH, _DASH, _DASH,
+                                 "not evaluated (no paired episodes)"])
+                    continue
+                worse = pr.c > pr.b and pr.p < alpha
+                ok = (pr.b > pr.c and pr.p < alpha) if alt == "greater" else not worse
+                verdict = ("supported" if ok else "not supported") + (" (A significantly worse)" if worse else "")
+                rows.append([e.meta["name"], str(h["id"]), comp, m, str(pr.n), str(pr.b), str(pr.c),
+                             _p_text(pr.p), verdict])
+    if not rows:
+        return []
+    alphas = sorted({float(e.meta["config"].get("alpha", 0.05)) for e in exps})
+    return ["## Hypotheses (pre-registered)", "",
+            f"Paired exact McNemar tests at alpha = {', '.join(f'{a:g}' for a in alphas)}, on the episodes both "
+            "arms ran (matched bank unless the arm names one; main K; static where both modes ran). "
+            "b = A succeeded and B failed, c = the reverse. A > B is supported when b > c and p < alpha; "
+            "A >= B when A is not significantly worse. No correction for multiple tests.", ""] + _table(
+        ["experiment", "id", "comparison (A vs B)", "model", "pairs", "b", "c", "McNemar p", "verdict"], rows)
+
+
+def _diagnostic_section(models: list[str], cells: list[Cell]) -> list[str]:
+    if not cells:
+        return []
+    groups = _grouped(cells, lambda c: (c.model, c.method, c.bank, c.split))
+
+    def entry(key: tuple) -> str:
+        p = _pool(groups.get(key, []))
+        return f"{p.text()} {p.ci_text()}" if p else _DASH
+
+    rows = [[m, METHODS[meth].label, bank, *(entry((m, meth, bank, s)) for s in SPLITS)]
+            for m in models for meth in METHODS for bank in DIAGNOSTIC_BANKS
+            if any((m, meth, bank, s) in groups for s in SPLITS)]
+    return ["## Diagnostic: oracle memory (not a method)", "",
+            "The memory holds the expert trajectory of the very test game (deliberately leaky): an upper "
+            "bound that tells whether the model can use a memory at all. Never pooled with the methods "
+            "nor part of their paired tests. Success % (successes/episodes) [95% Wilson].", ""] + _table(
+        ["model", "method", "bank", *SPLITS], rows)
+
+
+def _coverage_section(models: list[str], cells: list[Cell]) -> list[str]:
+    got: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for c in cells:
+        if c.coverage and c.retriever is None and (c.k is None or c.k == c.main_k):
+            acc = got[c.model, c.method, c.bank, c.split]
+            acc[0] += c.coverage[0]
+            acc[1] += c.coverage[1]
+    if not got:
+        return []
+    order = lambda kk: (models.index(kk[0]) if kk[0] in models else 0, list(METHODS).index(kk[1]),  # noqa: E731
+                        BANKS.index(kk[2]), SPLITS.index(kk[3]))
+    rows = [[m, METHODS[meth].label, bank + (" (diagnostic)" if bank in DIAGNOSTIC_BANKS else ""), s,
+             f"{100 * f / n:.1f} ({f}/{n})" if n else _DASH]
+            for (m, meth, bank, s), (f, n) in sorted(got.items(), key=lambda i: order(i[0]))]
+    return ["## Expert actions in the retrieved memory (test)", "",
+            "Of the expert's actions on each evaluated game, the share that appears verbatim among the "
+            "actions of the trajectories retrieved into that episode's memory (whole trajectories; main K; "
+            "all modes run pooled).", ""] + _table(["model", "method", "bank", "split", "expert actions found %"], rows)
+
+
+def _ceiling_lines(run_dir: Path) -> list[str]:
+    """The expert's success within the step cap on the evaluated games (data/ceiling.json)."""
+    path = run_dir / "data" / "ceiling.json"
+    if not path.is_file():
+        return []
+    rec = _load_json(path)
+    lines = [f"- expert ceiling: test and dev games the expert solves within {rec.get('expert_ceiling')} x the "
+             "step cap" if rec.get("expert_ceiling") is not None else "- expert trajectories of the test games "
+             "(oracle memories; no ceiling filter)"]
+    for g, v in (rec.get("groups") or {}).items():
+        kept = set(v.get("kept") or [])
+        games = [x for x in v.get("games") or [] if x.get("task_id") in kept]
+        within = sum(bool(x.get("expert_success")) and (x.get("expert_steps") or 0) <= x.get("cap", 0) for x in games)
+        dropped = [x for x in v.get("games") or [] if x.get("dropped") and "enough games" not in x["dropped"]]
+        pct = f"{100 * within / len(games):.0f}%" if games else _DASH
+        longest = max((x.get("expert_steps") or 0 for x in games), default=0)
+        lines.append(f"  - {g}: expert success within the cap on the {len(games)} evaluated games: {within}/"
+                     f"{len(games)} ({pct}); longest expert {longest} steps; {len(dropped)} games dropped "
+                     "(expert fails or too long)")
+    train = run_dir / "data" / "train-coverage.json"
+    if train.is_file():
+        cov = _load_json(train)
+        if isinstance(cov, dict) and cov.get("expert_actions"):
+            lines.append(f"  - ExpRAG-LoRA training examples: {100 * cov['found'] / cov['expert_actions']:.1f}% "
+                         f"({cov['found']}/{cov['expert_actions']}) of the target actions appear verbatim in "
+                         "the retrieved memory")
+    return lines
 
 
 def _p_text(p: float) -> str:

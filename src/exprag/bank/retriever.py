@@ -59,10 +59,12 @@ class Filters:
     # an ALFWorld task folder, or every task of its scene
     exclude_groups: Collection[tuple[str, str]] = ()
     group_scope: str = "task"
+    task_ids: Collection[str] | None = None  # only these games (a diagnostic oracle memory)
 
     def active(self) -> bool:
         return bool(self.task_types is not None or self.envs is not None or self.success is not None
-                    or self.exclude_ids or self.exclude_task_ids or self.exclude_groups)
+                    or self.exclude_ids or self.exclude_task_ids or self.exclude_groups
+                    or self.task_ids is not None)
 
     def allows(self, t: Trajectory) -> bool:
         return ((self.task_types is None or t.task_type in self.task_types)
@@ -70,6 +72,7 @@ class Filters:
                 and (self.success is None or t.success == self.success)
                 and t.id not in self.exclude_ids
                 and t.task_id not in self.exclude_task_ids
+                and (self.task_ids is None or t.task_id in self.task_ids)
                 and (not self.exclude_groups
                      or (t.env, leakage_group(t.env, t.task_id, self.group_scope)) not in self.exclude_groups))
 

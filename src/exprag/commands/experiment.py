@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exprag.experiment import expand, load_experiment_config, retrievers, run_experiment
+    from exprag.methods import DIAGNOSTIC_BANKS
 
     cfg = load_experiment_config(args.config)
     if args.out:
@@ -32,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         cells = expand(cfg)
         for c in cells:
-            print(c.id)
+            print(c.id + ("  (diagnostic: oracle memory, not a method)" if c.bank in DIAGNOSTIC_BANKS else ""))
+        if cfg.data.expert_ceiling is not None:
+            print(f"test and dev games: those the expert solves within {cfg.data.expert_ceiling} x the step cap")
         for key, spec in retrievers(cfg).items():  # which retriever the cells (labelled or not) use
             print(f"retriever {key or '(unlabelled cells)'}: {spec.scoring} scoring, encoder {spec.encoder}"
                   + (f", fallback {spec.fallback}" if spec.fallback else ""))
