@@ -37,13 +37,14 @@ generator's own sampling, no game is built: seconds); ScienceWorld's the reset-o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -80,6 +81,26 @@ def cached_records(name: str, make_env: Callable[[], Any], select: Callable[[Any
                    refresh: bool, log: Callable[[str], None]) -> dict[str, list[Trajectory]]:
     """{"train": bank records, "test": query records}; resumable (a killed run keeps its records)."""
     path = cache_dir() / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(path):  # two recorders appending at once wrote every record twice
+        return _cached_records(path, make_env, select, refresh, log)
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached_records(path: Path, make_env: Callable[[], Any], select: Callable[[Any, str], list],
+                    refresh: bool, log: Callable[[str], None]) -> dict[str, list[Trajectory]]:
+    name = path.stem
     if refresh and path.exists():
         path.unlink()
     have: dict[str, Trajectory] = {t.id: t for t in read_jsonl(path)} if path.exists() else {}

@@ -207,6 +207,8 @@ CASES = [
     ("build-missing", BUILD + ["{d}/no.jsonl"], "no.jsonl: no such file"),
     ("build-out-file", ["bank", "build", "--encoder", "bm25", "--trajectories", "{d}/good.jsonl", "--out", "{d}/afile"],
      "exists and is not a directory"),
+    ("collect-env-arg-value", ["collect", "--env", "alfworld", "--env-arg", "gen_per_type=abc", "--per-type", "1",
+                               "--out", "{d}/o.jsonl"], "option gen_per_type must be an integer >= 1, got 'abc'"),
     ("collect-out-under-file", ["collect", "--env", "twx", "--per-type", "1", "--out", "{d}/afile/o.jsonl"],
      "is not a directory"),
     ("collect-env-arg", ["collect", "--env", "twx", "--env-arg", "colour=red", "--out", "{d}/o.jsonl"],

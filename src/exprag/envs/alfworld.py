@@ -37,6 +37,27 @@ DEFAULT_GEN_PER_TYPE = {"train": 50, "dev": 10, "test": 22}
 _TASK_RE = re.compile(r"Your task is to:\s*(.+?)\s*$", re.S)
 
 
+def _gen_per_type(value: Any) -> dict[str, int]:
+    """``gen_per_type``: None (the defaults), a count >= 1 for every split, or a {split: count} mapping
+    (configs); anything else is an EnvError naming the option."""
+    def count(v: Any, where: str) -> int:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.isascii() and v.isdigit())) \
+                or int(v) < 1:
+            raise EnvError(f"alfworld: option {where} must be an integer >= 1, got {v!r}")
+        return int(v)
+
+    if value is None:
+        return dict(DEFAULT_GEN_PER_TYPE)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(SPLIT_DIRS))
+        if unknown:
+            raise EnvError(f"alfworld: option gen_per_type names unknown splits {unknown} "
+                           f"(choose among {', '.join(SPLIT_DIRS)})")
+        return {**DEFAULT_GEN_PER_TYPE, **{k: count(v, f"gen_per_type.{k}") for k, v in value.items()}}
+    n = count(value, "gen_per_type")
+    return {s: n for s in SPLIT_DIRS}
+
+
 def cache_dir() -> Path:
     """exprag's cache directory: ``$EXPRAG_CACHE`` or ``~/.cache/exprag``."""
     return Path(os.environ.get("EXPRAG_CACHE") or Path.home() / ".cache" / "exprag")
@@ -217,12 +238,7 @@ class ALFWorldEnv(EnvBase):
         self.fast = _as_bool(fast)
         self.generate = _as_bool(generate)
         self.gen_seed = int(gen_seed)
-        if isinstance(gen_per_type, dict):
-            self.gen_per_type = {**DEFAULT_GEN_PER_TYPE, **gen_per_type}
-        elif gen_per_type is not None:
-            self.gen_per_type = {s: int(gen_per_type) for s in SPLIT_DIRS}
-        else:
-            self.gen_per_type = dict(DEFAULT_GEN_PER_TYPE)
+        self.gen_per_type = _gen_per_type(gen_per_type)
         self.on_generate = on_generate
         self.root, self.generated = self._resolve_data(data_dir)
         self._engine = None
