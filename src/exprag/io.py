@@ -151,19 +151,19 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_writable(path: str | Path) -> None:
+def check_writable(path: str | Path, flag: str = "--out") -> None:
     """``path`` (existing) or the nearest existing directory above it must be writable; checked before
-    the work, so that a long run does not fail at its last write."""
+    the work, so that a long run does not fail at its last write. Creates nothing."""
     from exprag.errors import OutputPathError
 
     path = Path(path)
     where = path if path.is_dir() else _nearest_existing(path.parent)
     if not where.is_dir():
-        raise OutputPathError(f"{path}: cannot be created ({where} is not a directory)")
+        raise OutputPathError(f"{path}: {flag} is not writable ({where} is not a directory)")
     if not os.access(where, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{path}: cannot write here ({where} is not writable)")
+        raise OutputPathError(f"{path}: {flag} is not writable (no write permission on {where})")
     if path.is_file() and not os.access(path, os.W_OK):
-        raise OutputPathError(f"{path}: the file is not writable")
+        raise OutputPathError(f"{path}: {flag} is not writable (the file is read-only)")
 
 
 def check_output_dir(path: str | Path, what: str, owned: Callable[[Path], bool]) -> None:
@@ -197,7 +197,7 @@ def check_output_file(path: str | Path, what: str, owned: Callable[[Path], bool]
 
     path = Path(path)
     if path.is_dir():
-        raise OutputPathError(f"{path}: is a directory; give a file path for the {what}")
+        raise OutputPathError(f"{path}: --out is a directory; give a file path for the {what}")
     if path.exists() and path.stat().st_size > 0 and not owned(path):
         raise OutputPathError(f"{path}: exists and is not an exprag {what}; exprag never replaces files it "
                               "did not create: remove it or choose another path")

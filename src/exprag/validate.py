@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exprag.errors import DataFormatError, ExpragError
+from exprag.io import check_writable
 
 
 @dataclass(frozen=True)
@@ -187,13 +187,7 @@ def check_output(path: str | Path, kind: str = "file", flag: str = "--out") -> P
         raise ExpragError(f"{path}: {flag} exists and is not a directory")
     if kind == "file" and path.is_dir():
         raise ExpragError(f"{path}: {flag} is a directory; give a file path")
-    probe = path if (kind == "dir" and path.is_dir()) else path.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ExpragError(f"{path}: {flag} is not writable ({probe} is not a directory)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExpragError(f"{path}: {flag} is not writable (no write permission on {probe})")
+    check_writable(path, flag)
     return path
 
 

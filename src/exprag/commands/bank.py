@@ -188,15 +188,11 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
     from exprag.io import atomic_write_json, atomic_write_text, check_output_file, read_json_object
     from exprag.trajectory import read_jsonl
 
-    from exprag.validate import check_output
-
-    if args.out:
-        check_output(f"{args.out}.json")
-    bank = load_bank(args.bank)
     if args.out:  # replaces only its own earlier report
         json_out = lambda p: {"k", "mode", "overall"} <= (read_json_object(p) or {}).keys()  # noqa: E731
         check_output_file(f"{args.out}.json", "retrieval report", json_out)
         check_output_file(f"{args.out}.md", "retrieval report", lambda p: json_out(Path(f"{args.out}.json")))
+    bank = load_bank(args.bank)
     kinds = {is_text_query_file(f) for f in args.queries}
     if kinds == {True}:
         if args.mode != "static":

@@ -42,17 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from exprag.commands._args import parse_env_args
     from exprag.envs import check_env_args, make_env
     from exprag.envs.splits import check_env, manifest_path, resolve_task_types, select_tasks, write_manifest
-    from exprag.io import check_output_file, pause_for_test, read_json_object
     from exprag.expert import CollectReport, collect
-    from exprag.io import sha256_file
+    from exprag.io import check_output_file, pause_for_test, read_json_object, sha256_file
     from exprag.progress import bar
     from exprag.trajectory import write_jsonl
-    from exprag.validate import check_output
 
     check_env(args.env)
     types = resolve_task_types(args.env, args.task_types)
     env_args = check_env_args(args.env, parse_env_args(args.env_arg))
-    check_output(args.out)  # before the expert runs: a failed write would waste the whole collection
+    # before the expert runs: a failed write would waste the whole collection
     check_output_file(args.out, "trajectories file", is_trajectories_file)
     check_output_file(manifest_path(args.out), "split manifest", lambda p: "tasks" in (read_json_object(p) or {}))
     with make_env(args.env, **env_args) as env:

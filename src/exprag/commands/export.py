@@ -30,13 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from exprag.io import check_output_file
     from exprag.prompt import system_prompt
     from exprag.trajectory import export_jsonl, read_jsonl
-    from exprag.validate import check_output
 
     @lru_cache(maxsize=None)
     def env_system(env: str) -> str:
         return system_prompt(action_templates(env))
 
-    check_output(args.out)
     check_output_file(args.out, "export file", _is_export_file)
     system = (lambda t: env_system(t.env)) if args.with_system else None
     n = export_jsonl(args.out, read_jsonl(*args.trajectories), args.format, system)
