@@ -94,7 +94,6 @@ def _err(msg: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from exprag.preflight import check_train_inputs
     from exprag.train.config import load_train_config
 
     overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()}
@@ -109,8 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.out is None and not args.config:
         _err("error: train needs --out RUN_DIR (or a --config that sets out)")
         return 2
-    check_train_inputs(cfg)  # before torch is even imported: a bad start fails in a second
-    from exprag.train.lora import train
+    from exprag.train.lora import train  # checks its inputs before torch loads: a bad start fails in a second
 
     res = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                 log=_err)

@@ -470,10 +470,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     is set; None = ``exprag.evaluate`` on ``cfg.selection`` (see select.make_rollout_eval).
     ``cfg.out`` must be absent, empty or a training run; the main process locks it for the run.
     """
+    from exprag.preflight import check_train_inputs
+
     kw = dict(resume=resume, overwrite=overwrite, rollout_eval=rollout_eval, progress=progress, log=log)
+    cfg.validate()
+    check_train_inputs(cfg)  # model, data and banks, before torch loads: a failed start creates no run directory
     if os.environ.get("RANK", "0") != "0":  # another process of a distributed run: the main one locks
         return _train(cfg, **kw)
-    cfg.validate()
     check_output_dir(cfg.out, "training run directory", is_train_run)
     with run_lock(cfg.out, "training run directory"):
         return _train(cfg, **kw)
@@ -490,10 +493,6 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, rollout_eval: Cal
     from exprag.progress import bar
     from exprag.train.select import Selection, make_rollout_eval
 
-    cfg.validate()
-    from exprag.preflight import check_train_inputs
-
-    check_train_inputs(cfg)  # model, data and banks: a failed start creates no run directory
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision)
     # Autocast is ours, not Accelerator(mixed_precision=...): accelerate's state is a process-wide
