@@ -132,7 +132,7 @@ def _summary(trajs: list[Trajectory]) -> dict[str, Any]:
 def _scoring_labels(cfg: RetrievalConfig, trajs: list[Trajectory]) -> tuple[list[str], dict[str, Any]]:
     """The labels ``procedure`` scoring learns its weights from, and the manifest's ``labels`` block.
     Labels that do not tell the procedures apart (one type, or unrelated to the task texts) are
-    replaced by one shared label: label-free IDF weights instead of noise (``exprag.bank.labels``)."""
+    replaced by one shared label: uniform term weights instead of noise (``exprag.bank.labels``)."""
     labels = [t.task_type for t in trajs]
     if cfg.scoring != "procedure":
         return labels, {}
@@ -291,11 +291,13 @@ def build_bank_from_files(paths: list[str | Path], out: str | Path, encoder: str
                       retrieval=retrieval)
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path, files: Path | None = None) -> dict[str, Any]:
+    """The bank's manifest, checked; ``files``: the version directory already resolved (``bank_files``),
+    so that a caller reading more of the bank reads one version even while a rebuild switches CURRENT."""
     path = Path(path)
     if not path.is_dir():
         raise BankError(f"{path}: no bank directory here (build one with `exprag bank build`)")
-    mf = bank_files(path) / "manifest.json"
+    mf = (files or bank_files(path)) / "manifest.json"
     if not mf.is_file():
         raise BankError(f"{mf}: missing; {path} is not an exprag bank")
     manifest = read_json(mf, BankError)
@@ -317,7 +319,7 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
     """Open a bank. ``encoder``, when given, must match the one the bank was built with."""
     path = Path(path)
     files = bank_files(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, files)
     identity = manifest.get("encoder")
     if not isinstance(identity, dict):
         raise BankError(f"{files / 'manifest.json'}: field 'encoder' missing")
