@@ -44,6 +44,7 @@ from exprag.trajectory import Trajectory, history_text, read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from headlines import dynamic_retrieval_headline  # noqa: E402
+from runtime import log, offline_one_thread  # noqa: E402
 
 STEPS = (1, 5, 10, 20)
 # (bank train tasks, agent test tasks) per task type
@@ -211,16 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refresh", action="store_true", help="record the episodes again")
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    offline_one_thread()
 
     t0 = time.perf_counter()
     dense = MemoEncoder()

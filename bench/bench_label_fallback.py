@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dynamic_retrieval import MemoEncoder  # noqa: E402
 from bench_retrieval_quality import load_env_data  # noqa: E402
 from headlines import label_fallback_headline  # noqa: E402
+from runtime import log, offline_one_thread  # noqa: E402
 
 
 def labellings(true: list[str], seed: int) -> dict[str, list[str]]:
@@ -83,16 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    offline_one_thread()
 
     t0 = time.perf_counter()
     dense = MemoEncoder()  # each text encoded once across the configurations

@@ -57,6 +57,7 @@ from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from headlines import retrieval_quality_headline  # noqa: E402
+from runtime import log, offline_one_thread  # noqa: E402
 
 TARGET_TOP1, TARGET_ALL = 0.95, 0.90
 TWX_PER_GAME = {"train": 10, "test": 5}
@@ -416,16 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-templated", action="store_true", help="skip the templated before/after table")
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    offline_one_thread()
 
     t0 = time.perf_counter()
     dense = DenseEncoder("minilm")

@@ -15,6 +15,7 @@ from exprag.cli import main
 from exprag.config import RetrievalConfig
 from exprag.train.config import LoraSettings, SelectionConfig, TrainConfig, TrainConfigError, load_train_config
 from exprag.train.data import build_examples
+import exprag.train.lora as lora
 from exprag.train.lora import (
     RunDirError,
     _loss_on,
@@ -50,6 +51,23 @@ def load_tiny(model_dir, adapter=None):
     if adapter is not None:
         m = PeftModel.from_pretrained(m, str(adapter))
     return m.eval()
+
+
+def train_killed_at_step(monkeypatch, step: int, cfg: TrainConfig) -> None:
+    """``train(cfg)`` interrupted during optimizer step ``step`` (its loss raises KeyboardInterrupt),
+    as a kill there would; the real loss is restored afterwards."""
+    real, calls = lora.lm_loss, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "lm_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(lora, "lm_loss", real)
 
 
 def test_lora_steps_lower_the_training_loss(short_files, tiny_model, chatml_tok, short_trajs, tmp_path):
@@ -124,22 +142,10 @@ def test_resume_continues_exactly(short_files, tiny_model, tmp_path):
 
 
 def test_resume_mid_epoch_after_a_crash(short_files, tiny_model, tmp_path, monkeypatch):
-    import exprag.train.lora as lora
-
     cfg = dict(epochs=1, batch_size=1, save_every_steps=2)
     straight = train(make_cfg(short_files, tiny_model, tmp_path / "a", **cfg))
-    real, calls = lora.lm_loss, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # during step 4: steps 1-3 done, step-000002 saved
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lora, "lm_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_cfg(short_files, tiny_model, tmp_path / "b", **cfg))
-    monkeypatch.setattr(lora, "lm_loss", real)
+    # during step 4: steps 1-3 done, step-000002 saved
+    train_killed_at_step(monkeypatch, 4, make_cfg(short_files, tiny_model, tmp_path / "b", **cfg))
     assert json.loads((tmp_path / "b" / "state.json").read_text())["last"] == "checkpoints/step-000002"
     resumed = train(make_cfg(short_files, tiny_model, tmp_path / "b", **cfg), resume=True)
     a, b = adapter_state(straight.last_checkpoint), adapter_state(resumed.last_checkpoint)
@@ -158,22 +164,10 @@ def test_resume_mid_epoch_after_a_crash(short_files, tiny_model, tmp_path, monke
 def test_resume_sums_a_partial_logging_window(short_files, tiny_model, tmp_path, monkeypatch):
     """A checkpoint in the middle of a logging window (3 steps per line, saved every 2): the line
     after the resume still averages all 3 steps."""
-    import exprag.train.lora as lora
-
     cfg = dict(epochs=1, batch_size=1, save_every_steps=2, log_every_steps=3)
     train(make_cfg(short_files, tiny_model, tmp_path / "a", **cfg))
-    real, calls = lora.lm_loss, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # during step 3: step-000002 saved, the first window not yet logged
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lora, "lm_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_cfg(short_files, tiny_model, tmp_path / "b", **cfg))
-    monkeypatch.setattr(lora, "lm_loss", real)
+    # during step 3: step-000002 saved, the first window not yet logged
+    train_killed_at_step(monkeypatch, 3, make_cfg(short_files, tiny_model, tmp_path / "b", **cfg))
     train(make_cfg(short_files, tiny_model, tmp_path / "b", **cfg), resume=True)
     a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
     assert [(r["event"], r["step"], r.get("loss"), r.get("train_loss"), r.get("tokens")) for r in b] == \

@@ -1,0 +1,21 @@
+"""Set-up shared by the benchmarks: bundled models load offline, torch uses one thread (timings on a
+shared 2-core machine), progress goes to stderr so that stdout stays the result."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def offline_one_thread() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
