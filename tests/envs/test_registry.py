@@ -168,3 +168,16 @@ def test_an_env_from_an_entry_point_collects_and_evaluates(plugin_path, tmp_path
     assert len(rows) == 1 and rows[0]["task_id"] == "long/test0"
     traj = json.loads((run / "trajectories.jsonl").read_text().splitlines()[0])
     assert traj["env"] == "toyenv" and traj["meta"]["agent"]["invalid_actions"] >= 0  # cheap_admissible
+
+
+def test_the_recorded_syntax_maps_back_to_the_templates_the_env_showed():
+    from exprag.envs.base import Reset, TaskSpec
+    from exprag.envs.scienceworld import ScienceWorldEnv
+    from exprag.expert import EpisodeRecorder
+
+    for simplification in ("easy", "", "openDoors,teleportAction", "openDoors"):
+        env = ScienceWorldEnv(simplification=simplification)  # starts no JVM until used
+        assert action_templates("scienceworld", env.action_syntax) == env.action_templates()
+    task = TaskSpec("scienceworld", "train", "boil", "boil/var0")
+    traj = EpisodeRecorder(env, task, Reset("obs", "boil water"), source="expert").trajectory()
+    assert traj.action_syntax == "no-teleport" and traj.to_dict()["action_syntax"] == "no-teleport"
