@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exprag.envs import action_templates, env_spec, known_envs
+from exprag.envs import action_templates, env_spec
 from exprag.envs.registry import EnvSpec
 from exprag.errors import UnknownEnvError
 from exprag.trajectory import Trajectory
