@@ -3,7 +3,7 @@ package adds its own without forking exprag through the ``exprag.envs`` entry-po
 
     # the package's pyproject.toml
     [project.entry-points."exprag.envs"]
-    myenv = "mypackage.myenv:SPEC"   # an EnvSpec whose name is "myenv"
+    myenv = "mypackage.myenv:env_spec"   # an EnvSpec whose name is "myenv"
 
 Entry points are read only when a name is not a built-in (or to list the known names), so an
 installed plugin never slows down or breaks runs of the built-ins; a built-in name cannot be taken
