@@ -315,6 +315,21 @@ def read_manifest(path: str | Path, files: Path | None = None) -> dict[str, Any]
     return manifest
 
 
+def reusable_manifest(path: str | Path, sources: list[Path], encoders: Iterable[str | None],
+                      scoring: str) -> dict[str, Any] | None:
+    """The manifest of the bank at ``path`` when that bank can serve as is: built from exactly
+    ``sources`` (paths and contents), with one of ``encoders`` and with ``scoring``. None when it must
+    be (re)built: absent, unreadable, or built from other inputs or settings."""
+    want = [{"path": str(f), "sha256": sha256_file(f)} for f in sources]
+    try:
+        manifest = read_manifest(path)
+        fresh = (manifest.get("inputs") == want and manifest["encoder"]["name"] in set(encoders)
+                 and (manifest.get("retrieval") or {}).get("scoring", "dense") == scoring)
+    except (BankError, KeyError, TypeError):
+        return None
+    return manifest if fresh else None
+
+
 def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
     """Open a bank. ``encoder``, when given, must match the one the bank was built with."""
     path = Path(path)
