@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from exprag.bank.retriever import Filters, Retriever, approx_tokens, memory_block, token_counter
 from exprag.envs.base import EnvRestarted, TaskSpec, TextEnv, parse_action
@@ -72,8 +72,11 @@ class EpisodeResult:
 
 class Agent:
     def __init__(self, model: ChatModel, retriever: Retriever | None, cfg: AgentConfig,
-                 filters: Filters | None = None):
+                 filters: Filters | None = None, step_map: Callable[..., Iterable] | None = None):
+        """``step_map``: how the live episodes' env steps are mapped, ``map`` by default (one after
+        another); ``WorkerPool.map`` steps envs that live in workers at the same time."""
         self.model = model
+        self._map = step_map or map
         self.retriever = retriever
         self.cfg = cfg
         self.filters = filters
@@ -132,16 +135,24 @@ class Agent:
                 s.stats.prefill_tokens += g.prefill_tokens
                 s.stats.completion_tokens += g.completion_tokens
                 s.stats.gen_seconds += g.seconds
-                try:
-                    self._act(s, g.text)
-                except EnvRestarted:
+            # Serially, ``map`` is lazy: each slot acts right before its outcome is handled, as it
+            # always did; a worker pool steps all the slots' envs at once, then they are handled in order.
+            for s, restarted in zip(live, self._map(self._try_act, live, [g.text for g in gens])):
+                if restarted is not None:
                     if s.replayed:  # lost twice: give up with the env's one-line error
-                        raise
+                        raise restarted
                     self._replay(s, queue, source)
                     continue
                 if s.rec.done or s.rec.steps >= s.cap:
                     yield self._finish(s)
                     self._start(s, queue, source)
+
+    def _try_act(self, s: _Slot, reply: str) -> EnvRestarted | None:
+        try:
+            self._act(s, reply)
+        except EnvRestarted as e:
+            return e
+        return None
 
     def _replay(self, s: _Slot, queue: list[TaskSpec], source: str) -> None:
         """The env's simulator restarted mid-episode: play the episode again from its start."""

@@ -25,6 +25,7 @@ from exprag.errors import RunConfigError
 from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines,
                        pause_for_test, read_json_object, run_lock, truncate_torn_tail)
 from exprag.validate import read_json
+from exprag.workers import WorkerPool, WorkerSpec
 
 # Fields that may change between a run and its resumption without changing what is measured.
 _RESUMABLE = {"out", "batch_size", "limit", "per_type", "request_timeout"}
@@ -125,18 +126,22 @@ def is_eval_run(path: Path) -> bool:
 
 
 def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: bool = False,
-             on_episode: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
+             on_episode: Callable[[dict[str, Any]], None] | None = None,
+             workers: WorkerSpec = WorkerSpec()) -> EvalResult:
     """Run (or resume) an evaluation. ``model``: a loaded ChatModel to share between runs.
+    ``workers``: where the envs run (the model stays here); not part of the run's config, since the
+    results are the same wherever the envs run.
 
     ``cfg.out`` must be absent, empty or an eval run; it is locked for the run (a second process on
     it gets RunLockedError)."""
     check_output_dir(cfg.out, "eval run directory", is_eval_run)
     with run_lock(cfg.out, "eval run directory"):
-        return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, on_episode=on_episode)
+        return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, on_episode=on_episode,
+                         workers=workers)
 
 
 def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
-              on_episode: Callable[[dict[str, Any]], None] | None) -> EvalResult:
+              on_episode: Callable[[dict[str, Any]], None] | None, workers: WorkerSpec) -> EvalResult:
     from exprag.agent import Agent, AgentConfig
     from exprag.bank import Retriever, append_to_bank
     from exprag.envs import env_spec, make_env
@@ -161,6 +166,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         retriever = Retriever(bank)
 
     envs = []
+    pool = None
     try:
         env_args = {**env_spec(cfg.env).agent_defaults, **cfg.env_args}  # agent runs need no expert
         first = make_env(cfg.env, **env_args)
@@ -176,13 +182,20 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
                 transport = {"timeout": cfg.request_timeout} if cfg.backend == "openai" else {}
                 model = LazyModel(cfg.model, adapter=cfg.adapter, backend=cfg.backend, base_url=cfg.base_url,
                                   **transport)
-            for _ in range(min(cfg.batch_size, len(todo)) - 1):
-                envs.append(make_env(cfg.env, **env_args))
+            n = min(cfg.batch_size, len(todo))
+            if workers.in_process:
+                for _ in range(n - 1):
+                    envs.append(make_env(cfg.env, **env_args))
+            else:  # the batch's envs start in the workers; the one that listed the tasks is done
+                envs.pop().close()
+                pool = WorkerPool(workers)
+                envs.extend(pool.make_envs(cfg.env, env_args, n))
         agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,
                                                     token_budget=r.token_budget, max_steps=cfg.max_steps,
                                                     max_new_tokens=cfg.max_new_tokens,
                                                     show_admissible=cfg.show_admissible,
-                                                    same_task_memory=bool(cfg.oracle_memory)))
+                                                    same_task_memory=bool(cfg.oracle_memory)),
+                      step_map=pool.map if pool is not None else None)
         pbar = bar(total=len(tasks), desc=f"eval {cfg.env}/{cfg.split}", unit="ep", enabled=progress or None)
         pbar.update(len(tasks) - len(todo))
         for res in (agent.run(envs, todo) if todo else []):
@@ -203,6 +216,8 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
     finally:
         for e in envs:
             e.close()
+        if pool is not None:
+            pool.close()
     selected = {t.task_id for t in tasks}
     metrics = compute_metrics([x for x in rows if x["task_id"] in selected])
     metrics.update({"env": cfg.env, "split": cfg.split, "task_types": types, "model": cfg.model,

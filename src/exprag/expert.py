@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from exprag.envs.base import EnvRestarted, Reset, Step, TaskSpec, TextEnv
 from exprag.errors import EnvError, ExpragError
 from exprag.trajectory import Trajectory
+from exprag.workers import WorkerSpec
 
 
 def trajectory_id(env: str, task: TaskSpec, source: str) -> str:
@@ -111,15 +112,45 @@ def collect(env: TextEnv, tasks: Iterable[TaskSpec], *, report: CollectReport | 
 def _play_reported(env: TextEnv, task: TaskSpec, report: CollectReport) -> Trajectory | None:
     """One expert episode, its failure (if any) recorded in ``report``; None after an env error."""
     try:
-        traj = run_expert(env, task)
+        outcome: Trajectory | EnvError = run_expert(env, task)
     except EnvError as e:
-        report.failures.append((task, str(e)))
+        outcome = e
+    return _report(task, outcome, report)
+
+
+def _report(task: TaskSpec, outcome: Trajectory | BaseException, report: CollectReport) -> Trajectory | None:
+    """Record an expert episode's failure in ``report``: an env error (None), or no success."""
+    if isinstance(outcome, EnvError):
+        report.failures.append((task, str(outcome)))
         return None
+    if isinstance(outcome, BaseException):
+        raise outcome
+    traj = outcome
     if not traj.success:
         report.failures.append((task, f"expert ended without success after {traj.num_steps} steps "
                                       f"(score {traj.reward:g})"))
     report.collected += 1
     return traj
+
+
+def _expert_outcomes(env: TextEnv, tasks: Iterable[TaskSpec], workers: WorkerSpec,
+                     env_args: dict[str, Any] | None) -> Iterator[tuple[TaskSpec, Trajectory | BaseException]]:
+    """(task, trajectory or the exception its episode raised), in the order of ``tasks``. With workers,
+    episodes run in parallel on worker envs started with ``env_args`` (a list of tasks is played ahead;
+    a generator, which decides its next task from the last episode, one at a time)."""
+    if workers.in_process:
+        for task in tasks:
+            try:
+                yield task, run_expert(env, task)
+            except EnvError as e:
+                yield task, e
+        return
+    from exprag.workers import WorkerPool
+
+    with WorkerPool(workers) as pool:
+        envs = pool.make_envs(env.name, dict(env_args or {}), len(pool))
+        lookahead = len(envs) if isinstance(tasks, Sequence) else 1
+        yield from pool.ordered(lambda e, t: e.expert_episode(t), envs, tasks, lookahead)
 
 
 @dataclass(frozen=True)
@@ -145,6 +176,8 @@ def collect_to_file(
     manifest: bool = True,
     on_episode: Callable[[TaskSpec, Trajectory | None], None] | None = None,
     empty_error: str | None = None,
+    workers: WorkerSpec = WorkerSpec(),
+    env_args: dict[str, Any] | None = None,
 ) -> CollectedFile:
     """Play the expert on ``tasks`` and write its trajectories to ``path`` atomically (successful ones
     only unless ``keep_failures``), with a split manifest beside it (``manifest``): the task list and
@@ -152,7 +185,9 @@ def collect_to_file(
 
     ``tasks`` may be a generator that decides the next task from what ``on_episode(task, trajectory or
     None after an env error)`` has seen so far. ``empty_error``: with nothing to write, raise ExpragError
-    with this message instead, writing nothing (the file's existence means a finished collection)."""
+    with this message instead, writing nothing (the file's existence means a finished collection).
+    ``workers``: play the episodes in worker processes / Ray actors, each with its own env started
+    with ``env_args``; the file is byte for byte the one a serial collection writes."""
     from exprag.envs.splits import write_manifest
     from exprag.io import pause_for_test, sha256_file
     from exprag.progress import bar
@@ -165,8 +200,8 @@ def collect_to_file(
     played: list[TaskSpec] = []
     written: list[Trajectory] = []
     pbar = bar(total=total, desc=desc, unit="ep", enabled=progress)
-    for task in tasks:
-        traj = _play_reported(env, task, report)
+    for task, outcome in _expert_outcomes(env, tasks, workers, env_args):
+        traj = _report(task, outcome, report)
         played.append(task)
         if traj is not None and (traj.success or keep_failures):
             written.append(traj)

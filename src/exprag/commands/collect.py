@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from exprag.validate import integer, positive_int
+from exprag.workers import add_worker_flags, spec_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write expert episodes that did not reach success")
     p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment option (repeatable), e.g. data_dir=/path")
+    add_worker_flags(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     with make_env(args.env, **env_args) as env:
         tasks = select_tasks(env.tasks(args.split, types), args.per_type, args.limit, args.sample, args.seed)
         done = collect_to_file(env, tasks, args.out, desc=f"collect {args.env}/{args.split}",
-                               keep_failures=args.keep_failures)
+                               keep_failures=args.keep_failures, env_args=env_args,
+                               workers=spec_from_args(args))
     steps = sum(t.num_steps for t in done.trajectories)
     print(f"wrote {len(done.trajectories)} trajectories ({steps} steps) to {args.out}; manifest {done.manifest}")
     if done.failures:

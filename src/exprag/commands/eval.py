@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from exprag.validate import non_negative_int, positive_int
+from exprag.workers import add_worker_flags, spec_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show-admissible", action="store_true", help="list valid actions in the prompt")
     p.add_argument("--out", default=None, metavar="RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    add_worker_flags(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from exprag.evaluate import evaluate
 
     cfg = build_config(args)
-    res = evaluate(cfg, progress=True, overwrite=args.overwrite)
+    res = evaluate(cfg, progress=True, overwrite=args.overwrite, workers=spec_from_args(args))
     m = res.metrics
     print(f"{cfg.env}/{cfg.split} {','.join(m['task_types'])}: success {m['successes']}/{m['n']} "
           f"= {m['success_rate']:.1%} (95% CI {m['ci95'][0]:.1%}–{m['ci95'][1]:.1%}); "

@@ -1,0 +1,121 @@
+"""Environments in worker processes (and Ray actors): the same files as a serial run, on real TWX."""
+
+import json
+import time
+
+import pytest
+
+from exprag.config import EvalConfig, RetrievalConfig
+from exprag.envs import make_env
+from exprag.evaluate import evaluate
+from exprag.expert import collect_to_file
+from exprag.workers import WorkerPool, WorkerSpec
+
+# Timing fields, the only ones that may differ between two runs of the same episodes.
+_CLOCK = {"wall_s", "gen_s"}
+
+
+def _collect(path, workers):
+    with make_env("twx") as env:
+        tasks = [t for g in ("coin", "simonsays", "arithmetic") for t in env.tasks("train", [g])[:3]]
+        return collect_to_file(env, tasks, path, desc="collect", progress=False, workers=workers)
+
+
+def _untimed(path):
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        for d in (row, row.get("meta", {}), row.get("meta", {}).get("agent", {})):
+            for k in _CLOCK:
+                d.pop(k, None)
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from exprag.llm import load_chat_model
+
+    return load_chat_model("smollm2-135m")
+
+
+def _eval(out, model, workers):
+    cfg = EvalConfig(env="twx", split="test", task_types="coin,simonsays", per_type=2, model="smollm2-135m",
+                     retrieval=RetrievalConfig(), max_steps=3, max_new_tokens=8, batch_size=2, out=str(out))
+    return evaluate(cfg, model=model, workers=workers)
+
+
+def _same_eval(a, b):
+    for name in ("results.jsonl", "trajectories.jsonl"):
+        assert _untimed(a / name) == _untimed(b / name), name
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        m.pop("updated")
+        m.pop("tokens_per_s")
+        for t in m["per_type"].values():
+            t.pop("tokens_per_s")
+    assert ma == mb
+
+
+def test_collect_workers_write_the_serial_bytes(tmp_path):
+    serial = _collect(tmp_path / "serial.jsonl", WorkerSpec())
+    parallel = _collect(tmp_path / "parallel.jsonl", WorkerSpec(workers=2))
+    assert (tmp_path / "serial.jsonl").read_bytes() == (tmp_path / "parallel.jsonl").read_bytes()
+    assert serial.tasks == parallel.tasks and serial.failures == parallel.failures
+    ms, mp = (json.loads(p.read_text()) for p in (serial.manifest, parallel.manifest))
+    assert ms == mp
+
+
+def test_collect_workers_keep_a_generator_lazy(tmp_path):
+    """A task generator decides its next task from the last episode: workers play it one at a time."""
+    seen = []
+    with make_env("twx") as env:
+        pool = env.tasks("train", ["coin"])[:3]
+
+        def tasks():
+            for t in pool:
+                yield t
+                assert seen and seen[-1] == t.task_id  # on_episode saw it before the next one is asked for
+
+        done = collect_to_file(env, tasks(), tmp_path / "g.jsonl", desc="g", progress=False, manifest=False,
+                               on_episode=lambda t, traj: seen.append(t.task_id), workers=WorkerSpec(workers=2))
+    assert seen == [t.task_id for t in pool] and len(done.trajectories) == 3
+
+
+def test_worker_errors_come_back_as_themselves():
+    from exprag.envs.base import TaskSpec
+    from exprag.errors import EnvError
+
+    with WorkerPool(WorkerSpec(workers=1, ray=None)) as pool:
+        (env,) = pool.make_envs("twx", {}, 1)
+        with pytest.raises(EnvError, match="GAME/seedN"):
+            env.reset(TaskSpec("twx", "test", "coin", "coin-no-seed"))
+        assert env.name == "twx" and env.action_templates()
+        env.close()
+
+
+def test_eval_workers_match_serial(tmp_path, smollm):
+    serial = _eval(tmp_path / "serial", smollm, WorkerSpec())
+    parallel = _eval(tmp_path / "parallel", smollm, WorkerSpec(workers=2))
+    assert serial.new_episodes == parallel.new_episodes == 4
+    _same_eval(tmp_path / "serial", tmp_path / "parallel")
+    # the run directory does not record where the envs ran: a resume with other workers skips everything
+    again = _eval(tmp_path / "parallel", smollm, WorkerSpec())
+    assert again.new_episodes == 0 and again.skipped == 4
+
+
+def test_ray_local_cluster_matches_serial(tmp_path, smollm):
+    ray = pytest.importorskip("ray")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        spec = WorkerSpec(workers=2, ray="local")  # ray.init already done: the pool joins it
+        _collect(tmp_path / "serial.jsonl", WorkerSpec())
+        _collect(tmp_path / "ray.jsonl", spec)
+        assert (tmp_path / "serial.jsonl").read_bytes() == (tmp_path / "ray.jsonl").read_bytes()
+        _eval(tmp_path / "serial", smollm, WorkerSpec())
+        _eval(tmp_path / "ray", smollm, spec)
+        _same_eval(tmp_path / "serial", tmp_path / "ray")
+    finally:
+        ray.shutdown()
+    print(f"ray local cluster test: {time.perf_counter() - t0:.1f}s")
