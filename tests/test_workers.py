@@ -104,6 +104,7 @@ def test_eval_workers_match_serial(tmp_path, smollm):
     assert again.new_episodes == 0 and again.skipped == 4
 
 
+@pytest.mark.slow  # about 90 s on 2 cores (Ray's head and workers start)
 def test_ray_local_cluster_matches_serial(tmp_path, smollm):
     ray = pytest.importorskip("ray")
     t0 = time.perf_counter()

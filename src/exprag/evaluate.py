@@ -166,7 +166,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         retriever = Retriever(bank)
 
     envs = []
-    pool = None
+    hosts = None  # the worker pool the envs live in, when not in this process
     try:
         env_args = {**env_spec(cfg.env).agent_defaults, **cfg.env_args}  # agent runs need no expert
         first = make_env(cfg.env, **env_args)
@@ -188,14 +188,14 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
                     envs.append(make_env(cfg.env, **env_args))
             else:  # the batch's envs start in the workers; the one that listed the tasks is done
                 envs.pop().close()
-                pool = WorkerPool(workers)
-                envs.extend(pool.make_envs(cfg.env, env_args, n))
+                hosts = WorkerPool(workers)
+                envs.extend(hosts.make_envs(cfg.env, env_args, n))
         agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,
                                                     token_budget=r.token_budget, max_steps=cfg.max_steps,
                                                     max_new_tokens=cfg.max_new_tokens,
                                                     show_admissible=cfg.show_admissible,
                                                     same_task_memory=bool(cfg.oracle_memory)),
-                      step_map=pool.map if pool is not None else None)
+                      step_map=hosts.map if hosts is not None else None)
         pbar = bar(total=len(tasks), desc=f"eval {cfg.env}/{cfg.split}", unit="ep", enabled=progress or None)
         pbar.update(len(tasks) - len(todo))
         for res in (agent.run(envs, todo) if todo else []):
@@ -216,8 +216,8 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
     finally:
         for e in envs:
             e.close()
-        if pool is not None:
-            pool.close()
+        if hosts is not None:
+            hosts.close()
     selected = {t.task_id for t in tasks}
     metrics = compute_metrics([x for x in rows if x["task_id"] in selected])
     metrics.update({"env": cfg.env, "split": cfg.split, "task_types": types, "model": cfg.model,

@@ -106,6 +106,9 @@ class EvalSettings:
     show_admissible: bool = False
     backend: str = "hf"
     base_url: str | None = None
+    # Where the envs of cells and checkpoint selection run (exprag.workers); results do not depend on it.
+    workers: int = 1
+    ray: str | None = None
 
 
 @dataclass
@@ -468,7 +471,7 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
                 gc.collect()
                 model_key, model_obj = (cell.model, adapter), _lazy_model(ecfg)
             say(f"[cell {i}/{len(cells)}] {cell.id}")
-            done = timed("eval_s", lambda: _run_cell(ecfg, cell, model_obj, progress))
+            done = timed("eval_s", lambda: _run_cell(ecfg, cell, model_obj, progress, _workers(cfg)))
             run += 1
         else:
             reused += 1
@@ -488,11 +491,17 @@ def _lazy_model(ecfg: EvalConfig) -> Any:
     return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url)
 
 
-def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool) -> dict[str, Any]:
+def _workers(cfg: ExperimentConfig) -> Any:
+    from exprag.workers import WorkerSpec
+
+    return WorkerSpec(cfg.eval.workers, cfg.eval.ray)
+
+
+def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool, workers: Any) -> dict[str, Any]:
     from exprag.config import to_dict
     from exprag.evaluate import evaluate
 
-    res = evaluate(ecfg, model=model, progress=progress)
+    res = evaluate(ecfg, model=model, progress=progress, workers=workers)
     done = {"cell": dataclasses.asdict(cell), "eval_config": to_dict(ecfg), "metrics": res.metrics,
             "finished": _now()}
     atomic_write_json(Path(ecfg.out) / "cell.json", done)
@@ -634,6 +643,7 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
                 tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, cfg.split_types(group))), per_type)
                 done = collect_to_file(
                     env, tasks, paths[name], desc=f"expert {name}", progress=progress or None,
+                    workers=_workers(cfg), env_args=cfg.env_args,
                     empty_error=f"{cfg.env}: the expert solved none of the {len(tasks)} {split} tasks of the "
                                 f"{group} types; no data for {paths[name]}")
                 say(f"data: {len(done.trajectories)}/{len(tasks)} expert trajectories -> {paths[name]}")
@@ -885,7 +895,7 @@ def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str
                           max_new_tokens=e.max_new_tokens, batch_size=sel.batch_size,
                           show_admissible=e.show_admissible, seed=tcfg.seed,
                           out=str(Path(tcfg.out) / "eval" / ckpt.name), task_ids=task_ids)
-        return float(evaluate(ecfg).success_rate)
+        return float(evaluate(ecfg, workers=_workers(cfg)).success_rate)
 
     return rollout_eval
 
