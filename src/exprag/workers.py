@@ -10,10 +10,10 @@ so the results are the same as a serial run's.
 
 from __future__ import annotations
 
+import argparse
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-import argparse
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from exprag.envs.base import Reset, Step, TaskSpec
@@ -81,6 +81,16 @@ class _Host:
         if env is not None:
             env.close()
 
+    def close_all(self) -> None:
+        errors = []
+        for idx in list(self.envs):
+            try:
+                self.close(idx)
+            except Exception as e:  # noqa: BLE001 - close the others first
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
     def run(self, op: str, args: tuple) -> tuple[str, Any]:
         """One request; an exception comes back as a value, re-raised as itself in the main process."""
         try:
@@ -110,11 +120,7 @@ def _serve(conn) -> None:
                 break
             conn.send(host.run(op, args))
     finally:
-        for idx in list(host.envs):
-            try:
-                host.close(idx)
-            except Exception:  # noqa: BLE001 - closing on the way out
-                pass
+        host.run("close_all", ())  # on the way out: an error closing is of no use to anyone
 
 
 # ---- the main-process side ---------------------------------------------------------------------------
@@ -161,12 +167,6 @@ class _RayWorker:
         ray.kill(self._actor)
 
 
-class _RayHost(_Host):
-    def close_all(self) -> None:
-        for idx in list(self.envs):
-            self.close(idx)
-
-
 def _call(worker, op: str, *args: Any) -> Any:
     status, value = worker.request(op, *args)
     if status == "err":
@@ -195,10 +195,10 @@ class WorkerPool:
         self.spec = spec
         n = max(1, spec.workers)
         if spec.ray is not None:
+            connect_ray(spec.ray)
             import ray
 
-            connect_ray(spec.ray)
-            actor = ray.remote(num_cpus=1)(_RayHost)
+            actor = ray.remote(num_cpus=1)(_Host)
             self._workers: list = [_RayWorker(actor) for _ in range(n)]
         else:
             import multiprocessing
