@@ -104,6 +104,16 @@ def test_eval_workers_match_serial(tmp_path, smollm):
     assert again.new_episodes == 0 and again.skipped == 4
 
 
+def test_experiment_eval_workers_reach_the_cells():
+    from exprag.experiment import _workers, experiment_config_from_dict
+
+    grid = {"name": "w", "env": "twx", "models": ["smollm2-135m"], "out": "x",
+            "grid": [{"methods": ["no_retrieval"]}]}
+    assert _workers(experiment_config_from_dict(grid)) == WorkerSpec()
+    cfg = experiment_config_from_dict({**grid, "eval": {"workers": 3, "ray": "local"}})
+    assert _workers(cfg) == WorkerSpec(workers=3, ray="local")
+
+
 @pytest.mark.slow  # about 90 s on 2 cores (Ray's head and workers start)
 def test_ray_local_cluster_matches_serial(tmp_path, smollm):
     ray = pytest.importorskip("ray")

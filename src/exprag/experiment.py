@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
+from exprag.workers import WorkerSpec
 from exprag.errors import DataFormatError, ExpragError
 from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
 from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
@@ -491,13 +492,11 @@ def _lazy_model(ecfg: EvalConfig) -> Any:
     return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url)
 
 
-def _workers(cfg: ExperimentConfig) -> Any:
-    from exprag.workers import WorkerSpec
-
+def _workers(cfg: ExperimentConfig) -> WorkerSpec:
     return WorkerSpec(cfg.eval.workers, cfg.eval.ray)
 
 
-def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool, workers: Any) -> dict[str, Any]:
+def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool, workers: WorkerSpec) -> dict[str, Any]:
     from exprag.config import to_dict
     from exprag.evaluate import evaluate
 
