@@ -252,6 +252,12 @@ def retrieve_memories(bank: Bank, trajs: Sequence[Trajectory], settings: MemoryS
     )
 
 
+def empty_memory_ids(trajs: Sequence[Trajectory], fraction: float, seed: int) -> set[str]:
+    """The trajectories whose examples get an empty memory block (docs/method.md#d-empty-memory-mixing)."""
+    n = round(fraction * len(trajs))
+    return {t.id for t in random.Random(seed).sample(list(trajs), n)} if n else set()
+
+
 class _Templates:
     """The templates the agent's prompt showed: the env's, in the trajectory's recorded syntax."""
 
@@ -291,9 +297,7 @@ def build_examples(
     templates = _Templates()
     specials = special_ids(tokenizer)
     count = token_counter(tokenizer)
-    rng = random.Random(seed)
-    n_empty = round(empty_memory_fraction * len(trajs)) if bank is not None else 0
-    empty_ids = {t.id for t in rng.sample(list(trajs), n_empty)} if n_empty else set()
+    empty_ids = empty_memory_ids(trajs, empty_memory_fraction, seed) if bank is not None else set()
 
     # (trajectory, assistant index to train or None = all, hits) work items
     items: list[tuple[Trajectory, int | None, list[Hit]]] = []

@@ -36,6 +36,12 @@ def leakage_warnings(cfg: TrainConfig, bank: Any, trajs: list[Any]) -> list[str]
     return out
 
 
+def memory_settings(cfg: TrainConfig) -> MemorySettings:
+    """The retrieval of the run's examples (the same as at inference)."""
+    return MemorySettings(cfg.retrieval.k, cfg.retrieval.mode, cfg.retrieval.memory_format,
+                          cfg.retrieval.token_budget, cfg.leakage)
+
+
 def prepare_data(cfg: TrainConfig, tokenizer: Any, *, progress: bool = False,
                  log: Log | None = None) -> tuple[list[Example], list[Example], dict[str, Any]]:
     """Training and validation examples, plus the data report (with leakage warnings)."""
@@ -51,8 +57,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, *, progress: bool = False,
     for w in warnings:
         if log:
             log(w)
-    mem = MemorySettings(cfg.retrieval.k, cfg.retrieval.mode, cfg.retrieval.memory_format,
-                         cfg.retrieval.token_budget, cfg.leakage)
+    mem = memory_settings(cfg)
 
     def build(ts: list[Any], desc: str) -> tuple[list[Example], BuildReport]:
         return build_examples(
