@@ -19,6 +19,12 @@ SERIALIZATIONS = ("trajectory", "step")
 OVERLONG = ("trim", "drop")
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw")
+# report_to: accelerate's experiment trackers -> the packages that provide them (optional installs)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "aim": ("aim",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "trackio": ("trackio",)}
+# Fields that change what is logged, never the adapter (resumable; an experiment's finished adapter stays done).
+LOGGING_FIELDS = ("report_to",)
 
 
 class TrainConfigError(ExpragError):
@@ -84,7 +90,11 @@ class TrainConfig:
     save_every_steps: int | None = None  # extra mid-epoch checkpoints (an epoch always ends with one)
     log_every_steps: int = 10
     keep_checkpoints: int | None = None  # adapters kept (latest N + best); None = all
+    report_to: str = "none"  # "none" or accelerate trackers, comma-separated (e.g. tensorboard: RUN_DIR/tracking)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.report_to.split(",") if t.strip() not in ("", "none")]
 
     def validate(self) -> "TrainConfig":
         def bad(name: str, why: str) -> TrainConfigError:
@@ -99,6 +109,9 @@ class TrainConfig:
             raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in ("none", *TRACKERS)]
+        if unknown:
+            raise bad("report_to", f"{unknown[0]!r} is not none or one of {', '.join(TRACKERS)}")
         if self.leakage not in LEAKAGE_SCOPES:
             raise bad("leakage", f"{self.leakage!r} is not one of {', '.join(LEAKAGE_SCOPES)}")
         if self.retrieval.mode not in ("static", "dynamic"):
