@@ -65,3 +65,25 @@ def test_unknown_or_missing_tracker_is_a_clear_error(short_files, tiny_model, tm
     assert not out.exists()  # refused before the run directory is made
     assert TrainConfig().trackers() == [] and TrainConfig(report_to="tensorboard, wandb").validate().trackers() == [
         "tensorboard", "wandb"]
+
+
+def test_experiment_adapter_finished_before_report_to_stays_done(tmp_path, monkeypatch):
+    """An experiment's adapter marker written before report_to existed still marks it done, and
+    turning tracking on never retrains a finished adapter."""
+    import dataclasses
+    import json
+
+    import exprag.experiment as ex
+    import exprag.train.lora as lora
+
+    for report_to in ("none", "tensorboard"):
+        tcfg = TrainConfig(trajectories=["t.jsonl"], out=str(tmp_path / "adapter"), report_to=report_to).validate()
+        old = dataclasses.asdict(tcfg)
+        del old["report_to"]
+        (tmp_path / "adapter").mkdir(exist_ok=True)
+        (tmp_path / "adapter" / "experiment_done.json").write_text(
+            json.dumps({"train_config": old, "checkpoint": "checkpoints/epoch-009"}))
+        monkeypatch.setattr(ex, "_train_config", lambda *a: tcfg)
+        monkeypatch.setattr(lora, "train", lambda *a, **k: pytest.fail("a finished adapter was trained again"))
+        got = ex._ensure_adapter(None, tmp_path, "m", "lora", 1, {}, {}, False, lambda s: None)
+        assert got == tmp_path / "adapter" / "checkpoints" / "epoch-009"
