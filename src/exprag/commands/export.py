@@ -10,13 +10,9 @@ from functools import lru_cache
 
 from exprag.validate import fraction, integer, non_negative_int, positive_int
 
-# flag dest -> TrainConfig field: the training-data settings, spelled as `exprag train` spells them
-_TRAIN_FIELDS = {
-    "trajectories": "trajectories", "model": "model", "bank": "retrieval.bank", "k": "retrieval.k",
-    "memory_format": "retrieval.memory_format", "token_budget": "retrieval.token_budget",
-    "leakage": "leakage", "empty_memory_fraction": "empty_memory_fraction", "max_length": "max_length",
-    "overlong": "overlong", "seed": "seed",
-}
+# the flags export shares with `exprag train` (the training-data settings), mapped as train maps them
+_TRAIN_FLAGS = ("trajectories", "model", "bank", "k", "memory_format", "token_budget", "leakage",
+                "empty_memory_fraction", "max_length", "overlong", "seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_training(args: argparse.Namespace) -> int:
     import json
 
+    from exprag.commands._args import flag_overrides
+    from exprag.commands.train import FIELDS
     from exprag.errors import ExpragError
     from exprag.io import atomic_write_text
     from exprag.train.config import load_train_config
@@ -89,7 +87,7 @@ def _run_training(args: argparse.Namespace) -> int:
 
     # Only --model loads a tokenizer: a config's model field always has a value (its default), so it
     # cannot say whether the user wants the length rules applied.
-    cfg = load_train_config(args.config, {f: getattr(args, d) for d, f in _TRAIN_FIELDS.items()})
+    cfg = load_train_config(args.config, flag_overrides(args, {d: FIELDS[d] for d in _TRAIN_FLAGS}))
     if not cfg.trajectories:
         raise ExpragError("export needs --trajectories (flags or --config)")
     tokenizer = load_tokenizer(args.model) if args.model else None
