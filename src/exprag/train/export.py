@@ -41,9 +41,8 @@ class ExportCounts:
 
 def training_chats(cfg: TrainConfig, tokenizer: Any = None) -> tuple[list[TrainingChat], ExportCounts]:
     """The chats ``exprag train`` builds from ``cfg`` (one per trajectory; plain LoRA's when ``cfg``
-    names no bank). Without ``tokenizer`` the
-    length rules are skipped, so ``cfg.retrieval.token_budget`` (counted with the model's tokenizer)
-    is refused."""
+    names no bank). Without ``tokenizer`` the length rules are skipped, so ``cfg.retrieval.token_budget``
+    (counted with the model's tokenizer) is refused."""
     if cfg.serialization != "trajectory":
         raise ExpragError("export writes one example per trajectory: serialization must be 'trajectory'")
     if tokenizer is None and cfg.retrieval.token_budget:
