@@ -83,7 +83,12 @@ def _run_training(args: argparse.Namespace) -> int:
     from exprag.errors import ExpragError
     from exprag.io import atomic_write_text
     from exprag.train.config import load_train_config
-    from exprag.train.export import load_tokenizer, records, training_chats
+
+    try:
+        from exprag.train.export import load_tokenizer, records, training_chats
+    except ModuleNotFoundError as e:  # an install without retrieval (core + an env only)
+        raise ExpragError(f"export --bank / --config needs the retrieval packages ({e.name} is not installed): "
+                          "pip install 'exprag[bank]'") from None
 
     # Only --model loads a tokenizer: a config's model field always has a value (its default), so it
     # cannot say whether the user wants the length rules applied.
