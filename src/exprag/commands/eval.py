@@ -67,15 +67,14 @@ def build_config(args: argparse.Namespace):
         cfg.write_back = True
     if args.show_admissible:
         cfg.show_admissible = True
-    r = cfg.retrieval
+    # the memory flags land in the one MemorySpec the agent renders its block with
+    retrieval = {name: getattr(args, name) for name in ("k", "mode", "memory_format", "token_budget")
+                 if getattr(args, name) is not None}
     if args.no_bank:
-        r.bank = None
+        retrieval["bank"] = None
     elif args.bank:
-        r.bank = args.bank
-    for name in ("k", "mode", "memory_format", "token_budget"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(r, name, value)
+        retrieval["bank"] = args.bank
+    cfg.retrieval = cfg.retrieval.with_fields(retrieval)
     return cfg
 
 

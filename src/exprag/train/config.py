@@ -5,12 +5,12 @@ nested dataclass fields from real annotations, so YAML sections (``lora:``, ``re
 ``selection:``) load into their dataclasses.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from exprag.config import RetrievalConfig, from_dict, load_yaml
+from exprag.config import to_dict as config_to_dict
 from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
 from exprag.validate import BUDGET, COUNT, FIELD_RULES, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Num, check_config
@@ -101,9 +101,9 @@ class TrainConfig:
             raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.leakage not in LEAKAGE_SCOPES:
             raise bad("leakage", f"{self.leakage!r} is not one of {', '.join(LEAKAGE_SCOPES)}")
-        if self.retrieval.mode not in ("static", "dynamic"):
-            raise bad("retrieval.mode", f"{self.retrieval.mode!r} is not static or dynamic")
-        if self.retrieval.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
+        if self.retrieval.memory.mode not in ("static", "dynamic"):
+            raise bad("retrieval.mode", f"{self.retrieval.memory.mode!r} is not static or dynamic")
+        if self.retrieval.memory.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
             # Dynamic retrieval changes the memory every step: one example per trajectory cannot
             # carry it; per-step examples can (each with the memory retrieved at that step).
             raise bad("retrieval.mode", "dynamic retrieval needs serialization: step")
@@ -130,6 +130,12 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
         *parents, last = key.split(".")
         for p in parents:
             target = getattr(target, p)
+        if isinstance(target, RetrievalConfig):  # frozen, and keyed as files key it (retrieval.memory_format)
+            try:
+                cfg.retrieval = target.with_fields({last: value})
+            except KeyError:
+                raise TrainConfigError(f"train config has no field {key!r}") from None
+            continue
         if not hasattr(target, last):
             raise TrainConfigError(f"train config has no field {key!r}")
         setattr(target, last, value)
@@ -141,4 +147,5 @@ def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> Tra
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The file shape of a training config (``config.json``, ``train_config.yaml``)."""
+    return config_to_dict(cfg)
