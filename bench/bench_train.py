@@ -37,7 +37,7 @@ VARIANTS = ("trajectory", "step", "trl", "trl-nogc")
 
 
 def peak_mb() -> float:
-    from exprag.train.lora import peak_memory_mb
+    from exprag.train.model import peak_memory_mb
 
     return round(peak_memory_mb(), 1)
 
@@ -76,7 +76,8 @@ def trl_child(cfg, args: argparse.Namespace) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from exprag.train.lora import attention_targets, load_model, prepare_data, resolve_precision
+    from exprag.train.model import attention_targets, load_model, resolve_precision
+    from exprag.train.prepare import prepare_data
 
     warnings.simplefilter("ignore")
     precision = resolve_precision(cfg.precision)

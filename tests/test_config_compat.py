@@ -44,7 +44,7 @@ def test_eval_run_resumes_from_an_old_config_json(tmp_path):
 
 def test_training_run_resumes_from_an_old_train_config(tmp_path):
     from exprag.train.config import load_train_config, to_dict as train_dict
-    from exprag.train.lora import CONFIG_FILE, prepare_run_dir
+    from exprag.train.rundir import CONFIG_FILE, prepare_run_dir
 
     old = yaml.safe_load(OLD["train_config_yaml"])
     flags = {"trajectories": ["data/train.jsonl"], "model": "smollm2-135m", "out": "runs/train-old", "epochs": 2,

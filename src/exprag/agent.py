@@ -47,10 +47,23 @@ class AgentConfig:
     max_steps: int | None = None  # None: the env's cap
     max_new_tokens: int = 32
     show_admissible: bool = False
-    track_valid: bool = True  # check each parsed action against the admissible ones (cheap envs only)
     # A diagnostic, deliberately leaky memory: only the bank's trajectories of the very game played
     # (the expert's own solution), to tell "cannot use a memory" from "retrieval finds nothing useful".
     same_task_memory: bool = False
+
+
+@dataclass
+class _EpisodeStats:
+    """Counters of one episode; every episode (and every replay of one) starts a fresh one."""
+
+    retrievals: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    completion_tokens: int = 0
+    gen_seconds: float = 0.0
+    invalid: int = 0  # parsed action not admissible (counted on envs with cheap_admissible only)
+    unparsable: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -61,14 +74,7 @@ class _Slot:
     cap: int = 0
     system: str = ""
     memory_ids: list[str] = field(default_factory=list)
-    retrievals: int = 0
-    prompt_tokens: int = 0
-    prefill_tokens: int = 0
-    completion_tokens: int = 0
-    gen_seconds: float = 0.0
-    invalid: int = 0  # parsed action not admissible
-    unparsable: int = 0
-    started: float = 0.0
+    stats: _EpisodeStats = field(default_factory=_EpisodeStats)
     replayed: bool = False  # this episode already started over after a simulator restart
 
 
@@ -109,7 +115,7 @@ class Agent:
             filters = dataclasses.replace(filters or Filters(), task_ids={slot.task.task_id})
         count = self._counter() if spec.token_budget is not None else approx_tokens
         (hits,) = spec.retrieve(self.retriever, [(slot.rec.reset.task, history)], [filters], count)
-        slot.retrievals += 1
+        slot.stats.retrievals += 1
         return memory_block(hits, spec.format), [h.trajectory.id for h in hits]
 
     def _system(self, slot: _Slot) -> str:
@@ -135,10 +141,10 @@ class Agent:
             gens = self.model.generate(convs, max_new_tokens=self.cfg.max_new_tokens,
                                        session_ids=[_sid(s) for s in live])
             for s, g in zip(live, gens):
-                s.prompt_tokens += g.prompt_tokens
-                s.prefill_tokens += g.prefill_tokens
-                s.completion_tokens += g.completion_tokens
-                s.gen_seconds += g.seconds
+                s.stats.prompt_tokens += g.prompt_tokens
+                s.stats.prefill_tokens += g.prefill_tokens
+                s.stats.completion_tokens += g.completion_tokens
+                s.stats.gen_seconds += g.seconds
                 try:
                     self._act(s, g.text)
                 except EnvRestarted:
@@ -168,44 +174,40 @@ class Agent:
         reset = s.env.reset(task)
         s.task, s.rec = task, EpisodeRecorder(s.env, task, reset, source=source)
         s.cap = self.cfg.max_steps or s.env.max_steps(task)
-        s.retrievals = s.prompt_tokens = s.prefill_tokens = s.completion_tokens = 0
-        s.invalid = s.unparsable = 0
-        s.gen_seconds = 0.0
-        s.started = time.perf_counter()
+        s.stats = _EpisodeStats()
         s.system = self._system(s)
 
     def _act(self, s: _Slot, reply: str) -> None:
         action = parse_action(reply)
         if action is None:
-            s.unparsable += 1
+            s.stats.unparsable += 1
             s.rec.messages.append({"role": "assistant", "content": reply.strip()})
             s.rec.messages.append({"role": "user", "content": NOTHING_HAPPENS})
             s.rec.steps += 1
             return
-        if self.cfg.track_valid and getattr(s.env, "cheap_admissible", False):
+        if s.env.cheap_admissible:
             # Compare in the engine's own syntax (ALFWorld maps "put X in Y" to "move X to Y").
-            normalize = getattr(s.env, "normalize_action", None)
-            if (normalize(action) if normalize else action) not in s.env.admissible_actions():
-                s.invalid += 1
+            if s.env.normalize_action(action) not in s.env.admissible_actions():
+                s.stats.invalid += 1
         s.rec.record(action, s.env.step(action))
 
     def _finish(self, s: _Slot) -> EpisodeResult:
-        wall = time.perf_counter() - s.started
+        e = s.stats
         stats = {
             "steps": s.rec.steps,
-            "wall_s": round(wall, 3),
-            "gen_s": round(s.gen_seconds, 3),
-            "prompt_tokens": s.prompt_tokens,
-            "prefill_tokens": s.prefill_tokens,
-            "completion_tokens": s.completion_tokens,
-            "retrievals": s.retrievals,
-            "unparsable": s.unparsable,
+            "wall_s": round(time.perf_counter() - e.started, 3),
+            "gen_s": round(e.gen_seconds, 3),
+            "prompt_tokens": e.prompt_tokens,
+            "prefill_tokens": e.prefill_tokens,
+            "completion_tokens": e.completion_tokens,
+            "retrievals": e.retrievals,
+            "unparsable": e.unparsable,
             "memory_ids": s.memory_ids,
         }
         if self.cfg.memory.token_budget is not None and self.token_count:
             stats["memory_token_count"] = self.token_count
-        if self.cfg.track_valid and getattr(s.env, "cheap_admissible", False):
-            stats["invalid_actions"] = s.invalid
+        if s.env.cheap_admissible:
+            stats["invalid_actions"] = e.invalid
         traj = s.rec.trajectory(meta={"agent": {k: v for k, v in stats.items() if k != "memory_ids"},
                                       "memory_ids": s.memory_ids},
                                 traj_id=trajectory_id(s.env.name, s.task, s.rec.source))
@@ -217,6 +219,3 @@ class Agent:
 
 def _sid(s: _Slot) -> str:
     return f"{s.task.env}:{s.task.split}:{s.task.task_id}:{id(s)}"
-
-
-EnvFactory = Callable[[], TextEnv]

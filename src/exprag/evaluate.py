@@ -27,10 +27,6 @@ from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check
 from exprag.memory_block import MemorySpec
 from exprag.validate import read_json
 
-# Agent runs need no expert: skipping it saves seconds per reset (ScienceWorld's gold agent plays
-# mendelian tasks for ~10 s on a scratch world).
-AGENT_ENV_DEFAULTS: dict[str, dict[str, Any]] = {"scienceworld": {"gold": False}, "alfworld": {"expert": None}}
-
 # Fields that may change between a run and its resumption without changing what is measured.
 _RESUMABLE = {"out", "batch_size", "limit", "per_type", "request_timeout"}
 
@@ -155,7 +151,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
               on_episode: Callable[[dict[str, Any]], None] | None) -> EvalResult:
     from exprag.agent import Agent, AgentConfig
     from exprag.bank import Retriever, append_to_bank
-    from exprag.envs import make_env
+    from exprag.envs import env_spec, make_env
     from exprag.envs.splits import select_tasks
     from exprag.preflight import check_eval_inputs
     from exprag.progress import bar
@@ -175,7 +171,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
 
     envs = []
     try:
-        env_args = {**AGENT_ENV_DEFAULTS.get(cfg.env, {}), **cfg.env_args}
+        env_args = {**env_spec(cfg.env).agent_defaults, **cfg.env_args}  # agent runs need no expert
         first = make_env(cfg.env, **env_args)
         envs.append(first)
         pool = first.tasks(cfg.split, types)

@@ -60,6 +60,7 @@ class EpisodeRecorder:
             num_steps=self.steps,
             source=self.source,
             meta=m,
+            action_syntax=self.env.action_syntax,
         )
 
 

@@ -57,12 +57,11 @@ def check_bank(path: str, mode: str, env: str | None = None) -> Any:
 
 def check_eval_inputs(cfg: Any, *, check_model_spec: bool = True) -> tuple[list[str], Any]:
     """(task types, opened bank or None) for an EvalConfig, or the error a failed start would give."""
-    from exprag.envs import check_env_args, make_env
-    from exprag.envs.splits import check_env, resolve_task_types
+    from exprag.envs import check_env_args, env_spec
+    from exprag.envs.splits import resolve_task_types
     from exprag.errors import DataFormatError
-    from exprag.evaluate import AGENT_ENV_DEFAULTS
 
-    check_env(cfg.env)
+    spec = env_spec(cfg.env)
     types = resolve_task_types(cfg.env, cfg.task_types)
     check_config(cfg, "eval config")
     for name, value, choices in (("split", cfg.split, ("train", "dev", "test")),
@@ -70,19 +69,20 @@ def check_eval_inputs(cfg: Any, *, check_model_spec: bool = True) -> tuple[list[
                                  ("retrieval.memory_format", cfg.retrieval.memory.format, ("json", "text"))):
         if value not in choices:
             raise DataFormatError(f"eval config: field {name!r} is {value!r}, not one of {', '.join(choices)}")
-    env_args = check_env_args(cfg.env, {**AGENT_ENV_DEFAULTS.get(cfg.env, {}), **cfg.env_args})
+    env_args = check_env_args(cfg.env, {**spec.agent_defaults, **cfg.env_args})
     check_output(cfg.out, "dir")
     if check_model_spec:
         check_model(cfg.model, cfg.adapter, cfg.backend, cfg.base_url)
     bank = check_bank(cfg.retrieval.bank, cfg.retrieval.memory.mode, cfg.env) if cfg.retrieval.bank else None
-    if cfg.env == "alfworld":  # its constructor checks the game directory and starts nothing
-        make_env(cfg.env, **env_args).close()
+    if spec.cheap_construct:  # e.g. ALFWorld's constructor checks the game directory
+        spec.make(**env_args).close()
     return types, bank
 
 
 def check_train_inputs(cfg: Any) -> None:
     """Model, training and validation files, banks and the selection env of a TrainConfig."""
-    from exprag.envs.splits import check_env, resolve_task_types
+    from exprag.envs import check_env
+    from exprag.envs.splits import resolve_task_types
     from exprag.train.config import TrainConfigError
     from exprag.train.data import load_trajectories
 

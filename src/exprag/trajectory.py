@@ -34,7 +34,11 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "num_steps": (int,),
     "source": (str,),
     "meta": (dict,),
+    "action_syntax": (str,),
 }
+# Fields an older file may lack; ``action_syntax`` is also left out of files when None, so that a
+# trajectory of a one-syntax env is written as before it existed.
+_OPTIONAL = ("meta", "action_syntax")
 
 
 @dataclass
@@ -52,6 +56,9 @@ class Trajectory:
     num_steps: int
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # The env's action syntax the agent's prompt showed (``TextEnv.action_syntax``): training and
+    # export rebuild the same templates from it. None: the env's default (and every older file).
+    action_syntax: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     # ---- views -------------------------------------------------------------------------------
@@ -70,7 +77,10 @@ class Trajectory:
         return history_text(self.task, self.episode_messages())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["action_syntax"] is None:
+            del d["action_syntax"]
+        return d
 
     @classmethod
     def from_dict(cls, obj: Any, *, where: str = "<dict>") -> "Trajectory":
@@ -87,7 +97,7 @@ class Trajectory:
             )
         for name, types in _FIELDS.items():
             if name not in obj:
-                if name == "meta":
+                if name in _OPTIONAL:
                     continue
                 raise DataFormatError(f"{where}: missing field '{name}'")
             value = obj[name]

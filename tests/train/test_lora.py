@@ -16,15 +16,12 @@ from exprag.config import RetrievalConfig
 from exprag.memory_block import MemorySpec
 from exprag.train.config import LoraSettings, SelectionConfig, TrainConfig, TrainConfigError, load_train_config
 from exprag.train.data import build_examples
-import exprag.train.lora as lora
-from exprag.train.lora import (
-    RunDirError,
-    _loss_on,
-    attention_targets,
-    merge_adapter,
-    prepare_data,
-    train,
-)
+import exprag.train.loop as loop
+from exprag.train.lora import train
+from exprag.train.loss import validation_loss
+from exprag.train.model import attention_targets, merge_adapter
+from exprag.train.prepare import prepare_data
+from exprag.train.rundir import RunDirError
 from exprag.train.select import Selection
 
 # peft's adapter loading touches a transformers property deprecated in v5 (not ours to fix).
@@ -57,7 +54,7 @@ def load_tiny(model_dir, adapter=None):
 def train_killed_at_step(monkeypatch, step: int, cfg: TrainConfig) -> None:
     """``train(cfg)`` interrupted during optimizer step ``step`` (its loss raises KeyboardInterrupt),
     as a kill there would; the real loss is restored afterwards."""
-    real, calls = lora.lm_loss, {"n": 0}
+    real, calls = loop.lm_loss, {"n": 0}
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -65,10 +62,10 @@ def train_killed_at_step(monkeypatch, step: int, cfg: TrainConfig) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora, "lm_loss", crashing)
+    monkeypatch.setattr(loop, "lm_loss", crashing)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(lora, "lm_loss", real)
+    monkeypatch.setattr(loop, "lm_loss", real)
 
 
 def test_lora_steps_lower_the_training_loss(short_files, tiny_model, chatml_tok, short_trajs, tmp_path):
@@ -76,8 +73,8 @@ def test_lora_steps_lower_the_training_loss(short_files, tiny_model, chatml_tok,
     res = train(cfg)
     examples, _ = build_examples(short_trajs, chatml_tok)
     pad = chatml_tok.pad_token_id
-    before = _loss_on(load_tiny(tiny_model), examples, 2, pad, "cpu")
-    after = _loss_on(load_tiny(tiny_model, res.last_checkpoint), examples, 2, pad, "cpu")
+    before = validation_loss(load_tiny(tiny_model), examples, 2, pad, "cpu")
+    after = validation_loss(load_tiny(tiny_model, res.last_checkpoint), examples, 2, pad, "cpu")
     assert after < before - 0.5, (before, after)
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [e["train_loss"] for e in epochs if e["event"] == "epoch"]
@@ -355,7 +352,7 @@ def test_selection_through_the_rollout_evaluation(short_files, tiny_model, tmp_p
 def test_loss_on_kept_logits_equals_the_full_loss(tiny_model, chatml_tok, short_trajs):
     """Logits only at trained positions: the same loss as transformers' own, padding included."""
     from exprag.train.data import collate
-    from exprag.train.lora import lm_loss
+    from exprag.train.loss import lm_loss
 
     examples, _ = build_examples(short_trajs[:3], chatml_tok)
     batch = collate(examples, chatml_tok.pad_token_id)

@@ -32,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from exprag.trajectory import export_jsonl, read_jsonl
 
     @lru_cache(maxsize=None)
-    def env_system(env: str) -> str:
-        return system_prompt(action_templates(env))
+    def env_system(env: str, syntax: str | None) -> str:
+        return system_prompt(action_templates(env, syntax))
 
     check_output_file(args.out, "export file", _is_export_file)
-    system = (lambda t: env_system(t.env)) if args.with_system else None
+    system = (lambda t: env_system(t.env, t.action_syntax)) if args.with_system else None
     n = export_jsonl(args.out, read_jsonl(*args.trajectories), args.format, system)
     print(f"wrote {n} {args.format} records to {args.out}")
     return 0

@@ -124,7 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from exprag.train.lora import merge_adapter
+    from exprag.train.model import merge_adapter
 
     out = merge_adapter(args.adapter, args.merge_out, model=args.merge_model, overwrite=args.merge_overwrite)
     print(f"merged {args.adapter} into {out}")

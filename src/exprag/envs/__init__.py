@@ -1,49 +1,29 @@
-"""Environments behind one TextEnv protocol. ``make_env(name)`` starts one (lazily importing it)."""
+"""Environments behind one TextEnv protocol, looked up by name in the registry (``envs/registry.py``:
+the built-ins, and envs other packages add through the ``exprag.envs`` entry-point group)."""
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 from typing import Any
 
 from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, TextEnv
-from exprag.envs.splits import ENVS, check_env
+from exprag.envs.registry import EnvSpec, check_env, env_spec, known_envs
+from exprag.errors import EnvError
 
-__all__ = ["ENVS", "LEAKAGE_SCOPES", "EnvBase", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates",
-           "check_env_args", "leakage_group", "make_env"]
+__all__ = ["LEAKAGE_SCOPES", "EnvBase", "EnvSpec", "Reset", "Step", "TaskSpec", "TextEnv", "action_templates",
+           "check_env", "check_env_args", "env_spec", "known_envs", "leakage_group", "make_env"]
 
 
 def make_env(name: str, **kwargs: Any) -> TextEnv:
-    """Start an environment by name: ``scienceworld``, ``twx`` or ``alfworld``."""
-    check_env(name)
-    if name == "scienceworld":
-        from exprag.envs.scienceworld import ScienceWorldEnv
-
-        return ScienceWorldEnv(**kwargs)
-    if name == "twx":
-        from exprag.envs.twx import TWXEnv
-
-        return TWXEnv(**kwargs)
-    from exprag.envs.alfworld import ALFWorldEnv
-
-    return ALFWorldEnv(**kwargs)
-
-
-def _env_class(name: str) -> type:
-    import importlib
-
-    check_env(name)
-    cls = {"scienceworld": "ScienceWorldEnv", "twx": "TWXEnv", "alfworld": "ALFWorldEnv"}[name]
-    return getattr(importlib.import_module(f"exprag.envs.{name}"), cls)
+    """Start an environment by name (``alfworld``, ``scienceworld``, ``twx`` or a plugin's)."""
+    return env_spec(name).make(**kwargs)
 
 
 def check_env_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Refuse, before anything starts, an option the env does not take or an integer option given as
     text (``--env-arg KEY=VALUE`` and a config's ``env_args``)."""
-    import inspect
-
-    from exprag.errors import EnvError
-
-    params = inspect.signature(_env_class(name).__init__).parameters
+    params = inspect.signature(env_spec(name).env_factory()).parameters
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     accepted = [p for p, v in params.items() if p != "self" and v.kind in named]
     for key, value in kwargs.items():
@@ -56,14 +36,10 @@ def check_env_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def action_templates(name: str) -> list[str]:
-    """An env's global action templates without starting it (for prompts built offline, e.g. training)."""
-    check_env(name)
-    import importlib
-
-    module = importlib.import_module(f"exprag.envs.{name}")
-    templates = getattr(module, "ACTION_TEMPLATES", None)
-    return list(templates if templates is not None else module.action_templates())
+def action_templates(name: str, syntax: str | None = None) -> list[str]:
+    """An env's global action templates without starting it (for prompts built offline, e.g. training):
+    those of ``syntax`` as a trajectory records it (``Trajectory.action_syntax``), else the default's."""
+    return env_spec(name).action_templates(syntax)
 
 
 # Leakage scopes for training memories: "task" = the same game / variation / ALFWorld task folder
@@ -74,10 +50,8 @@ LEAKAGE_SCOPES = ("task", "scene")
 @lru_cache(maxsize=65536)
 def leakage_group(env: str, task_id: str, scope: str = "task") -> str:
     """The group of trajectories that count as the same task as ``task_id`` for leakage-free
-    ExpRAG-LoRA memories, as the env defines task identity (each env module's ``leakage_group``)."""
-    check_env(env)
+    ExpRAG-LoRA memories, as the env defines task identity (its spec's ``leakage_group``)."""
+    spec = env_spec(env)
     if scope not in LEAKAGE_SCOPES:
         raise ValueError(f"unknown leakage scope {scope!r} (choose one of: {', '.join(LEAKAGE_SCOPES)})")
-    import importlib
-
-    return importlib.import_module(f"exprag.envs.{env}").leakage_group(task_id, scope)
+    return spec.group(task_id, scope)

@@ -369,6 +369,11 @@ class ALFWorldEnv(EnvBase):
             raise EnvError("alfworld: no game loaded; call reset(task) first")
         return self._task
 
+    @property
+    def action_syntax(self) -> str:
+        """The current game's: ``move`` (alfworld >= 0.4) or ``put``."""
+        return self._syntax
+
     def normalize_action(self, text: str) -> str:
         """``normalize_action`` in the current game's syntax."""
         return normalize_action(text, self._syntax)

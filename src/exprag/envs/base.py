@@ -66,7 +66,10 @@ class EnvRestarted(EnvError):
 
 @runtime_checkable
 class TextEnv(Protocol):
-    name: str  # "scienceworld" | "twx" | "alfworld"
+    name: str  # its registry name (envs/registry.py): "scienceworld" | "twx" | "alfworld" | a plugin's
+    # admissible_actions() costs nothing extra (the simulator lists them after every step anyway):
+    # the agent then counts actions that are not admissible.
+    cheap_admissible: bool
 
     @property
     def version(self) -> str: ...
@@ -92,15 +95,34 @@ class TextEnv(Protocol):
         """Global action templates for the agent's system prompt (docs/method.md#memory-block)."""
         ...
 
+    @property
+    def action_syntax(self) -> str | None:
+        """Which of the env's action syntaxes ``action_templates()`` shows now, recorded on every
+        trajectory so that training shows the same templates (its EnvSpec maps it back to them);
+        None for an env with one syntax."""
+        ...
+
+    def normalize_action(self, text: str) -> str:
+        """An action as the env itself will read it (to compare with ``admissible_actions()``)."""
+        ...
+
     def max_steps(self, task: TaskSpec) -> int: ...
 
     def close(self) -> None: ...
 
 
 class EnvBase:
-    """Context-manager plumbing shared by the adapters."""
+    """Context-manager plumbing and the protocol's defaults, shared by the adapters."""
 
     name = "base"
+    cheap_admissible = False
+
+    @property
+    def action_syntax(self) -> str | None:
+        return None
+
+    def normalize_action(self, text: str) -> str:
+        return text
 
     def __enter__(self):
         return self

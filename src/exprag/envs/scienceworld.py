@@ -92,12 +92,26 @@ ACTION_TEMPLATES = [
 ]
 
 
-def templates_for(simplification: str) -> list[str]:
-    """ACTION_TEMPLATES for a simplification string: teleport exists only with teleportAction."""
+# The simplification decides the one difference between action sets: teleport exists only with
+# teleportAction ("easy" includes it). Trajectories record which (``Trajectory.action_syntax``).
+SYNTAXES = ("teleport", "no-teleport")
+
+
+def syntax_for(simplification: str) -> str:
     parts = set(simplification.split(","))
-    if "easy" in parts or "teleportAction" in parts:
-        return list(ACTION_TEMPLATES)
-    return [t for t in ACTION_TEMPLATES if not t.startswith("teleport")]
+    return "teleport" if "easy" in parts or "teleportAction" in parts else "no-teleport"
+
+
+def action_templates(syntax: str = "teleport") -> list[str]:
+    """ACTION_TEMPLATES of an action syntax (``SYNTAXES``)."""
+    if syntax not in SYNTAXES:
+        raise EnvError(f"scienceworld: unknown action syntax {syntax!r} (one of: {', '.join(SYNTAXES)})")
+    return [t for t in ACTION_TEMPLATES if syntax == "teleport" or not t.startswith("teleport")]
+
+
+def templates_for(simplification: str) -> list[str]:
+    """ACTION_TEMPLATES for a simplification string."""
+    return action_templates(syntax_for(simplification))
 
 
 def task_id(task_type: str, variation: int) -> str:
@@ -419,6 +433,10 @@ class ScienceWorldEnv(EnvBase):
             raise EnvError(f"scienceworld: {task.task_id}: could not enumerate valid actions: {e}") from None
 
     # ---- prompt material ---------------------------------------------------------------------
+    @property
+    def action_syntax(self) -> str:
+        return syntax_for(self.simplification)
+
     def action_templates(self) -> list[str]:
         """ScienceWorld's action templates under this simplification, the same for every task."""
         return templates_for(self.simplification)

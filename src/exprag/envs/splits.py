@@ -1,4 +1,6 @@
-"""Task-type splits (easy / hard) as data, and the split manifest written beside every collection."""
+"""Task-type splits (easy / hard) as data, and the split manifest written beside every collection.
+
+A built-in env's split is in data/splits.yaml; another env's in its EnvSpec (``envs/registry.py``)."""
 
 from __future__ import annotations
 
@@ -14,27 +16,25 @@ from typing import Iterable, Mapping
 import yaml
 
 from exprag.envs.base import TaskSpec, TextEnv
-from exprag.errors import UnknownEnvError, UnknownTaskTypeError
+from exprag.envs.registry import check_env, env_spec
+from exprag.errors import UnknownTaskTypeError
 from exprag.io import atomic_write_json
-
-ENVS = ("alfworld", "scienceworld", "twx")
 
 
 @lru_cache(maxsize=1)
-def _splits() -> dict[str, dict[str, list[str]]]:
+def _bundled() -> dict[str, dict[str, list[str]]]:
     text = resources.files("exprag").joinpath("data/splits.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 
-def check_env(env: str) -> str:
-    if env not in ENVS:
-        raise UnknownEnvError(f"unknown env {env!r} (choose one of: {', '.join(ENVS)})")
-    return env
+def _splits(env: str) -> Mapping[str, Iterable[str]]:
+    spec = env_spec(env)
+    return spec.splits if spec.splits is not None else _bundled()[env]
 
 
 def split_types(env: str, split: str) -> list[str]:
     """The task types of ``easy`` or ``hard`` for an env."""
-    return list(_splits()[check_env(env)][split])
+    return list(_splits(env)[split])
 
 
 def all_types(env: str) -> list[str]:
@@ -44,7 +44,7 @@ def all_types(env: str) -> list[str]:
 def type_split(env: str, task_type: str) -> str:
     """'easy' or 'hard' for a task type."""
     for name in ("easy", "hard"):
-        if task_type in _splits()[check_env(env)][name]:
+        if task_type in _splits(env)[name]:
             return name
     raise UnknownTaskTypeError(f"unknown task type {task_type!r} for env {env!r}")
 

@@ -47,6 +47,11 @@ ACTION_TEMPLATES = [
 ]
 
 
+def action_templates() -> list[str]:
+    """TWX has one action syntax for every game."""
+    return list(ACTION_TEMPLATES)
+
+
 def leakage_group(task_id: str, scope: str = "task") -> str:
     """The trajectories that count as one task for leakage-free training memories: one game seed
     (``coin/seed12``). Every seed generates its own map, objects and goal, and seeds of one game
@@ -160,7 +165,7 @@ class TWXEnv(EnvBase):
         return list(hist[-1].get("validActions", [])) if hist else []
 
     def action_templates(self) -> list[str]:
-        return list(ACTION_TEMPLATES)
+        return action_templates()
 
     def max_steps(self, task: TaskSpec) -> int:
         return _MAX_STEPS.get(task.task_type, _DEFAULT_MAX_STEPS)

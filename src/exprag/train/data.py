@@ -243,13 +243,16 @@ def retrieve_memories(bank: Bank, trajs: Sequence[Trajectory], memory: MemorySpe
 
 
 class _Templates:
-    def __init__(self) -> None:
-        self._cache: dict[str, list[str]] = {}
+    """The templates the agent's prompt showed: the env's, in the trajectory's recorded syntax."""
 
-    def __call__(self, env: str) -> list[str]:
-        if env not in self._cache:
-            self._cache[env] = action_templates(env)
-        return self._cache[env]
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str | None], list[str]] = {}
+
+    def __call__(self, t: Trajectory) -> list[str]:
+        key = (t.env, t.action_syntax)
+        if key not in self._cache:
+            self._cache[key] = action_templates(*key)
+        return self._cache[key]
 
 
 def build_examples(
@@ -312,7 +315,7 @@ def build_examples(
     for t, step, hits in iterator:
         if t.id in empty_ids:
             hits = []
-        ex = _one_example(t, step, hits, tokenizer, templates(t.env), memory.format,
+        ex = _one_example(t, step, hits, tokenizer, templates(t), memory.format,
                           max_length, overlong, train_eot, specials, report)
         if ex is None:
             continue
