@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from exprag.trajectory import Trajectory
 
 if TYPE_CHECKING:
-    from exprag.bank.retriever import Filters, Hit, Retriever
+    from exprag.bank.retriever import BlockCost, Filters, Hit, Retriever
 
 FORMATS = ("json", "text")
 HEADER = (
@@ -96,10 +96,9 @@ def token_counter(tokenizer: Any) -> Callable[[str], int]:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def block_cost(fmt: str = "json", count_tokens: Callable[[str], int] = approx_tokens
-               ) -> Callable[[Sequence[Trajectory], Sequence[int | None]], int]:
-    """The retriever's cost of a memory (``exprag.bank.retriever.BlockCost``): the tokens of the block
-    these trajectories, so shortened, render to in ``fmt``."""
+def block_cost(fmt: str = "json", count_tokens: Callable[[str], int] = approx_tokens) -> BlockCost:
+    """The retriever's cost of a memory: the tokens of the block these trajectories, so shortened,
+    render to in ``fmt``."""
     return lambda trajs, steps: count_tokens(render_memory(trajs, fmt, steps))
 
 

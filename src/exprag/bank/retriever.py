@@ -24,7 +24,7 @@ from exprag.trajectory import Trajectory, history_text
 
 # Tokens of the memory block that ``trajectories`` render to, the i-th shortened to ``steps[i]`` actions
 # (None: whole); the caller knows the block's format and the tokenizer (exprag.memory_block.block_cost).
-BlockCost = Callable[[Sequence[Trajectory], Sequence["int | None"]], int]
+BlockCost = Callable[[Sequence[Trajectory], Sequence[int | None]], int]
 
 
 @dataclass(frozen=True)
