@@ -171,3 +171,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         else:
             out[f.name] = copy.deepcopy(value)
     return out
+
+
+def set_fields(cfg: Any, values: dict[str, Any], error: type[Exception] = DataFormatError,
+               what: str = "config") -> Any:
+    """Set config fields by dotted path (``retrieval.k``), as CLI flags override a loaded config; a
+    path that names no field is ``error``. A ``retrieval`` section is keyed as files key it
+    (``retrieval.memory_format``) and, frozen, replaced."""
+    for path, value in values.items():
+        owner, target = None, cfg
+        *parents, last = path.split(".")
+        for p in parents:
+            owner, target = target, getattr(target, p)
+        if isinstance(target, RetrievalConfig):
+            try:
+                setattr(owner, parents[-1], target.with_fields({last: value}))
+            except KeyError:
+                raise error(f"{what} has no field {path!r}") from None
+            continue
+        if not hasattr(target, last):
+            raise error(f"{what} has no field {path!r}")
+        setattr(target, last, value)
+    return cfg

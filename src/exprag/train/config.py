@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exprag.config import RetrievalConfig, from_dict, load_yaml
+from exprag.config import RetrievalConfig, from_dict, load_yaml, set_fields
 from exprag.config import to_dict as config_to_dict
 from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
@@ -123,23 +123,8 @@ FIELD_RULES[TrainConfig] = {
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then ``overrides`` (dotted keys, e.g. ``retrieval.k``; None skipped)."""
     cfg = load_yaml(TrainConfig, path) if path else TrainConfig()
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        target: Any = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            target = getattr(target, p)
-        if isinstance(target, RetrievalConfig):  # frozen, and keyed as files key it (retrieval.memory_format)
-            try:
-                cfg.retrieval = target.with_fields({last: value})
-            except KeyError:
-                raise TrainConfigError(f"train config has no field {key!r}") from None
-            continue
-        if not hasattr(target, last):
-            raise TrainConfigError(f"train config has no field {key!r}")
-        setattr(target, last, value)
-    return cfg.validate()
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return set_fields(cfg, given, TrainConfigError, "train config").validate()
 
 
 def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> TrainConfig:
