@@ -98,7 +98,7 @@ def _run_training(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model) if args.model else None
     chats, counts = training_chats(cfg, tokenizer)
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records(chats, args.format)))
-    memory = f"memory from {cfg.retrieval.bank}, K={cfg.retrieval.k}" if cfg.retrieval.bank else "no memory (plain LoRA)"
+    memory = f"memory from {cfg.retrieval.bank}, K={cfg.retrieval.memory.k}" if cfg.retrieval.bank else "no memory (plain LoRA)"
     print(f"wrote {counts.examples} {args.format} training examples ({memory}) to {args.out}"
           + (f"; {counts.dropped_overlong} over max_length={cfg.max_length} dropped" if counts.dropped_overlong else "")
           + ("" if counts.checked_length else "; lengths not checked (give --model to apply max_length)"))

@@ -98,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.no_bank:
         overrides[FIELDS["bank"]] = ""
     cfg = load_train_config(args.config, overrides)
-    cfg.retrieval.bank = cfg.retrieval.bank or None
+    cfg.retrieval = cfg.retrieval.with_fields({"bank": cfg.retrieval.bank or None})
     missing = [flag for flag, value in (("--trajectories", cfg.trajectories), ("--model", cfg.model)) if not value]
     if missing:
         _err(f"error: train needs {' and '.join(missing)} (flags or --config)")

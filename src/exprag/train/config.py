@@ -5,12 +5,12 @@ nested dataclass fields from real annotations, so YAML sections (``lora:``, ``re
 ``selection:``) load into their dataclasses.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from exprag.config import RetrievalConfig, from_dict, load_yaml, set_fields
+from exprag.config import to_dict as config_to_dict
 from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
 from exprag.validate import BUDGET, COUNT, FIELD_RULES, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Num, check_config
@@ -114,9 +114,9 @@ class TrainConfig:
             raise bad("report_to", f"{unknown[0]!r} is not none or one of {', '.join(TRACKERS)}")
         if self.leakage not in LEAKAGE_SCOPES:
             raise bad("leakage", f"{self.leakage!r} is not one of {', '.join(LEAKAGE_SCOPES)}")
-        if self.retrieval.mode not in ("static", "dynamic"):
-            raise bad("retrieval.mode", f"{self.retrieval.mode!r} is not static or dynamic")
-        if self.retrieval.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
+        if self.retrieval.memory.mode not in ("static", "dynamic"):
+            raise bad("retrieval.mode", f"{self.retrieval.memory.mode!r} is not static or dynamic")
+        if self.retrieval.memory.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
             # Dynamic retrieval changes the memory every step: one example per trajectory cannot
             # carry it; per-step examples can (each with the memory retrieved at that step).
             raise bad("retrieval.mode", "dynamic retrieval needs serialization: step")
@@ -145,4 +145,5 @@ def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> Tra
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The file shape of a training config (``config.json``, ``train_config.yaml``)."""
+    return config_to_dict(cfg)

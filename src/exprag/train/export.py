@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
 
-from exprag.bank import approx_tokens, load_bank, token_counter
+from exprag.bank import load_bank
+from exprag.memory_block import approx_tokens, token_counter
 from exprag.envs import action_templates
 from exprag.errors import ExpragError
 from exprag.train.config import TrainConfig
 from exprag.train.data import empty_memory_ids, example_messages, load_trajectories, retrieve_memories
-from exprag.train.prepare import memory_settings
 
 FORMATS = ("sharegpt", "openai")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -41,18 +41,19 @@ class ExportCounts:
 
 def training_chats(cfg: TrainConfig, tokenizer: Any = None) -> tuple[list[TrainingChat], ExportCounts]:
     """The chats ``exprag train`` builds from ``cfg`` (one per trajectory; plain LoRA's when ``cfg``
-    names no bank). Without ``tokenizer`` the length rules are skipped, so ``cfg.retrieval.token_budget``
+    names no bank). Without ``tokenizer`` the length rules are skipped, so ``cfg.retrieval.memory.token_budget``
     (counted with the model's tokenizer) is refused."""
     if cfg.serialization != "trajectory":
         raise ExpragError("export writes one example per trajectory: serialization must be 'trajectory'")
-    if tokenizer is None and cfg.retrieval.token_budget:
+    if tokenizer is None and cfg.retrieval.memory.token_budget:
         raise ExpragError("--token-budget counts the model's tokens: give --model (the model you will train)")
     trajs, _ = load_trajectories(cfg.trajectories, only_successful=cfg.only_successful)
     if not trajs:
         raise ExpragError(f"no trainable trajectories in {', '.join(cfg.trajectories)}")
     if cfg.retrieval.bank:
         count = token_counter(tokenizer) if tokenizer is not None else approx_tokens
-        hits = retrieve_memories(load_bank(cfg.retrieval.bank), trajs, memory_settings(cfg), count_tokens=count)
+        hits = retrieve_memories(load_bank(cfg.retrieval.bank), trajs, cfg.retrieval.memory, cfg.leakage,
+                                 count_tokens=count)
         empty = empty_memory_ids(trajs, cfg.empty_memory_fraction, cfg.seed)
     else:  # plain LoRA: the same system prompt with an empty memory block
         hits, empty = [[] for _ in trajs], set()
@@ -69,7 +70,7 @@ def training_chats(cfg: TrainConfig, tokenizer: Any = None) -> tuple[list[Traini
             memory_ids, kept_actions = fitted[t.id]
             h = h[: len(memory_ids)]  # the trainer drops the lowest-ranked memories first
             assert tuple(x.trajectory.id for x in h) == memory_ids, t.id
-        msgs = example_messages(t, h, templates(t.env, t.action_syntax), cfg.retrieval.memory_format)
+        msgs = example_messages(t, h, templates(t.env, t.action_syntax), cfg.retrieval.memory.format)
         if kept_actions is not None:  # cut after the last whole turn that fits, as the trainer does
             a_pos = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
             msgs = msgs[: a_pos[kept_actions - 1] + 1]
