@@ -849,12 +849,8 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
                     selection_ids: list[str] | None = None) -> Path:
     """Train (or resume, or reuse) one adapter; returns the checkpoint the cells evaluate: the best by
     rollout success when selection is configured (docs/method.md#checkpoint-selection), else the last epoch."""
-<<<<<<< HEAD
     from exprag.config import changed_fields
-    from exprag.train.config import LOGGING_FIELDS
-=======
-    from exprag.train.config import to_dict
->>>>>>> c-memspec
+    from exprag.train.config import LOGGING_FIELDS, to_dict
     from exprag.train.lora import train
 
     tcfg = _train_config(cfg, out, model, kind, seed, data, banks)
@@ -862,11 +858,7 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
     marker = run_dir / "experiment_done.json"
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
-<<<<<<< HEAD
-        if not changed_fields(done.get("train_config") or {}, dataclasses.asdict(tcfg), LOGGING_FIELDS):
-=======
-        if done.get("train_config") == to_dict(tcfg):
->>>>>>> c-memspec
+        if not changed_fields(done.get("train_config") or {}, to_dict(tcfg), LOGGING_FIELDS):
             return run_dir / done["checkpoint"]
         say(f"adapter {run_dir}: the training settings changed; resuming checks what may change")
     say(f"train {kind} (seed {seed}) on {model} -> {run_dir}")

@@ -145,5 +145,9 @@ def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> Tra
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The file shape of a training config (``config.json``, ``train_config.yaml``)."""
-    return config_to_dict(cfg)
+    """The file shape of a training config (``config.json``, ``train_config.yaml``). ``report_to`` is
+    written only when set, so configs without trackers keep the bytes of runs made before the field."""
+    d = config_to_dict(cfg)
+    if d.get("report_to") == "none":
+        del d["report_to"]
+    return d
