@@ -78,8 +78,9 @@ def test_experiment_adapter_finished_before_report_to_stays_done(tmp_path, monke
 
     for report_to in ("none", "tensorboard"):
         tcfg = TrainConfig(trajectories=["t.jsonl"], out=str(tmp_path / "adapter"), report_to=report_to).validate()
-        old = dataclasses.asdict(tcfg)
-        del old["report_to"]
+        from exprag.train.config import to_dict
+        old = to_dict(tcfg)  # the file shape, which old markers hold (the retrieval section flat)
+        old.pop("report_to", None)
         (tmp_path / "adapter").mkdir(exist_ok=True)
         (tmp_path / "adapter" / "experiment_done.json").write_text(
             json.dumps({"train_config": old, "checkpoint": "checkpoints/epoch-009"}))
