@@ -70,7 +70,6 @@ def test_unknown_or_missing_tracker_is_a_clear_error(short_files, tiny_model, tm
 def test_experiment_adapter_finished_before_report_to_stays_done(tmp_path, monkeypatch):
     """An experiment's adapter marker written before report_to existed still marks it done, and
     turning tracking on never retrains a finished adapter."""
-    import dataclasses
     import json
 
     import exprag.experiment as ex
