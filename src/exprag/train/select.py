@@ -145,7 +145,8 @@ def rollout_eval(config_for: Callable[[Path], EvalConfig],
     run directory, so an interrupted selection does not replay finished episodes."""
     from exprag.evaluate import evaluate
 
-    return lambda ckpt: float(evaluate(config_for(ckpt), workers=workers).success_rate)
+    place = {} if workers.in_process else {"workers": workers}  # in process: evaluate's own default
+    return lambda ckpt: float(evaluate(config_for(ckpt), **place).success_rate)
 
 
 def make_rollout_eval(cfg: TrainConfig, run_dir: str | Path) -> Callable[[Path], float]:
