@@ -15,8 +15,9 @@ An experiment directory holds, each stage reused when it is already there::
                       it used and its per-episode outcomes (paired statistics); results.md: the table
     training.json     per adapter: loss and rollout success by epoch
 
-Results rows, cell ids and experiment.json keep the file field names ``split`` (the task group) and
-``bank`` (the memory source), so that runs written before the names changed still resume and report.
+Results rows, cell.json, cell ids and experiment.json keep the file field names ``split`` (the task
+group) and ``bank`` (the memory source), so that runs written before the names changed still resume
+and report (docs/method.md#glossary).
 
 A killed run resumes where it stopped: finished cells are not rerun, a half-finished cell resumes
 episode by episode, an interrupted training resumes from its last checkpoint.
