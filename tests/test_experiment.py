@@ -176,7 +176,8 @@ def test_grid_reads_groups_and_sources_and_their_older_names():
     assert [c.id for c in expand(old)] == [c.id for c in expand(new)] == [
         "m/exprag_lora-hard-matched-k1-static-s7", "m/exprag_lora-hard-empty-s7"]
     assert _config_record(old) == _config_record(new)
-    assert _config_record(new)["grid"][0]["splits"] == ["hard"] and _config_record(new)["hypotheses"][0]["split"] == "hard"
+    record = _config_record(new)
+    assert record["grid"][0]["splits"] == ["hard"] and record["hypotheses"][0]["split"] == "hard"
     with pytest.raises(DataFormatError, match=r"cfg.yaml: grid\[0\]: both 'groups' and 'splits'"):
         cfg({"groups": ["hard"], "splits": ["hard"]}, {"group": "hard"})
     with pytest.raises(DataFormatError, match=r"cfg.yaml: field 'hypotheses\[0\]': both 'group' and 'split'"):

@@ -443,8 +443,8 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
         for m in models:
             for meth in methods:
                 if (m, meth) in robust_keys:
-                    rows += [[m, METHODS[meth].label, source, *(_text(robust.get((m, meth, source, s))) for s in GROUPS)]
-                             for source in SOURCES if any((m, meth, source, s) in robust for s in GROUPS)]
+                    rows += [[m, METHODS[meth].label, src, *(_text(robust.get((m, meth, src, g))) for g in GROUPS)]
+                             for src in SOURCES if any((m, meth, src, g) in robust for g in GROUPS)]
         lines += _table(["model", "method", "bank", *GROUPS], rows)  # column names as in results rows
 
     if depth:

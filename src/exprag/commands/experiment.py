@@ -2,8 +2,9 @@
 
 Methods (no retrieval, ExpRAG frozen, LoRA, LoRA + retrieval at inference, ExpRAG-LoRA) x task
 groups (easy / hard) x memory sources (matched, mismatched, all, empty) x K x static/dynamic x seeds,
-as declared in the YAML file's ``grid:`` blocks (docs/method.md#glossary). Expert data, banks and adapters are made once; rerunning the same
-command skips finished cells. Render the results with ``exprag report RUN_DIR``.
+as declared in the YAML file's ``grid:`` blocks (docs/method.md#glossary). Expert data, banks and
+adapters are made once; rerunning the same command skips finished cells. Render the results with
+``exprag report RUN_DIR``.
 """
 
 from __future__ import annotations
