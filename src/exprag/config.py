@@ -38,6 +38,7 @@ class EvalConfig:
     backend: str = "hf"  # hf | openai
     base_url: str | None = None
     request_timeout: float = 60.0  # seconds per request to an OpenAI-compatible server (backend openai)
+    concurrency: int | None = None  # requests in flight to that server; None = 8 (backend openai)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     max_steps: int | None = None  # None = the env's cap (ALFWorld 50)
     max_new_tokens: int = 32
@@ -95,7 +96,7 @@ def _dataclass_type(ftype: Any) -> type | None:
 
 FIELD_RULES[RetrievalConfig] = {"k": K, "token_budget": BUDGET}
 FIELD_RULES[EvalConfig] = {"per_type": COUNT, "limit": COUNT, "max_steps": COUNT, "max_new_tokens": COUNT,
-                           "batch_size": COUNT, "seed": SEED}
+                           "batch_size": COUNT, "concurrency": COUNT, "seed": SEED}
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:

@@ -42,7 +42,7 @@ Log = Callable[[str], None]
 # Fields of the training config that the runner sets itself (data, model, output, seed, memory).
 _RUNNER_TRAIN_FIELDS = ("trajectories", "val_trajectories", "model", "out", "seed", "retrieval")
 # Eval fields that may differ between a finished cell and its rerun without changing the measurement.
-_CELL_RESUMABLE = {"out", "batch_size", "request_timeout"}  # transport settings do not change results
+_CELL_RESUMABLE = {"out", "batch_size", "request_timeout", "concurrency"}  # transport settings do not change results
 _SCORINGS = ("procedure", "dense", "bm25")  # exprag.bank.scoring.SCORINGS (not imported: it loads numpy)
 _MINILM, _BM25 = "minilm", "bm25"
 _CEILING_LOOK = 5  # with an expert ceiling, games looked at per type: at most this x test_per_type
@@ -106,6 +106,7 @@ class EvalSettings:
     show_admissible: bool = False
     backend: str = "hf"
     base_url: str | None = None
+    concurrency: int | None = None  # requests in flight to base_url (backend openai); None = 8
 
 
 @dataclass
@@ -260,8 +261,6 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
         n = getattr(cfg.data, name)
         if n is not None and n < 1:
             raise bad(f"data.{name}", "must be >= 1, or null for every game of the split")
-    if cfg.eval.backend != "hf" and any(METHODS[m].adapter for b in cfg.grid for m in b.methods):
-        raise bad("eval.backend", "methods with a LoRA adapter run on the hf backend")
     return cfg
 
 
@@ -451,6 +450,13 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
             "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks[None], progress, say,
                                                kept.get("sel")))
     _write_training_summary(out, cfg, adapters_needed)
+    if cfg.eval.backend == "openai" and adapters:  # served by name: loaded at run time, else start it so
+        from exprag.llm.adapters import serve_command
+
+        for model in dict.fromkeys(m for m, _, _ in adapters):
+            say(f"LoRA cells of {model} ask {cfg.eval.base_url} for their adapters (loaded at run time when "
+                f"the server allows it); a server started without them: "
+                f"{serve_command(model, [p for k, p in adapters.items() if k[0] == model])}")
     if cfg.data.expert_ceiling is not None and any(kind == "exprag_lora" for _, kind, _ in adapters_needed):
         timed("train_s", lambda: _write_training_coverage(cfg, out, data, banks[None]))
 
@@ -485,7 +491,10 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
 def _lazy_model(ecfg: EvalConfig) -> Any:
     from exprag.evaluate import LazyModel
 
-    return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url)
+    from exprag.evaluate import openai_transport
+
+    return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url,
+                     **openai_transport(ecfg))
 
 
 def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool) -> dict[str, Any]:
@@ -529,7 +538,7 @@ def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[
     return EvalConfig(
         env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cfg.split_types(cell.split),
         per_type=cfg.data.test_per_type, model=cell.model, adapter=str(adapter) if adapter else None,
-        backend=e.backend, base_url=e.base_url, retrieval=retrieval, max_steps=e.max_steps,
+        backend=e.backend, base_url=e.base_url, concurrency=e.concurrency, retrieval=retrieval, max_steps=e.max_steps,
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, show_admissible=e.show_admissible,
         seed=cell.seed if cell.seed is not None else 2025, out=str(out / "cells" / cell.id),
         task_ids=task_ids, oracle_memory=True if cell.bank in DIAGNOSTIC_BANKS else None,

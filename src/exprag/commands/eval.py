@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds per request to --base-url before retrying once, then failing (default: 60); "
                         "the server's API key comes from $OPENAI_API_KEY or $EXPRAG_API_KEY")
+    p.add_argument("--concurrency", type=positive_int, default=None,
+                   help="requests in flight to --base-url at once (default: 8)")
     bank = p.add_mutually_exclusive_group()
     bank.add_argument("--bank", default=None, metavar="BANK_DIR")
     bank.add_argument("--no-bank", action="store_true")
@@ -50,7 +52,7 @@ def build_config(args: argparse.Namespace):
 
     cfg = load_yaml(EvalConfig, args.config) if args.config else EvalConfig()
     for name in ("env", "split", "task_types", "per_type", "limit", "model", "adapter", "backend",
-                 "base_url", "request_timeout", "max_steps", "max_new_tokens", "batch_size", "out"):
+                 "base_url", "request_timeout", "concurrency", "max_steps", "max_new_tokens", "batch_size", "out"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
