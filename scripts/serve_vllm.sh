@@ -13,7 +13,7 @@
 # name for an adapter directory is printed by `python -m exprag.llm.adapters DIR` (see README, Serving).
 # Offline (HF_HUB_OFFLINE=1), loopback, API key $EXPRAG_API_KEY (generated when unset and printed).
 # Small CPU defaults (shared machine): OMP_NUM_THREADS=1, VLLM_CPU_KVCACHE_SPACE=1 (GiB),
-# --max-model-len 4096; override with the environment or VLLM_ARGS.
+# --max-model-len 4096, fp32 with the CPU build ($VLLM_DTYPE); override with the environment or VLLM_ARGS.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VLLM_CPU_VERSION=0.32.0
@@ -65,6 +65,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CP
 export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-nobind}"
 args=(--host "$host" --port "$port" --model "$model_dir" --served-model-name "$model"
       --api-key "$EXPRAG_API_KEY" --max-model-len "$max_len" --enable-lora --max-lora-rank 64)
+# The CPU build defaults to bf16, slow and lossy without bf16 matmul units; exprag's transformers
+# backend runs fp32 on CPU too, so both engines decode the same numbers. Your own vLLM keeps its default.
+[[ -z "${VLLM_PYTHON:-}" ]] && args+=(--dtype "${VLLM_DTYPE:-float32}")
 [[ ${#lora[@]} -gt 0 ]] && args+=(--lora-modules "${lora[@]}")
 # `vllm` the command looks itself up by distribution name, which vllm-cpu is not: run the module.
 exec "$py" -m vllm.entrypoints.openai.api_server "${args[@]}" "${extra[@]}"
