@@ -25,7 +25,7 @@ def _eval(tmp_path, name, base_url, adapter=None):
     cfg = EvalConfig(env="twx", split="test", task_types="hard", per_type=1, model="smollm2-135m",
                      adapter=str(adapter) if adapter else None, backend="openai", base_url=base_url,
                      request_timeout=300, concurrency=4, max_steps=3, max_new_tokens=12, batch_size=4,
-                     out=str(tmp_path / name))
+                     out=str(tmp_path / f"eval-{name}"))
     t0 = time.perf_counter()
     res = evaluate(cfg)
     return res, time.perf_counter() - t0
@@ -62,7 +62,7 @@ def test_vllm_serves_smollm2_and_an_exprag_adapter(tmp_path, twx_trajs, monkeypa
             assert r.metrics["n"] == 4  # the 4 hard TWX types, one task each
         assert served_name(copy) in {m["id"] for m in served_models(url, key)}  # loaded at run time
     # The same adapter under two names plays the same greedy episodes.
-    acts = {n: [json.loads(x)["messages"] for x in (tmp_path / n / "trajectories.jsonl").read_text().splitlines()]
+    acts = {n: [json.loads(x)["messages"] for x in (tmp_path / f"eval-{n}" / "trajectories.jsonl").read_text().splitlines()]
             for n in ("lora", "runtime")}
     assert sorted(map(json.dumps, acts["lora"])) == sorted(map(json.dumps, acts["runtime"]))
     print("engines:", json.dumps({k: round(v, 1) for k, v in times.items()}),

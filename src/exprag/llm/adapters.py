@@ -37,9 +37,11 @@ def adapter_path(adapter: str | Path) -> Path:
 
 
 def served_name(adapter: str | Path) -> str:
-    """``lora-<parent>-<dir>-<8 hex of the absolute path>``, e.g. ``lora-lora-s2025-best-1a2b3c4d``."""
+    """``lora-<run>-<checkpoint>-<8 hex of the absolute path>``, e.g. ``lora-lora-s2025-epoch-002-1a2b3c4d``
+    for an experiment's ``adapters/<model>/lora-s2025/checkpoints/epoch-002``: readable in the server's
+    model list, unique through the hash."""
     path = Path(adapter).expanduser().resolve()
-    label = "-".join(p for p in (path.parent.name, path.name) if p)
+    label = "-".join(p for p in path.parts[-3:] if p not in ("checkpoints", "/"))
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")[:48] or "adapter"
     return f"{PREFIX}{label}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 

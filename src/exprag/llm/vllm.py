@@ -50,7 +50,7 @@ def vllm_server(model: str, *, lora_modules: Sequence[str] = (), runtime_lora: b
     if py is None:
         raise ServerError("vLLM is not installed: run `scripts/serve_vllm.sh --install-only` or set VLLM_PYTHON")
     port, key = free_port(), secrets.token_hex(8)
-    env = {**os.environ, "VLLM_PYTHON": str(py), "EXPRAG_API_KEY": key}
+    env = {**os.environ, "EXPRAG_API_KEY": key}  # the script finds the same Python vllm_python() did
     if runtime_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     cmd = ["bash", str(SCRIPT), "--model", model, "--port", str(port)]
