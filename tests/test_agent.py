@@ -2,9 +2,10 @@
 
 import pytest
 
-from exprag.agent import Agent, AgentConfig, parse_action
+from exprag.agent import Agent, AgentConfig
 from exprag.bank import Retriever, build_bank
 from exprag.envs import make_env
+from exprag.envs.base import parse_action
 
 
 @pytest.mark.parametrize("reply, action", [

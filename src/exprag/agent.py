@@ -9,13 +9,12 @@ dynamic retrieval the memory block is re-retrieved from task + history before ev
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from exprag.bank.retriever import Filters, Retriever, approx_tokens, memory_block, token_counter
-from exprag.envs.base import EnvRestarted, TaskSpec, TextEnv
+from exprag.envs.base import EnvRestarted, TaskSpec, TextEnv, parse_action
 from exprag.expert import EpisodeRecorder, trajectory_id
 from exprag.llm.base import ChatModel
 from exprag.prompt import system_prompt
@@ -23,22 +22,6 @@ from exprag.trajectory import Trajectory
 
 # What an env answers to an action it cannot parse; used for replies we cannot parse at all.
 NOTHING_HAPPENS = "Nothing happens."
-_PREFIX = re.compile(r"^\s*(?:>\s*|action\s*\d*\s*:\s*|\d+[.)]\s+|-\s+)", re.IGNORECASE)
-
-
-def parse_action(reply: str) -> str | None:
-    """The first non-empty line, without "Action:" / "> " / list prefixes, quotes and a trailing
-    period; None when nothing usable is left."""
-    for line in reply.splitlines():
-        line = line.strip().strip("`").strip()
-        if not line:
-            continue
-        line = _PREFIX.sub("", line).strip().strip("\"'").strip()
-        line = line.rstrip(".!").strip()
-        line = " ".join(line.split())
-        return line or None
-    return None
-
 
 @dataclass
 class AgentConfig:

@@ -129,3 +129,18 @@ def changed_fields(have: dict[str, Any], want: dict[str, Any], ignore: Iterable[
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def set_fields(cfg: Any, values: dict[str, Any], error: type[Exception] = DataFormatError,
+               what: str = "config") -> Any:
+    """Set config fields by dotted path (``retrieval.k``), as CLI flags override a loaded config; a
+    path that names no field is ``error``."""
+    for path, value in values.items():
+        target = cfg
+        *parents, last = path.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        if not hasattr(target, last):
+            raise error(f"{what} has no field {path!r}")
+        setattr(target, last, value)
+    return cfg

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
-from exprag.errors import DataFormatError, RunConfigError
-from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, read_json_object,
-                       pause_for_test, run_lock, truncate_torn_tail)
+from exprag.errors import RunConfigError
+from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines,
+                       pause_for_test, read_json_object, run_lock, truncate_torn_tail)
 from exprag.validate import read_json
 
 # Fields that may change between a run and its resumption without changing what is measured.
@@ -86,18 +86,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     """Finished episodes; a torn last line (killed mid-write) is dropped, any other bad line is an error."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                break
-            raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-    return rows
+    return [row for _, row in iter_json_lines(path, torn_tail=True)]
 
 
 def _drop_orphan_trajectories(path: Path, keep: set[str]) -> None:
@@ -105,10 +94,10 @@ def _drop_orphan_trajectories(path: Path, keep: set[str]) -> None:
     will be rerun, so its first trajectory goes."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line).get("id") in keep]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
+    records = [obj for _, obj in iter_json_lines(path)]
+    kept = [obj for obj in records if obj.get("id") in keep]
+    if len(kept) != len(records):  # the kept lines come back byte for byte: append_jsonl's serialisation
+        atomic_write_text(path, "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in kept))
 
 
 def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:

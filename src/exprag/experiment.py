@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
@@ -538,8 +538,9 @@ def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[
     return EvalConfig(
         env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cfg.split_types(cell.split),
         per_type=cfg.data.test_per_type, model=cell.model, adapter=str(adapter) if adapter else None,
-        backend=e.backend, base_url=e.base_url, concurrency=e.concurrency, retrieval=retrieval, max_steps=e.max_steps,
-        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, show_admissible=e.show_admissible,
+        backend=e.backend, base_url=e.base_url, concurrency=e.concurrency, retrieval=retrieval,
+        max_steps=e.max_steps, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+        show_admissible=e.show_admissible,
         seed=cell.seed if cell.seed is not None else 2025, out=str(out / "cells" / cell.id),
         task_ids=task_ids, oracle_memory=True if cell.bank in DIAGNOSTIC_BANKS else None,
     )
@@ -628,10 +629,8 @@ def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
 def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: bool, say: Log) -> dict[str, Path]:
     """Expert trajectories of the train games (easy, hard) and, for validation loss, easy dev games."""
     from exprag.envs import make_env
-    from exprag.envs.splits import resolve_task_types, select_tasks, write_manifest
-    from exprag.expert import collect
-    from exprag.progress import bar
-    from exprag.trajectory import write_jsonl
+    from exprag.envs.splits import resolve_task_types, select_tasks
+    from exprag.expert import collect_to_file
 
     wanted = {f"train-{s}": ("train", s, cfg.data.train_per_type) for s in SPLITS}
     if adapters and cfg.data.val_per_type:
@@ -643,14 +642,11 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
             for name in todo:
                 split, group, per_type = wanted[name]
                 tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, cfg.split_types(group))), per_type)
-                trajs = list(collect(env, bar(tasks, desc=f"expert {name}", unit="ep", enabled=progress or None)))
-                ok = [t for t in trajs if t.success]
-                if not ok:
-                    raise ExpragError(f"{cfg.env}: the expert solved none of the {len(tasks)} {split} tasks "
-                                      f"of the {group} types; no data for {paths[name]}")
-                write_jsonl(paths[name], ok)
-                write_manifest(paths[name], tasks, collected=len(ok))
-                say(f"data: {len(ok)}/{len(tasks)} expert trajectories -> {paths[name]}")
+                done = collect_to_file(
+                    env, tasks, paths[name], desc=f"expert {name}", progress=progress or None,
+                    empty_error=f"{cfg.env}: the expert solved none of the {len(tasks)} {split} tasks of the "
+                                f"{group} types; no data for {paths[name]}")
+                say(f"data: {len(done.trajectories)}/{len(tasks)} expert trajectories -> {paths[name]}")
     return paths
 
 
@@ -666,11 +662,9 @@ def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], ad
     ``per_type`` of each type, the first the expert solves within ``expert_ceiling`` x the step cap;
     ``data/ceiling.json`` records every game looked at, its expert length, its cap, and why it was dropped."""
     from exprag.envs import make_env
-    from exprag.envs.splits import resolve_task_types
-    from exprag.expert import collect
-    from exprag.progress import bar
+    from exprag.envs.splits import resolve_task_types, select_tasks
+    from exprag.expert import collect_to_file
     from exprag.train.config import config_from_dict
-    from exprag.trajectory import write_jsonl
 
     if not _needs_test_experts(cfg, cells):
         return {}
@@ -696,45 +690,59 @@ def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], ad
         for g, (split, types, per_type, max_steps) in groups.items():
             tasks = env.tasks(split, resolve_task_types(cfg.env, types))
             if ceiling is None:  # oracle memories only: the games the cells evaluate
-                from exprag.envs.splits import select_tasks
-
                 tasks = select_tasks(tasks, per_type)
-            kept: list[str] = []
-            per: dict[str, int] = {}
-            games, ok = [], []
-            pbar = bar(total=len(tasks), desc=f"expert {g}", unit="ep", enabled=progress or None)
-            looked: dict[str, int] = {}
-            for task in tasks:
-                if per_type is not None and (per.get(task.task_type, 0) >= per_type
-                                             or looked.get(task.task_type, 0) >= _CEILING_LOOK * per_type):
-                    continue  # enough games of this type (or looked at): the expert is not run on the rest
-                looked[task.task_type] = looked.get(task.task_type, 0) + 1
-                traj, cap = next(iter(collect(env, [task])), None), max_steps or env.max_steps(task)
-                game = {"task_id": task.task_id, "task_type": task.task_type, "cap": cap,
-                        "expert_steps": traj.num_steps if traj else None, "expert_success": bool(traj and traj.success)}
-                if traj is None:
-                    game["dropped"] = "the expert hit an env error"
-                elif not traj.success:
-                    game["dropped"] = "the expert fails"
-                elif ceiling is not None and traj.num_steps > ceiling * cap:
-                    game["dropped"] = f"the expert needs {traj.num_steps} steps > {ceiling} x cap {cap}"
-                else:
-                    per[task.task_type] = per.get(task.task_type, 0) + 1
-                    kept.append(task.task_id)
-                if traj is not None and traj.success:
-                    ok.append(traj)
-                games.append(game)
-                pbar.update(1)
-            pbar.close()
-            short = [t for t in resolve_task_types(cfg.env, types) if per_type and per.get(t, 0) < per_type]
+            games = _CeilingGames(env, per_type, max_steps, ceiling)
+            done = collect_to_file(env, games.to_play(tasks), out / "data" / f"{g}.jsonl", desc=f"expert {g}",
+                                   total=len(tasks), progress=progress or None, manifest=False,
+                                   on_episode=games.judge)
+            short = [t for t in resolve_task_types(cfg.env, types) if per_type and games.per.get(t, 0) < per_type]
             if short:
-                say(f"data: {g}: only {', '.join(f'{t} {per.get(t, 0)}' for t in short)} of {per_type} games "
-                    "per type pass the expert ceiling")
-            write_jsonl(out / "data" / f"{g}.jsonl", ok)
-            record["groups"][g] = {**want["groups"][g], "kept": kept, "games": games}
-            say(f"data: {g}: {len(kept)} games kept of {len(games)} ({len(ok)} expert trajectories)")
+                say(f"data: {g}: only {', '.join(f'{t} {games.per.get(t, 0)}' for t in short)} of {per_type} "
+                    "games per type pass the expert ceiling")
+            record["groups"][g] = {**want["groups"][g], "kept": games.kept, "games": games.games}
+            say(f"data: {g}: {len(games.kept)} games kept of {len(games.games)} "
+                f"({len(done.trajectories)} expert trajectories)")
     atomic_write_json(path, record)
     return {g: v["kept"] for g, v in record["groups"].items()}
+
+
+@dataclass
+class _CeilingGames:
+    """One group's games for ``_ensure_test_experts``: which the expert plays next (``to_play``), and
+    which are kept, judged as each episode ends (``judge``)."""
+
+    env: Any
+    per_type: int | None
+    max_steps: int | None
+    ceiling: float | None
+    kept: list[str] = field(default_factory=list)  # task ids
+    games: list[dict[str, Any]] = field(default_factory=list)  # every game looked at, for ceiling.json
+    per: dict[str, int] = field(default_factory=dict)  # kept per task type
+    looked: dict[str, int] = field(default_factory=dict)  # played per task type
+
+    def to_play(self, tasks: list) -> Iterator[Any]:
+        for task in tasks:
+            n = self.per_type
+            if n is not None and (self.per.get(task.task_type, 0) >= n
+                                  or self.looked.get(task.task_type, 0) >= _CEILING_LOOK * n):
+                continue  # enough games of this type (or looked at): the expert is not run on the rest
+            self.looked[task.task_type] = self.looked.get(task.task_type, 0) + 1
+            yield task
+
+    def judge(self, task: Any, traj: Any) -> None:
+        cap = self.max_steps or self.env.max_steps(task)
+        game = {"task_id": task.task_id, "task_type": task.task_type, "cap": cap,
+                "expert_steps": traj.num_steps if traj else None, "expert_success": bool(traj and traj.success)}
+        if traj is None:
+            game["dropped"] = "the expert hit an env error"
+        elif not traj.success:
+            game["dropped"] = "the expert fails"
+        elif self.ceiling is not None and traj.num_steps > self.ceiling * cap:
+            game["dropped"] = f"the expert needs {traj.num_steps} steps > {self.ceiling} x cap {cap}"
+        else:
+            self.per[task.task_type] = self.per.get(task.task_type, 0) + 1
+            self.kept.append(task.task_id)
+        self.games.append(game)
 
 
 def bank_dir(out: Path, key: str | None, spec: RetrieverSpec, name: str) -> Path:
@@ -752,9 +760,7 @@ def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], cells
     block's retriever only those its cells read. A bank built with the fallback encoder stays so (its
     cells were measured with it): delete its directory to rebuild with the requested encoder."""
     from exprag.bank import build_bank
-    from exprag.bank.store import read_manifest
-    from exprag.errors import BankError
-    from exprag.io import sha256_file
+    from exprag.bank.store import reusable_manifest
     from exprag.trajectory import read_jsonl
 
     sources = {"easy": [data["train-easy"]], "hard": [data["train-hard"]],
@@ -774,17 +780,10 @@ def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], cells
         banks[key] = {}
         for name in sorted(needed[key], key=list(sources).index):
             files, path = sources[name], bank_dir(out, key, spec, name)
-            want = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
-            try:
-                manifest = read_manifest(path)
-                got = manifest["encoder"]["name"]
-                fresh = (manifest.get("inputs") == want and got in (spec.encoder, spec.fallback)
-                         and (manifest.get("retrieval") or {}).get("scoring", "dense") == spec.scoring
-                         and encoder in (None, got))
-            except (BankError, KeyError, TypeError):
-                fresh = False
-            if fresh:
-                encoder = got
+            manifest = reusable_manifest(path, files, [encoder] if encoder else [spec.encoder, spec.fallback],
+                                         spec.scoring)
+            if manifest is not None:
+                encoder = manifest["encoder"]["name"]
                 why = why or (manifest.get("experiment") or {}).get("fallback_reason")
             else:
                 if encoder is None:

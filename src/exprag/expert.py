@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from exprag.envs.base import EnvRestarted, Reset, Step, TaskSpec, TextEnv
-from exprag.errors import EnvError
+from exprag.errors import EnvError, ExpragError
 from exprag.trajectory import Trajectory
 
 
@@ -96,27 +97,91 @@ class CollectReport:
     failures: list[tuple[TaskSpec, str]] = field(default_factory=list)  # task, reason
 
 
-def collect(
-    env: TextEnv,
-    tasks: list[TaskSpec],
-    *,
-    on_done: Callable[[Trajectory], None] | None = None,
-    report: CollectReport | None = None,
-) -> Iterator[Trajectory]:
+def collect(env: TextEnv, tasks: Iterable[TaskSpec], *, report: CollectReport | None = None) -> Iterator[Trajectory]:
     """Yield one expert trajectory per task. Episodes that do not reach success are yielded too
     (with ``success=False``) and listed in ``report.failures``; an env error on one task is
     recorded and the collection goes on."""
     report = report if report is not None else CollectReport()
     for task in tasks:
-        try:
-            traj = run_expert(env, task)
-        except EnvError as e:
-            report.failures.append((task, str(e)))
-            continue
-        if not traj.success:
-            report.failures.append((task, f"expert ended without success after {traj.num_steps} steps "
-                                          f"(score {traj.reward:g})"))
-        report.collected += 1
-        if on_done:
-            on_done(traj)
-        yield traj
+        traj = _play_reported(env, task, report)
+        if traj is not None:
+            yield traj
+
+
+def _play_reported(env: TextEnv, task: TaskSpec, report: CollectReport) -> Trajectory | None:
+    """One expert episode, its failure (if any) recorded in ``report``; None after an env error."""
+    try:
+        traj = run_expert(env, task)
+    except EnvError as e:
+        report.failures.append((task, str(e)))
+        return None
+    if not traj.success:
+        report.failures.append((task, f"expert ended without success after {traj.num_steps} steps "
+                                      f"(score {traj.reward:g})"))
+    report.collected += 1
+    return traj
+
+
+@dataclass(frozen=True)
+class CollectedFile:
+    """What ``collect_to_file`` played and wrote."""
+
+    path: Path
+    tasks: list[TaskSpec]  # every task the expert played, in order
+    trajectories: list[Trajectory]  # the ones written to ``path``
+    failures: list[tuple[TaskSpec, str]]  # task, why the expert did not succeed
+    manifest: Path | None  # the split manifest beside ``path``, when one was written
+
+
+def collect_to_file(
+    env: TextEnv,
+    tasks: Iterable[TaskSpec],
+    path: str | Path,
+    *,
+    desc: str,
+    total: int | None = None,
+    progress: bool | None = None,
+    keep_failures: bool = False,
+    manifest: bool = True,
+    on_episode: Callable[[TaskSpec, Trajectory | None], None] | None = None,
+    empty_error: str | None = None,
+) -> CollectedFile:
+    """Play the expert on ``tasks`` and write its trajectories to ``path`` atomically (successful ones
+    only unless ``keep_failures``), with a split manifest beside it (``manifest``): the task list and
+    its hash, the number written, the hash of the bytes written, and the failures.
+
+    ``tasks`` may be a generator that decides the next task from what ``on_episode(task, trajectory or
+    None after an env error)`` has seen so far. ``empty_error``: with nothing to write, raise ExpragError
+    with this message instead, writing nothing (the file's existence means a finished collection)."""
+    from exprag.envs.splits import write_manifest
+    from exprag.io import pause_for_test, sha256_file
+    from exprag.progress import bar
+    from exprag.trajectory import write_jsonl
+
+    path = Path(path)
+    if total is None and isinstance(tasks, list):
+        total = len(tasks)
+    report = CollectReport()
+    played: list[TaskSpec] = []
+    written: list[Trajectory] = []
+    pbar = bar(total=total, desc=desc, unit="ep", enabled=progress)
+    for task in tasks:
+        traj = _play_reported(env, task, report)
+        played.append(task)
+        if traj is not None and (traj.success or keep_failures):
+            written.append(traj)
+        if on_episode:
+            on_episode(task, traj)
+        pbar.update(1)
+        pbar.set_postfix(ok=sum(t.success for t in written), failed=len(report.failures))
+    pbar.close()
+    if empty_error is not None and not written:
+        raise ExpragError(empty_error)
+    pause_for_test("collect-done")  # kill tests: all the work done, nothing written yet
+    n = write_jsonl(path, written)
+    mpath = None
+    if manifest:
+        # sha256 covers the task list; content_sha256 the bytes written (same command + seed: same hash).
+        mpath = write_manifest(path, played, collected=n, content_sha256=sha256_file(path), failures=[
+            {"task_id": t.task_id, "task_type": t.task_type, "reason": why} for t, why in report.failures])
+    return CollectedFile(path, played, written, list(report.failures), mpath)

@@ -60,26 +60,33 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def iter_json_lines(path: str | Path) -> Iterator[tuple[str, Any]]:
+def iter_json_lines(path: str | Path, *, torn_tail: bool = False) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for each non-blank line of a JSONL file; a missing file or a bad line is
-    a DataFormatError naming the file and line."""
+    a DataFormatError naming the file and line. ``torn_tail``: a last line that is not JSON is left out
+    instead (an append cut short by a kill; the episode it recorded is redone)."""
     from exprag.errors import DataFormatError
 
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
     with path.open("rb") as f:  # decoded line by line, so that bad bytes are reported with their line
-        for lineno, raw in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        nxt = next(lines, None)
+        while nxt is not None:
+            (lineno, raw), nxt = nxt, next(lines, None)
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataFormatError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                if torn_tail and nxt is None:
+                    return
+                raise DataFormatError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             except json.JSONDecodeError as e:
+                if torn_tail and nxt is None:
+                    return
                 raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             except RecursionError:
                 raise DataFormatError(f"{where}: invalid JSON (nested too deeply)") from None

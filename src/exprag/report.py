@@ -28,6 +28,7 @@ from exprag.errors import DataFormatError
 from exprag.evaluate import read_results, wilson
 from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
 from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
+from exprag.validate import check_type
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
 # The main table prefers static retrieval; a group evaluated in one mode only (e.g. no retrieval) uses it.
@@ -111,19 +112,7 @@ def _get(obj: dict, name: str, where: str, types: type | tuple[type, ...], *, nu
     value = obj[name]
     if value is None and nullable:
         return None
-    # bool is an int to Python, never to a count.
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
-        raise DataFormatError(f"{where}: field '{prefix}{name}' must be {_tname(types)}, "
-                              f"got {type(value).__name__}")
-    return value
-
-
-def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
-
-
-def _tname(types: type | tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in _tuple(types))
+    return check_type(value, types, where, prefix + name, python_names=True)
 
 
 def _load_json(path: Path) -> Any:

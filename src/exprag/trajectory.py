@@ -11,10 +11,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from exprag.errors import DataFormatError
 from exprag.io import atomic_write_text, iter_json_lines
+from exprag.validate import check_type
 
 SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant")
@@ -100,13 +101,7 @@ class Trajectory:
                 if name in _OPTIONAL:
                     continue
                 raise DataFormatError(f"{where}: missing field '{name}'")
-            value = obj[name]
-            if isinstance(value, bool) and bool not in types:
-                raise DataFormatError(f"{where}: field '{name}' must be {_tname(types)}, got bool")
-            if not isinstance(value, types):
-                raise DataFormatError(
-                    f"{where}: field '{name}' must be {_tname(types)}, got {type(value).__name__}"
-                )
+            check_type(obj[name], types, where, name)
         for i, m in enumerate(obj["messages"]):
             if not isinstance(m, dict):
                 raise DataFormatError(f"{where}: field 'messages[{i}]' must be an object")
@@ -127,12 +122,6 @@ class Trajectory:
             **{k: obj[k] for k in _FIELDS if k in obj},
             schema_version=SCHEMA_VERSION,
         )
-
-
-def _tname(types: tuple[type, ...]) -> str:
-    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
-             list: "a list", dict: "an object"}
-    return " or ".join(names[t] for t in types)
 
 
 def history_text(task: str, messages: Iterable[dict[str, str]]) -> str:
@@ -160,15 +149,23 @@ def iter_jsonl(path: str | Path) -> Iterator[Trajectory]:
 
 def read_jsonl(*paths: str | Path) -> list[Trajectory]:
     """Read and validate every line of every file; duplicate ids across files are an error."""
-    out: list[Trajectory] = []
-    seen: dict[str, str] = {}
-    for p in paths:
-        for where, t in iter_jsonl_located(p):
-            if t.id in seen:
-                raise DataFormatError(f"{where}: field 'id' {t.id!r} duplicates the trajectory at {seen[t.id]}")
+    located = [pair for p in paths for pair in iter_jsonl_located(p)]
+    check_unique_ids(located)
+    return [t for _, t in located]
+
+
+def check_unique_ids(located: Sequence[tuple[str | None, Trajectory]]) -> None:
+    """A DataFormatError at the first id seen twice: naming the duplicate's ``file:line`` and the first
+    one's, or, for trajectories that come from no file (``where`` None), how often the id appears."""
+    seen: dict[str, str | None] = {}
+    for where, t in located:
+        if t.id not in seen:
             seen[t.id] = where
-            out.append(t)
-    return out
+        elif where is None:
+            n = sum(u.id == t.id for _, u in located)
+            raise DataFormatError(f"field 'id': trajectory id {t.id!r} appears {n} times")
+        else:
+            raise DataFormatError(f"{where}: field 'id' {t.id!r} duplicates the trajectory at {seen[t.id]}")
 
 
 def dumps(t: Trajectory) -> str:

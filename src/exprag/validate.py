@@ -171,6 +171,22 @@ def coerce_field(value: Any, annotation: Any, where: str, name: str, rule: Num |
     return value
 
 
+_PROSE = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+          dict: "an object"}
+
+
+def check_type(value: Any, types: type | tuple[type, ...], where: str, name: str, *,
+               python_names: bool = False) -> Any:
+    """``value`` when it is one of ``types`` (a bool is never an int here, whatever Python says);
+    else a DataFormatError naming ``where`` and the field: "must be an integer, got str", or with
+    ``python_names`` "must be int, got str"."""
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        wanted = " or ".join(t.__name__ if python_names else _PROSE[t] for t in types)
+        raise DataFormatError(f"{where}: field '{name}' must be {wanted}, got {type(value).__name__}")
+    return value
+
+
 def union_args(annotation: Any) -> tuple[Any, ...]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return typing.get_args(annotation)

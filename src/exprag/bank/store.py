@@ -43,7 +43,7 @@ from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load
 from exprag.errors import BankError, DataFormatError
 from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir,
                        pause_for_test, read_json_object, run_lock, sha256_file)
-from exprag.trajectory import Trajectory, history_text, iter_jsonl, read_jsonl, write_jsonl
+from exprag.trajectory import Trajectory, check_unique_ids, history_text, iter_jsonl, read_jsonl, write_jsonl
 from exprag.validate import read_json
 
 BANK_FORMAT = "exprag-bank"
@@ -156,10 +156,7 @@ def build_bank(
     trajs = list(trajectories)
     if not trajs:  # name the inputs: they are what is empty
         raise BankError(f"{', '.join(map(str, sources)) or out}: no trajectories to build a bank from")
-    ids = Counter(t.id for t in trajs)
-    dup = next((i for i, c in ids.items() if c > 1), None)
-    if dup is not None:
-        raise DataFormatError(f"field 'id': trajectory id {dup!r} appears {ids[dup]} times")
+    check_unique_ids([(None, t) for t in trajs])
     cfg = retrieval if isinstance(retrieval, RetrievalConfig) else RetrievalConfig(retrieval or "procedure")
     enc = make_scoring_encoder(encoder, cfg.scoring)
     cfg.check(enc)
@@ -313,6 +310,21 @@ def read_manifest(path: str | Path, files: Path | None = None) -> dict[str, Any]
             f"{mf}: field 'bank_version' is {version}, newer than this exprag reads ({BANK_VERSION}); upgrade exprag"
         )
     return manifest
+
+
+def reusable_manifest(path: str | Path, sources: list[Path], encoders: Iterable[str | None],
+                      scoring: str) -> dict[str, Any] | None:
+    """The manifest of the bank at ``path`` when that bank can serve as is: built from exactly
+    ``sources`` (paths and contents), with one of ``encoders`` and with ``scoring``. None when it must
+    be (re)built: absent, unreadable, or built from other inputs or settings."""
+    want = [{"path": str(f), "sha256": sha256_file(f)} for f in sources]
+    try:
+        manifest = read_manifest(path)
+        fresh = (manifest.get("inputs") == want and manifest["encoder"]["name"] in set(encoders)
+                 and (manifest.get("retrieval") or {}).get("scoring", "dense") == scoring)
+    except (BankError, KeyError, TypeError):
+        return None
+    return manifest if fresh else None
 
 
 def load_bank(path: str | Path, encoder: str | None = None) -> Bank:

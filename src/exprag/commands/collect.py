@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from exprag.validate import integer, positive_int
 
@@ -41,11 +40,9 @@ def is_trajectories_file(path) -> bool:
 def run(args: argparse.Namespace) -> int:
     from exprag.commands._args import parse_env_args
     from exprag.envs import check_env_args, make_env
-    from exprag.envs.splits import check_env, manifest_path, resolve_task_types, select_tasks, write_manifest
-    from exprag.expert import CollectReport, collect
-    from exprag.io import check_output_file, pause_for_test, read_json_object, sha256_file
-    from exprag.progress import bar
-    from exprag.trajectory import write_jsonl
+    from exprag.envs.splits import check_env, manifest_path, resolve_task_types, select_tasks
+    from exprag.expert import collect_to_file
+    from exprag.io import check_output_file, read_json_object
 
     check_env(args.env)
     types = resolve_task_types(args.env, args.task_types)
@@ -55,25 +52,13 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(manifest_path(args.out), "split manifest", lambda p: "tasks" in (read_json_object(p) or {}))
     with make_env(args.env, **env_args) as env:
         tasks = select_tasks(env.tasks(args.split, types), args.per_type, args.limit, args.sample, args.seed)
-        report = CollectReport()
-        trajs = []
-        pbar = bar(total=len(tasks), desc=f"collect {args.env}/{args.split}", unit="ep")
-        for traj in collect(env, tasks, report=report):
-            if traj.success or args.keep_failures:
-                trajs.append(traj)
-            pbar.update(1)
-            pbar.set_postfix(ok=sum(t.success for t in trajs), failed=len(report.failures))
-        pbar.close()
-    pause_for_test("collect-done")  # kill tests: all the work done, nothing written yet
-    n = write_jsonl(args.out, trajs)
-    # sha256 covers the task list; content_sha256 the bytes written (same command + seed: same hash).
-    mpath = write_manifest(args.out, tasks, collected=n, content_sha256=sha256_file(Path(args.out)), failures=[
-        {"task_id": t.task_id, "task_type": t.task_type, "reason": why} for t, why in report.failures])
-    steps = sum(t.num_steps for t in trajs)
-    print(f"wrote {n} trajectories ({steps} steps) to {args.out}; manifest {mpath}")
-    if report.failures:
-        print(f"{len(report.failures)} expert episodes did not reach success:", file=sys.stderr)
-        for task, why in report.failures:
+        done = collect_to_file(env, tasks, args.out, desc=f"collect {args.env}/{args.split}",
+                               keep_failures=args.keep_failures)
+    steps = sum(t.num_steps for t in done.trajectories)
+    print(f"wrote {len(done.trajectories)} trajectories ({steps} steps) to {args.out}; manifest {done.manifest}")
+    if done.failures:
+        print(f"{len(done.failures)} expert episodes did not reach success:", file=sys.stderr)
+        for task, why in done.failures:
             print(f"  {task.task_type} {task.task_id}: {why}", file=sys.stderr)
         return 1
     return 0

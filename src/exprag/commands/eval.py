@@ -47,15 +47,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# flag dest -> the EvalConfig field it overrides (dotted for nested sections)
+FIELDS = {name: name for name in ("env", "split", "task_types", "per_type", "limit", "model", "adapter", "backend",
+                                  "base_url", "request_timeout", "concurrency", "max_steps", "max_new_tokens",
+                                  "batch_size",
+                                  "write_back", "show_admissible", "out")}
+# the memory settings
+FIELDS.update({"k": "retrieval.k", "mode": "retrieval.mode", "memory_format": "retrieval.memory_format",
+               "token_budget": "retrieval.token_budget"})
+
+
 def build_config(args: argparse.Namespace):
-    from exprag.config import EvalConfig, load_yaml
+    from exprag.commands._args import flag_overrides
+    from exprag.config import EvalConfig, load_yaml, set_fields
 
     cfg = load_yaml(EvalConfig, args.config) if args.config else EvalConfig()
-    for name in ("env", "split", "task_types", "per_type", "limit", "model", "adapter", "backend",
-                 "base_url", "request_timeout", "concurrency", "max_steps", "max_new_tokens", "batch_size", "out"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
+    set_fields(cfg, flag_overrides(args, FIELDS))
     if not (type(cfg.request_timeout) in (int, float) and 0 < cfg.request_timeout <= 86400):
         from exprag.errors import DataFormatError
 
@@ -65,19 +72,11 @@ def build_config(args: argparse.Namespace):
         from exprag.commands._args import parse_env_args
 
         cfg.env_args = {**cfg.env_args, **parse_env_args(args.env_arg)}
-    if args.write_back:
-        cfg.write_back = True
-    if args.show_admissible:
-        cfg.show_admissible = True
     r = cfg.retrieval
     if args.no_bank:
         r.bank = None
     elif args.bank:
         r.bank = args.bank
-    for name in ("k", "mode", "memory_format", "token_budget"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(r, name, value)
     return cfg
 
 

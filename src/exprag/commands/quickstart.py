@@ -11,10 +11,11 @@ Everything lands in one run directory; a rerun reuses what is already there.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from exprag.validate import positive_int
+
+_SCORING = "procedure"  # how the bank scores its keys (the bank default)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,14 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exprag.bank import Retriever, build_bank, load_bank
-    from exprag.bank.store import read_manifest
+    from exprag.bank.store import reusable_manifest
     from exprag.envs import make_env
-    from exprag.envs.splits import resolve_task_types, write_manifest
-    from exprag.errors import BankError
-    from exprag.expert import collect
-    from exprag.progress import bar
-    from exprag.trajectory import read_jsonl, write_jsonl
-
+    from exprag.envs.splits import resolve_task_types
+    from exprag.evaluate import run_quickstart_eval
+    from exprag.expert import collect_to_file
+    from exprag.trajectory import read_jsonl
     from exprag.validate import check_output
 
     t0 = time.perf_counter()
@@ -53,18 +52,14 @@ def run(args: argparse.Namespace) -> int:
         if not data.is_file():
             types = resolve_task_types(env_name, "all")
             tasks = [t for tt in types for t in env.tasks("train", [tt])[: args.per_type]]
-            trajs = [t for t in collect(env, bar(tasks, desc="expert trajectories", unit="ep"))]
-            write_jsonl(data, [t for t in trajs if t.success])
-            write_manifest(data, tasks, collected=sum(t.success for t in trajs))
+            collect_to_file(env, tasks, data, desc="expert trajectories")
     trajs = read_jsonl(data)
     print(f"[1/3] expert bank data: {len(trajs)} trajectories of {len({t.task_type for t in trajs})} "
           f"task types ({env_name}, train split) -> {data}")
-    try:
-        current = read_manifest(bank_dir)
-        fresh = current.get("count") == len(trajs) and current["encoder"]["name"] == args.encoder
-    except BankError:
-        fresh = False
-    bank = load_bank(bank_dir) if fresh else build_bank(trajs, bank_dir, args.encoder, sources=[data])
+    if reusable_manifest(bank_dir, [data], [args.encoder], _SCORING):
+        bank = load_bank(bank_dir)
+    else:
+        bank = build_bank(trajs, bank_dir, args.encoder, sources=[data], retrieval=_SCORING)
     print(f"      bank: {bank_dir} (encoder {bank.manifest['encoder']['name']})")
 
     print(f"[2/3] static retrieval (k=2) for {len(test_tasks)} held-out test tasks of the hard types:")
@@ -83,11 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.no_agent:
         print(f"done in {time.perf_counter() - t0:.0f}s (agent step skipped); run directory: {out}")
-        return 0
-    try:
-        from exprag.evaluate import run_quickstart_eval
-    except ImportError:
-        print("[3/3] agent evaluation is not available in this build", file=sys.stderr)
         return 0
     print(f"[3/3] agent: {args.model} on {len(test_tasks)} held-out hard tasks, no bank vs static k=2")
     table = run_quickstart_eval(out, env_name, test_tasks, bank_dir, args.model, args.max_steps)

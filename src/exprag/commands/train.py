@@ -8,21 +8,16 @@ import sys
 
 from exprag.validate import fraction, integer, non_negative_int, positive_float, positive_int
 
-# CLI flag dest -> TrainConfig field (dotted for nested sections); None values leave the config alone.
-_OVERRIDES = {
-    "trajectories": "trajectories", "val_trajectories": "val_trajectories", "model": "model",
-    "out": "out", "bank": "retrieval.bank", "k": "retrieval.k", "mode": "retrieval.mode",
-    "memory_format": "retrieval.memory_format", "token_budget": "retrieval.token_budget",
-    "empty_memory_fraction": "empty_memory_fraction", "leakage": "leakage", "serialization": "serialization",
-    "max_length": "max_length", "overlong": "overlong", "epochs": "epochs", "lr": "lr",
-    "batch_size": "batch_size", "max_batch_tokens": "max_batch_tokens", "micro_batch_size": "micro_batch_size",
-    "precision": "precision", "optimizer": "optimizer", "seed": "seed",
-    "gradient_checkpointing": "gradient_checkpointing",
-    "save_every_steps": "save_every_steps", "keep_checkpoints": "keep_checkpoints",
-    "eval_every": "selection.every", "eval_env": "selection.env", "eval_split": "selection.split",
-    "eval_task_types": "selection.task_types", "eval_per_type": "selection.per_type",
-    "eval_limit": "selection.limit", "eval_bank": "selection.bank",
-}
+# flag dest -> the TrainConfig field it overrides (dotted for nested sections)
+FIELDS = {name: name for name in (
+    "trajectories", "val_trajectories", "model", "out", "empty_memory_fraction", "leakage", "serialization",
+    "max_length", "overlong", "epochs", "lr", "batch_size", "max_batch_tokens", "micro_batch_size", "precision",
+    "optimizer", "seed", "gradient_checkpointing", "save_every_steps", "keep_checkpoints")}
+# the memory settings
+FIELDS.update({"k": "retrieval.k", "mode": "retrieval.mode", "memory_format": "retrieval.memory_format",
+               "token_budget": "retrieval.token_budget", "bank": "retrieval.bank"})
+FIELDS.update({f"eval_{name}": f"selection.{name}" for name in ("every", "env", "split", "task_types", "per_type",
+                                                                 "limit", "bank")})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,11 +89,12 @@ def _err(msg: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from exprag.commands._args import flag_overrides
     from exprag.train.config import load_train_config
 
-    overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()}
+    overrides = flag_overrides(args, FIELDS)
     if args.no_bank:
-        overrides["retrieval.bank"] = ""
+        overrides[FIELDS["bank"]] = ""
     cfg = load_train_config(args.config, overrides)
     cfg.retrieval.bank = cfg.retrieval.bank or None
     missing = [flag for flag, value in (("--trajectories", cfg.trajectories), ("--model", cfg.model)) if not value]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exprag.envs import alfworld_gen as gen
-from exprag.envs.base import EnvBase, Reset, Step, TaskSpec
+from exprag.envs.base import EnvBase, Reset, Step, TaskSpec, parse_action
 from exprag.envs.splits import resolve_task_types
 from exprag.errors import EnvError
 
@@ -99,10 +99,7 @@ def normalize_action(text: str, syntax: str = "move") -> str:
     or ``put X in/on Y`` (``'put'``, older games). Also accepted: ``put/place X in|on|into Y``,
     capitals, extra whitespace, a trailing period, articles ("the", "a"), "cabinet1" for "cabinet 1",
     a leading ``>`` or ``Action:``, surrounding quotes; only the first non-empty line is read."""
-    lines = [ln for ln in str(text).splitlines() if ln.strip()]
-    s = lines[0] if lines else ""
-    s = s.strip().strip("`'\"").strip()
-    s = re.sub(r"^(?:>|action\s*:)\s*", "", s, flags=re.I)
+    s = parse_action(str(text)) or ""  # the first line, without prefixes and quotes
     s = " ".join(s.lower().split()).rstrip(".!;, ").strip("`'\"")
     s = re.sub(r"\b(?:the|a|an)\s+", "", s)
     s = re.sub(r"\b([a-z]+)(\d+)\b", r"\1 \2", s)

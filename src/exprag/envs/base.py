@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from exprag.errors import EnvError
+
+
+# What precedes an action in a model reply: "> ", "Action:", "Action 2:", "1.", "1)", "- ".
+_PREFIX = re.compile(r"^\s*(?:>\s*|action\s*\d*\s*:\s*|\d+[.)]\s+|-\s+)", re.IGNORECASE)
+
+
+def parse_action(reply: str) -> str | None:
+    """The first non-empty line, without "Action:" / "> " / list prefixes, quotes and a trailing
+    period; None when nothing usable is left."""
+    for line in reply.splitlines():
+        line = line.strip().strip("`").strip()
+        if not line:
+            continue
+        line = _PREFIX.sub("", line).strip().strip("\"'").strip()
+        line = line.rstrip(".!").strip()
+        line = " ".join(line.split())
+        return line or None
+    return None
 
 
 @dataclass(frozen=True)

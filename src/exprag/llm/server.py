@@ -194,7 +194,8 @@ class ChatServer:
         rest: list[_Job] = []
         seen: set[str] = set()
         for job in backlog:
-            fits = (job.max_tokens, job.stop, job.adapter) == key and (job.session_id is None or job.session_id not in seen)
+            fits = (job.max_tokens, job.stop, job.adapter) == key and (
+                job.session_id is None or job.session_id not in seen)
             if fits and len(batch) < self.max_batch_size:
                 batch.append(job)
                 if job.session_id is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exprag.config import RetrievalConfig, from_dict, load_yaml
+from exprag.config import RetrievalConfig, from_dict, load_yaml, set_fields
 from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
 from exprag.validate import BUDGET, COUNT, FIELD_RULES, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Num, check_config
@@ -123,17 +123,8 @@ FIELD_RULES[TrainConfig] = {
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then ``overrides`` (dotted keys, e.g. ``retrieval.k``; None skipped)."""
     cfg = load_yaml(TrainConfig, path) if path else TrainConfig()
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        target: Any = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            target = getattr(target, p)
-        if not hasattr(target, last):
-            raise TrainConfigError(f"train config has no field {key!r}")
-        setattr(target, last, value)
-    return cfg.validate()
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return set_fields(cfg, given, TrainConfigError, "train config").validate()
 
 
 def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> TrainConfig:

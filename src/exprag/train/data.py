@@ -32,7 +32,7 @@ from exprag.bank import Bank, Filters, Hit, Retriever, approx_tokens, memory_blo
 from exprag.envs import action_templates, leakage_group
 from exprag.errors import DataFormatError, ExpragError
 from exprag.prompt import conversation, system_prompt
-from exprag.trajectory import Trajectory, iter_jsonl_located
+from exprag.trajectory import Trajectory, check_unique_ids, iter_jsonl_located
 
 IGNORE = -100
 _SENTINEL = "\ue000exprag-action-{}\ue001"  # private-use code points: never in real text
@@ -56,22 +56,19 @@ def load_trajectories(paths: Sequence[str | Path], *, only_successful: bool = Tr
     unsuccessful ones are skipped and counted when ``only_successful``."""
     report = LoadReport()
     out: list[Trajectory] = []
-    seen: dict[str, str] = {}
     empty: list[tuple[str, str]] = []  # (file:line, id)
-    for p in paths:
-        for where, t in iter_jsonl_located(p):
-            if t.id in seen:
-                raise DataFormatError(f"{where}: field 'id' {t.id!r} duplicates a trajectory in {seen[t.id]}")
-            seen[t.id] = where
-            report.read += 1
-            if not t.actions():
-                empty.append((where, t.id))
-                continue
-            if only_successful and not t.success:
-                report.skipped_unsuccessful.append(t.id)
-                continue
-            report.splits[t.split] = report.splits.get(t.split, 0) + 1
-            out.append(t)
+    located = [pair for p in paths for pair in iter_jsonl_located(p)]
+    check_unique_ids(located)
+    for where, t in located:
+        report.read += 1
+        if not t.actions():
+            empty.append((where, t.id))
+            continue
+        if only_successful and not t.success:
+            report.skipped_unsuccessful.append(t.id)
+            continue
+        report.splits[t.split] = report.splits.get(t.split, 0) + 1
+        out.append(t)
     if empty:
         more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
         raise DataFormatError(
