@@ -81,6 +81,6 @@ def test_a_server_that_cannot_load_it_names_the_command(base, adapters, tmp_path
 def test_served_names_are_stable_and_distinct(tmp_path):
     a, b = tmp_path / "lora-s7" / "epoch-001", tmp_path / "exprag_lora-s7" / "epoch-001"
     assert served_name(a) == served_name(str(a) + "/") and served_name(a) != served_name(b)
-    assert served_name(a).startswith(f"lora-{tmp_path.name}-lora-s7-epoch-001-")
+    assert len(served_name(tmp_path / ("x" * 200))) <= 62  # the label is cut, the hash kept
     assert served_name("/x/adapters/m/lora-s7/checkpoints/epoch-002").startswith("lora-lora-s7-epoch-002-")
     assert lora_modules([a, a, b]) == [f"{served_name(a)}={a}", f"{served_name(b)}={b}"]
