@@ -72,3 +72,17 @@ def test_every_method_runs_through_one_served_endpoint(tmp_path, served):
             (cell_dir / name).write_text(json.dumps(doc))
     again = run_experiment(cfg, command="pytest")  # resumed: nothing is asked of the server again
     assert again.cells_run == 0 and again.cells_reused == len(METHODS)
+
+
+def test_eval_concurrency_flag_and_yaml_key(tmp_path):
+    from exprag.cli import build_parser
+    from exprag.commands.eval import build_config
+    from exprag.evaluate import openai_transport
+
+    yaml_file = tmp_path / "e.yaml"
+    yaml_file.write_text("backend: openai\nbase_url: http://127.0.0.1:1/v1\nconcurrency: 2\n")
+    parse = build_parser().parse_args
+    assert build_config(parse(["eval", "--config", str(yaml_file)])).concurrency == 2
+    cfg = build_config(parse(["eval", "--config", str(yaml_file), "--concurrency", "16"]))
+    assert openai_transport(cfg) == {"timeout": 60.0, "concurrency": 16}
+    assert build_config(parse(["eval"])).concurrency is None  # the client's default (8)

@@ -2,7 +2,8 @@
 
 ``load_chat_model("smollm2-135m")`` runs the bundled model in-process with transformers (KV reuse
 across an episode's turns, batched decoding); ``load_chat_model("NAME", backend="openai",
-base_url=...)`` talks to any OpenAI-compatible server. Heavy imports (torch, transformers) happen
+base_url=...)`` talks to any OpenAI-compatible server (with ``adapter=DIR``, the server's copy of
+that LoRA adapter: :mod:`exprag.llm.adapters`). Heavy imports (torch, transformers) happen
 only when the transformers backend is loaded.
 """
 
