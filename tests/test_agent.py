@@ -6,6 +6,7 @@ from exprag.agent import Agent, AgentConfig
 from exprag.bank import Retriever, build_bank
 from exprag.envs import make_env
 from exprag.envs.base import parse_action
+from exprag.memory_block import MemorySpec
 
 
 @pytest.mark.parametrize("reply, action", [
@@ -38,7 +39,8 @@ def test_episodes_record_trajectories(tiny_model, twx_trajs, tmp_path, mode):
     try:
         tasks = [t for g in ("coin", "simonsays") for t in envs[0].tasks("test", [g])[:1]] + \
                 envs[0].tasks("test", ["twc"])[:1]
-        agent = Agent(tiny_model, Retriever(bank), AgentConfig(k=2, mode=mode, max_steps=3, max_new_tokens=8))
+        agent = Agent(tiny_model, Retriever(bank),
+                      AgentConfig(memory=MemorySpec(k=2, mode=mode), max_steps=3, max_new_tokens=8))
         results = list(agent.run(envs, tasks))
     finally:
         for e in envs:
@@ -78,7 +80,8 @@ def test_scienceworld_episodes_through_openai_server(tiny_model, sw_bank, mode):
         env = make_env("scienceworld", gold=False)
         try:
             task = env.tasks("test", ["find-plant"])[0]
-            agent = Agent(client, Retriever(bank), AgentConfig(k=2, mode=mode, max_steps=2, max_new_tokens=6))
+            agent = Agent(client, Retriever(bank),
+                          AgentConfig(memory=MemorySpec(k=2, mode=mode), max_steps=2, max_new_tokens=6))
             (result,) = list(agent.run([env], [task]))
         finally:
             env.close()
@@ -89,7 +92,7 @@ def test_scienceworld_episodes_through_openai_server(tiny_model, sw_bank, mode):
 
 
 def test_token_budget_at_inference_counts_with_the_models_tokenizer(tiny_model, twx_trajs, tmp_path):
-    from exprag.bank import memory_block, token_counter
+    from exprag.memory_block import memory_block, token_counter
 
     train, _ = twx_trajs
     r = Retriever(build_bank(train, tmp_path / "bank", "bm25"))
@@ -99,7 +102,8 @@ def test_token_budget_at_inference_counts_with_the_models_tokenizer(tiny_model, 
         task = env.tasks("test", ["coin"])[0]
         full = count(memory_block(r.retrieve(env.reset(task).task, k=2)))
         for budget in (None, full // 2):
-            agent = Agent(tiny_model, r, AgentConfig(k=2, token_budget=budget, max_steps=1, max_new_tokens=4))
+            agent = Agent(tiny_model, r, AgentConfig(memory=MemorySpec(k=2, token_budget=budget), max_steps=1,
+                                                     max_new_tokens=4))
             (res,) = agent.run([env], [task])
             stats[budget] = res.stats
     cut = stats[full // 2]
@@ -134,7 +138,8 @@ def test_agent_replays_an_episode_lost_to_a_jvm_restart(tiny_model):
 
     try:
         task = env.tasks("test", ["find-plant"])[0]
-        agent = Agent(KillsTheJvmOnItsFirstReply(), None, AgentConfig(k=0, max_steps=3, max_new_tokens=6))
+        agent = Agent(KillsTheJvmOnItsFirstReply(), None,
+                      AgentConfig(memory=MemorySpec(k=0), max_steps=3, max_new_tokens=6))
         (result,) = list(agent.run([env], [task]))
         new = env._sw._gateway.java_process
     finally:

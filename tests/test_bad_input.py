@@ -298,7 +298,7 @@ def test_yaml_numbers_written_as_text_are_accepted(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text('lr: 5e-5\nepochs: "2"\nweight_decay: 0\nlora:\n  dropout: "0.05"\nretrieval:\n  k: "1"\n')
     c = load_train_config(cfg, {"trajectories": ["x.jsonl"]})
-    assert (c.lr, c.epochs, c.weight_decay, c.lora.dropout, c.retrieval.k) == (5e-5, 2, 0.0, 0.05, 1)
+    assert (c.lr, c.epochs, c.weight_decay, c.lora.dropout, c.retrieval.memory.k) == (5e-5, 2, 0.0, 0.05, 1)
     assert isinstance(c.epochs, int) and isinstance(c.lr, float)
     with pytest.raises(TrainConfigError, match="field 'batch_size' must be an integer >= 1, got 0"):
         load_train_config(None, {"batch_size": 0})

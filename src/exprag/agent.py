@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from exprag.bank.retriever import Filters, Retriever, approx_tokens, memory_block, token_counter
+from exprag.bank.retriever import Filters, Retriever
 from exprag.envs.base import EnvRestarted, TaskSpec, TextEnv, parse_action
 from exprag.expert import EpisodeRecorder, trajectory_id
 from exprag.llm.base import ChatModel
+from exprag.memory_block import MemorySpec, approx_tokens, memory_block, token_counter
 from exprag.prompt import system_prompt
 from exprag.trajectory import Trajectory
 
@@ -25,10 +26,7 @@ NOTHING_HAPPENS = "Nothing happens."
 
 @dataclass
 class AgentConfig:
-    k: int = 2
-    mode: str = "static"  # static | dynamic
-    memory_format: str = "json"
-    token_budget: int | None = None  # tokens of the memory block: longer memories are shortened
+    memory: MemorySpec = MemorySpec()  # a token budget counts with the model's tokenizer when it has one
     max_steps: int | None = None  # None: the env's cap
     max_new_tokens: int = 32
     show_admissible: bool = False
@@ -91,19 +89,17 @@ class Agent:
 
     # ---- prompt --------------------------------------------------------------------------------
     def _memory(self, slot: _Slot) -> tuple[str, list[str]]:
-        if self.retriever is None or self.cfg.k == 0:
+        spec = self.cfg.memory
+        if self.retriever is None or spec.k == 0:
             return "", []
-        history = slot.rec.messages if self.cfg.mode == "dynamic" else None
-        budget = self.cfg.token_budget
+        history = slot.rec.messages if spec.mode == "dynamic" else None
         filters = self.filters
         if self.cfg.same_task_memory:
             filters = dataclasses.replace(filters or Filters(), task_ids={slot.task.task_id})
-        hits = self.retriever.retrieve(slot.rec.reset.task, history, k=self.cfg.k, mode=self.cfg.mode,
-                                       filters=filters, token_budget=budget,
-                                       count_tokens=self._counter() if budget is not None else approx_tokens,
-                                       memory_format=self.cfg.memory_format)
+        count = self._counter() if spec.token_budget is not None else approx_tokens
+        (hits,) = spec.retrieve(self.retriever, [(slot.rec.reset.task, history)], [filters], count)
         slot.stats.retrievals += 1
-        return memory_block(hits, self.cfg.memory_format), [h.trajectory.id for h in hits]
+        return memory_block(hits, spec.format), [h.trajectory.id for h in hits]
 
     def _system(self, slot: _Slot) -> str:
         memory, slot.memory_ids = self._memory(slot)
@@ -120,7 +116,7 @@ class Agent:
             self._start(s, queue, source)
         while any(s.task is not None for s in slots):
             live = [s for s in slots if s.task is not None]
-            if self.cfg.mode == "dynamic" or self.cfg.show_admissible:
+            if self.cfg.memory.mode == "dynamic" or self.cfg.show_admissible:
                 for s in live:
                     if s.rec.steps > 0:
                         s.system = self._system(s)
@@ -191,7 +187,7 @@ class Agent:
             "unparsable": e.unparsable,
             "memory_ids": s.memory_ids,
         }
-        if self.cfg.token_budget is not None and self.token_count:
+        if self.cfg.memory.token_budget is not None and self.token_count:
             stats["memory_token_count"] = self.token_count
         if s.env.cheap_admissible:
             stats["invalid_actions"] = e.invalid

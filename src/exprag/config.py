@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -11,18 +12,49 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 from exprag.errors import DataFormatError
+from exprag.memory_block import MemorySpec
 from exprag.validate import BUDGET, COUNT, FIELD_RULES, K, SEED, check_config, coerce_field, union_args
 
 T = TypeVar("T")
 
+# The ``retrieval`` section as files write it (YAML configs, a run's config.json): flat, with the memory's
+# fields under these names (file key -> MemorySpec field).
+_MEMORY_KEYS = {"k": "k", "mode": "mode", "memory_format": "format", "token_budget": "token_budget"}
 
-@dataclass
+
+@dataclass(frozen=True)
 class RetrievalConfig:
+    """The ``retrieval`` section of eval and train configs: a bank and the memory block drawn from it.
+    Files keep its flat shape ``{bank, k, mode, memory_format, token_budget}`` (``to_file``)."""
+
     bank: str | None = None  # bank directory; None = no retrieval
-    k: int = 2
-    mode: str = "static"  # static | dynamic
-    memory_format: str = "json"  # json | text
-    token_budget: int | None = None
+    memory: MemorySpec = field(default_factory=MemorySpec)
+
+    def to_file(self) -> dict[str, Any]:
+        return {"bank": self.bank, **{key: getattr(self.memory, name) for key, name in _MEMORY_KEYS.items()}}
+
+    def with_fields(self, values: dict[str, Any]) -> "RetrievalConfig":
+        """This section with some of its file keys (``bank``, ``k``, ``memory_format``, ...) set."""
+        unknown = set(values) - {"bank", *_MEMORY_KEYS}
+        if unknown:
+            raise KeyError(sorted(unknown)[0])
+        memory = {_MEMORY_KEYS[key]: v for key, v in values.items() if key in _MEMORY_KEYS}
+        return RetrievalConfig(values.get("bank", self.bank), dataclasses.replace(self.memory, **memory))
+
+    @classmethod
+    def from_file(cls, data: dict[str, Any], where: str) -> "RetrievalConfig":
+        hints = typing.get_type_hints(MemorySpec)
+        rules = FIELD_RULES[MemorySpec]
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "bank":
+                values[key] = coerce_field(value, str | None, where, key)
+            elif key in _MEMORY_KEYS:
+                name = _MEMORY_KEYS[key]
+                values[key] = coerce_field(value, hints[name], where, key, rules.get(name))
+            else:
+                raise DataFormatError(f"{where}: unknown field {key!r} for {cls.__name__}")
+        return cls().with_fields(values)
 
 
 @dataclass
@@ -65,7 +97,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>") -> T:
             raise DataFormatError(f"{where}: unknown field {key!r} for {cls.__name__}")
         ftype = hints.get(key, fields[key].type)
         sub = _dataclass_type(ftype)
-        if sub and isinstance(value, dict):
+        if sub is RetrievalConfig and isinstance(value, dict):  # its file shape is flat
+            kwargs[key] = RetrievalConfig.from_file(value, f"{where}.{key}")
+        elif sub and isinstance(value, dict):
             kwargs[key] = from_dict(sub, value, f"{where}.{key}")
         elif sub:
             if not isinstance(value, sub):
@@ -85,16 +119,14 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _dataclass_type(ftype: Any) -> type | None:
-    g = globals()
-    if isinstance(ftype, str):
-        ftype = g.get(ftype.split("|")[0].strip())
-    for t in union_args(ftype):  # X | None
+    """The config dataclass of a resolved field type (``X`` or ``X | None``), else None."""
+    for t in union_args(ftype):
         if dataclasses.is_dataclass(t):
             return t
     return None
 
 
-FIELD_RULES[RetrievalConfig] = {"k": K, "token_budget": BUDGET}
+FIELD_RULES[MemorySpec] = {"k": K, "token_budget": BUDGET}
 FIELD_RULES[EvalConfig] = {"per_type": COUNT, "limit": COUNT, "max_steps": COUNT, "max_new_tokens": COUNT,
                            "batch_size": COUNT, "concurrency": COUNT, "seed": SEED}
 
@@ -128,18 +160,36 @@ def changed_fields(have: dict[str, Any], want: dict[str, Any], ignore: Iterable[
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config as files hold it: ``dataclasses.asdict``, with ``retrieval`` sections in their flat
+    file shape, so that run directories written before ``MemorySpec`` compare equal on resume."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, RetrievalConfig):
+            out[f.name] = value.to_file()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out[f.name] = to_dict(value)
+        else:
+            out[f.name] = copy.deepcopy(value)
+    return out
 
 
 def set_fields(cfg: Any, values: dict[str, Any], error: type[Exception] = DataFormatError,
                what: str = "config") -> Any:
     """Set config fields by dotted path (``retrieval.k``), as CLI flags override a loaded config; a
-    path that names no field is ``error``."""
+    path that names no field is ``error``. A ``retrieval`` section is keyed as files key it
+    (``retrieval.memory_format``) and, frozen, replaced."""
     for path, value in values.items():
-        target = cfg
+        owner, target = None, cfg
         *parents, last = path.split(".")
         for p in parents:
-            target = getattr(target, p)
+            owner, target = target, getattr(target, p)
+        if isinstance(target, RetrievalConfig):
+            try:
+                setattr(owner, parents[-1], target.with_fields({last: value}))
+            except KeyError:
+                raise error(f"{what} has no field {path!r}") from None
+            continue
         if not hasattr(target, last):
             raise error(f"{what} has no field {path!r}")
         setattr(target, last, value)

@@ -24,6 +24,7 @@ from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
 from exprag.errors import RunConfigError
 from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines,
                        pause_for_test, read_json_object, run_lock, truncate_torn_tail)
+from exprag.memory_block import MemorySpec
 from exprag.validate import read_json
 
 # Fields that may change between a run and its resumption without changing what is measured.
@@ -155,10 +156,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
     done = {r["task_id"] for r in rows}
     _drop_orphan_trajectories(out / "trajectories.jsonl", {r["trajectory_id"] for r in rows})
 
-    retriever = None
-    r: RetrievalConfig = cfg.retrieval
-    if bank is not None:
-        retriever = Retriever(bank)
+    retriever = Retriever(bank) if bank is not None else None
 
     envs = []
     try:
@@ -178,8 +176,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
                                   **transport)
             for _ in range(min(cfg.batch_size, len(todo)) - 1):
                 envs.append(make_env(cfg.env, **env_args))
-        agent = Agent(model, retriever, AgentConfig(k=r.k, mode=r.mode, memory_format=r.memory_format,
-                                                    token_budget=r.token_budget, max_steps=cfg.max_steps,
+        agent = Agent(model, retriever, AgentConfig(memory=cfg.retrieval.memory, max_steps=cfg.max_steps,
                                                     max_new_tokens=cfg.max_new_tokens,
                                                     show_admissible=cfg.show_admissible,
                                                     same_task_memory=bool(cfg.oracle_memory)))
@@ -206,7 +203,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
     selected = {t.task_id for t in tasks}
     metrics = compute_metrics([x for x in rows if x["task_id"] in selected])
     metrics.update({"env": cfg.env, "split": cfg.split, "task_types": types, "model": cfg.model,
-                    "adapter": cfg.adapter, "retrieval": to_dict(r) if r.bank else None,
+                    "adapter": cfg.adapter, "retrieval": cfg.retrieval.to_file() if cfg.retrieval.bank else None,
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
     atomic_write_json(out / "metrics.json", metrics)
     return EvalResult(out, metrics, new_episodes=len(todo), skipped=len(tasks) - len(todo))
@@ -261,7 +258,7 @@ def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_
                       max_new_tokens=16)  # actions are a few words; a 135M model rambles
     rows = []
     for name, retrieval in (("no bank", RetrievalConfig()),
-                            ("static k=2", RetrievalConfig(bank=str(bank_dir), k=2, mode="static"))):
+                            ("static k=2", RetrievalConfig(bank=str(bank_dir), memory=MemorySpec(k=2, mode="static")))):
         cfg = replace(base, retrieval=retrieval, out=str(out / f"eval-{name.replace(' ', '-').replace('=', '')}"))
         try:
             res = evaluate(cfg, model=model, progress=True)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
 from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
+from exprag.memory_block import MemorySpec
 from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
 
 Log = Callable[[str], None]
@@ -157,6 +158,19 @@ class ExperimentConfig:
     def retriever(self) -> RetrieverSpec:
         """The experiment's retriever: main cells, and ExpRAG-LoRA's training memory."""
         return _spec(self.retrieval, self.encoder)
+
+    def memory(self, k: int, mode: str) -> MemorySpec:
+        """The memory block of a cell (and, with ``main_k`` static, of ExpRAG-LoRA's training)."""
+        return MemorySpec(k=k, mode=mode, format=self.eval.memory_format, token_budget=self.eval.token_budget)
+
+    def agent_eval_config(self, model: str, seed: int) -> EvalConfig:
+        """The evaluation settings every rollout of ``model`` shares, a cell's or a checkpoint
+        selection's: the env and the agent's settings; each sets its tasks, adapter, memory and out."""
+        e = self.eval
+        return EvalConfig(env=self.env, env_args=dict(self.env_args), model=model, backend=e.backend,
+                          base_url=e.base_url, concurrency=e.concurrency, max_steps=e.max_steps,
+                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                          show_admissible=e.show_admissible, seed=seed)
 
     def block_retriever(self, block: GridBlock) -> RetrieverSpec:
         if not block.retrieval:
@@ -530,18 +544,14 @@ def _bank_name(cell: Cell) -> str:
 def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[str | None, dict[str, Path]],
                       adapter: Path | None, task_ids: list[str] | None = None) -> EvalConfig:
     """``task_ids``: the games that pass the expert ceiling (already at most ``test_per_type`` per type)."""
-    e = cfg.eval
     retrieval = RetrievalConfig()
     if cell.retrieves:
-        retrieval = RetrievalConfig(bank=str(banks[cell.retriever][_bank_name(cell)]), k=cell.k, mode=cell.mode,
-                                    memory_format=e.memory_format, token_budget=e.token_budget)
-    return EvalConfig(
-        env=cfg.env, env_args=dict(cfg.env_args), split=cfg.data.test_split, task_types=cfg.split_types(cell.split),
-        per_type=cfg.data.test_per_type, model=cell.model, adapter=str(adapter) if adapter else None,
-        backend=e.backend, base_url=e.base_url, concurrency=e.concurrency, retrieval=retrieval,
-        max_steps=e.max_steps, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-        show_admissible=e.show_admissible,
-        seed=cell.seed if cell.seed is not None else 2025, out=str(out / "cells" / cell.id),
+        retrieval = RetrievalConfig(bank=str(banks[cell.retriever][_bank_name(cell)]),
+                                    memory=cfg.memory(cell.k, cell.mode))
+    base = cfg.agent_eval_config(cell.model, cell.seed if cell.seed is not None else 2025)
+    return dataclasses.replace(
+        base, split=cfg.data.test_split, task_types=cfg.split_types(cell.split), per_type=cfg.data.test_per_type,
+        adapter=str(adapter) if adapter else None, retrieval=retrieval, out=str(out / "cells" / cell.id),
         task_ids=task_ids, oracle_memory=True if cell.bank in DIAGNOSTIC_BANKS else None,
     )
 
@@ -833,10 +843,9 @@ def _train_config(cfg: ExperimentConfig, out: Path, model: str, kind: str, seed:
                   data: dict[str, Path], banks: dict[str, Path]) -> Any:
     from exprag.train.config import config_from_dict
 
-    retrieval = {"bank": None}
+    retrieval = RetrievalConfig()
     if kind == "exprag_lora":  # the memory block of inference: main K, static, from the easy train bank
-        retrieval = {"bank": str(banks["easy"]), "k": cfg.main_k, "mode": "static",
-                     "memory_format": cfg.eval.memory_format, "token_budget": cfg.eval.token_budget}
+        retrieval = RetrievalConfig(bank=str(banks["easy"]), memory=cfg.memory(cfg.main_k, "static"))
     tcfg = config_from_dict({
         **cfg.train, "trajectories": [str(data["train-easy"])],
         "val_trajectories": [str(data["dev-easy"])] if "dev-easy" in data else [],
@@ -850,6 +859,8 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
                     selection_ids: list[str] | None = None) -> Path:
     """Train (or resume, or reuse) one adapter; returns the checkpoint the cells evaluate: the best by
     rollout success when selection is configured (docs/method.md#checkpoint-selection), else the last epoch."""
+    from exprag.config import changed_fields
+    from exprag.train.config import LOGGING_FIELDS, to_dict
     from exprag.train.lora import train
 
     tcfg = _train_config(cfg, out, model, kind, seed, data, banks)
@@ -857,7 +868,7 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
     marker = run_dir / "experiment_done.json"
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
-        if done.get("train_config") == dataclasses.asdict(tcfg):
+        if not changed_fields(done.get("train_config") or {}, to_dict(tcfg), LOGGING_FIELDS):
             return run_dir / done["checkpoint"]
         say(f"adapter {run_dir}: the training settings changed; resuming checks what may change")
     say(f"train {kind} (seed {seed}) on {model} -> {run_dir}")
@@ -867,7 +878,7 @@ def _ensure_adapter(cfg: ExperimentConfig, out: Path, model: str, kind: str, see
     if ckpt is None:
         raise ExpragError(f"{run_dir}: training produced no checkpoint")
     ckpt = run_dir / _rel(ckpt.resolve(), run_dir)  # the checkpoint itself, not the moving RUN_DIR/best link
-    atomic_write_json(marker, {"train_config": dataclasses.asdict(tcfg), "checkpoint": _rel(ckpt, run_dir),
+    atomic_write_json(marker, {"train_config": to_dict(tcfg), "checkpoint": _rel(ckpt, run_dir),
                                "wall_s": round(res.wall_s, 1), "finished": _now()})
     return ckpt
 
@@ -877,27 +888,19 @@ def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str
     """Rollout success of a checkpoint on the selection split, with the memory the method uses at test
     time: the train bank of the selection task types for ExpRAG-LoRA, none for plain LoRA. ``task_ids``:
     the dev games that pass the expert ceiling (None = the selection's first ``per_type``)."""
-    from exprag.evaluate import evaluate
+    from exprag.train.select import rollout_eval, selection_eval_config
 
     sel = tcfg.selection
-    bank = sel.bank or (str(banks[sel.task_types]) if sel.task_types in banks else str(banks["all"]))
-
-    def rollout_eval(ckpt: Path) -> float:
-        retrieval = RetrievalConfig()
-        if kind == "exprag_lora":
-            retrieval = RetrievalConfig(bank=bank, k=cfg.main_k, mode="static",
-                                        memory_format=cfg.eval.memory_format, token_budget=cfg.eval.token_budget)
-        e = cfg.eval
-        ecfg = EvalConfig(env=cfg.env, env_args=dict(cfg.env_args), split=sel.split,
-                          task_types=cfg.split_types(sel.task_types),
-                          per_type=sel.per_type, limit=sel.limit, model=tcfg.model, adapter=str(ckpt),
-                          retrieval=retrieval, max_steps=sel.max_steps or e.max_steps,
-                          max_new_tokens=e.max_new_tokens, batch_size=sel.batch_size,
-                          show_admissible=e.show_admissible, seed=tcfg.seed,
-                          out=str(Path(tcfg.out) / "eval" / ckpt.name), task_ids=task_ids)
-        return float(evaluate(ecfg).success_rate)
-
-    return rollout_eval
+    retrieval = RetrievalConfig()
+    if kind == "exprag_lora":  # the training memory (main K, static), from the selection types' bank
+        bank = sel.bank or (str(banks[sel.task_types]) if sel.task_types in banks else str(banks["all"]))
+        retrieval = RetrievalConfig(bank=bank, memory=tcfg.retrieval.memory)
+    # Checkpoints run in-process while training: a server could not know them before they exist.
+    base = dataclasses.replace(cfg.agent_eval_config(tcfg.model, tcfg.seed), backend="hf", base_url=None,
+                               concurrency=None)
+    return rollout_eval(lambda ckpt: selection_eval_config(
+        sel, base, ckpt, retrieval, Path(tcfg.out) / "eval" / ckpt.name,
+        task_types=cfg.split_types(sel.task_types), task_ids=task_ids))
 
 
 def _write_training_summary(out: Path, cfg: ExperimentConfig, adapters: list) -> None:
@@ -927,7 +930,7 @@ def _write_training_coverage(cfg: ExperimentConfig, out: Path, data: dict[str, P
     retrieval training uses (leakage filter, K, budget; the budget counted as chars/4, not the tokenizer)."""
     from exprag.bank import load_bank
     from exprag.train.config import config_from_dict
-    from exprag.train.data import MemorySettings, retrieve_memories
+    from exprag.train.data import retrieve_memories
     from exprag.trajectory import read_jsonl
 
     path = out / "data" / "train-coverage.json"
@@ -935,9 +938,9 @@ def _write_training_coverage(cfg: ExperimentConfig, out: Path, data: dict[str, P
         return
     tcfg = config_from_dict({**cfg.train, "trajectories": ["-"]}, f"{cfg.name}.train")
     trajs = read_jsonl(data["train-easy"])
-    mem = MemorySettings(cfg.main_k, "static", cfg.eval.memory_format, cfg.eval.token_budget, tcfg.leakage)
     found = total = 0
-    for t, hits in zip(trajs, retrieve_memories(load_bank(banks["easy"]), trajs, mem)):
+    memory = cfg.memory(cfg.main_k, "static")
+    for t, hits in zip(trajs, retrieve_memories(load_bank(banks["easy"]), trajs, memory, tcfg.leakage)):
         seen = {a for h in hits for a in h.trajectory.actions()}
         found += sum(a in seen for a in t.actions())
         total += len(t.actions())

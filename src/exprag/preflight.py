@@ -66,15 +66,15 @@ def check_eval_inputs(cfg: Any, *, check_model_spec: bool = True) -> tuple[list[
     types = resolve_task_types(cfg.env, cfg.task_types)
     check_config(cfg, "eval config")
     for name, value, choices in (("split", cfg.split, ("train", "dev", "test")),
-                                 ("retrieval.mode", cfg.retrieval.mode, ("static", "dynamic")),
-                                 ("retrieval.memory_format", cfg.retrieval.memory_format, ("json", "text"))):
+                                 ("retrieval.mode", cfg.retrieval.memory.mode, ("static", "dynamic")),
+                                 ("retrieval.memory_format", cfg.retrieval.memory.format, ("json", "text"))):
         if value not in choices:
             raise DataFormatError(f"eval config: field {name!r} is {value!r}, not one of {', '.join(choices)}")
     env_args = check_env_args(cfg.env, {**spec.agent_defaults, **cfg.env_args})
     check_output(cfg.out, "dir")
     if check_model_spec:
         check_model(cfg.model, cfg.adapter, cfg.backend, cfg.base_url)
-    bank = check_bank(cfg.retrieval.bank, cfg.retrieval.mode, cfg.env) if cfg.retrieval.bank else None
+    bank = check_bank(cfg.retrieval.bank, cfg.retrieval.memory.mode, cfg.env) if cfg.retrieval.bank else None
     if spec.cheap_construct:  # e.g. ALFWorld's constructor checks the game directory
         spec.make(**env_args).close()
     return types, bank
@@ -96,11 +96,11 @@ def check_train_inputs(cfg: Any) -> None:
     if cfg.val_trajectories:
         load_trajectories(cfg.val_trajectories, only_successful=cfg.only_successful)
     if cfg.retrieval.bank:
-        check_bank(cfg.retrieval.bank, cfg.retrieval.mode)
+        check_bank(cfg.retrieval.bank, cfg.retrieval.memory.mode)
     sel = cfg.selection
     if sel.every is not None:
         env = sel.env or trajs[0].env
         check_env(env)
         resolve_task_types(env, sel.task_types)
         if sel.bank:
-            check_bank(sel.bank, cfg.retrieval.mode, env)
+            check_bank(sel.bank, cfg.retrieval.memory.mode, env)

@@ -123,9 +123,11 @@ def check_fields(obj: Any, rules: dict[str, Num], where: str, error: type[Exprag
         if value is None:
             continue
         try:
-            setattr(obj, name, rule.check(value))
+            checked = rule.check(value)
         except ValueError as e:
             raise error(f"{where}: field {name!r} {e}") from None
+        if checked is not value:  # only a value that needed normalising is set (frozen specs hold checked ones)
+            setattr(obj, name, checked)
 
 
 def coerce_field(value: Any, annotation: Any, where: str, name: str, rule: Num | None = None) -> Any:

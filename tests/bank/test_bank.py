@@ -4,21 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from exprag.bank import (
-    Filters,
-    Retriever,
-    append_to_bank,
-    approx_tokens,
-    build_bank,
-    load_bank,
-    memory_block,
-    render_memory,
-    token_counter,
-)
+from exprag.bank import Filters, Retriever, append_to_bank, build_bank, load_bank
 from exprag.bank.encoders import DenseEncoder, _top_from_scores
 from exprag.bank.quality import evaluate_retrieval
 from exprag.bank.store import read_manifest
 from exprag.errors import BankError, DataFormatError
+from exprag.memory_block import approx_tokens, block_cost, memory_block, render_memory, token_counter
 
 
 @pytest.fixture(scope="module", params=["minilm", "bm25"])
@@ -63,7 +54,7 @@ def test_filters_exclusions_budget(bank, twx_trajs):
     assert hits and all(h.trajectory.task_type == "twc" for h in hits)
     assert r.retrieve(q.task, k=3, filters=Filters(success=False)) == []
     big = r.retrieve(q.task, k=3)
-    budget = r.retrieve(q.task, k=3, token_budget=1)
+    budget = r.retrieve(q.task, k=3, token_budget=1, cost=block_cost())
     assert budget == [] and len(big) == 3
     assert r.retrieve(q.task, k=0) == []
 
@@ -88,7 +79,7 @@ def test_token_budget_shortens_never_swaps(twx_trajs, tmp_path, smollm2_tokenize
         full = count(memory_block(whole))
         floor = count(render_memory([h.trajectory for h in whole], steps=[0] * 3))  # first observations only
         for budget in sorted({full, floor, (full + floor) // 2, floor + (full - floor) // 4}):
-            hits = r.retrieve(q.task, k=3, token_budget=budget, count_tokens=count)
+            hits = r.retrieve(q.task, k=3, token_budget=budget, cost=block_cost("json", count))
             # The same trajectories in the same order as without a budget: shortened, never swapped.
             assert [(h.trajectory.id, h.score) for h in hits] == [(h.trajectory.id, h.score) for h in whole]
             block = memory_block(hits)
@@ -110,7 +101,7 @@ def test_token_budget_shortens_never_swaps(twx_trajs, tmp_path, smollm2_tokenize
                 assert count(render_memory([x.trajectory for x in hits], steps=longer)) > budget
             assert all(h.steps is None for h in hits) == (budget >= full)
         # Below the first observations' size the lowest-ranked trajectories go: a prefix, never another.
-        short = r.retrieve(q.task, k=3, token_budget=floor - 1, count_tokens=count)
+        short = r.retrieve(q.task, k=3, token_budget=floor - 1, cost=block_cost("json", count))
         assert [h.trajectory.id for h in short] == [h.trajectory.id for h in whole][: len(short)]
         assert len(short) < 3 and count(memory_block(short)) <= floor - 1
     assert cut_seen

@@ -12,7 +12,7 @@ import pytest
 from exprag.bank import Retriever, append_to_bank, build_bank, load_bank
 from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, diverse_order
 from exprag.bank.quality import evaluate_retrieval
-from exprag.bank.scoring import RetrievalConfig
+from exprag.bank.scoring import ScoringConfig
 from exprag.bank.store import Bank
 from exprag.cli import main
 from exprag.errors import BankError
@@ -81,7 +81,7 @@ def test_diversity_never_costs_a_same_type_slot(tmp_path):
     bank += [rec(20 + i, f"put a cool apple in {r}.", "cool") for i, r in enumerate(["desk", "shelf", "sofa"])]
     bank += [rec(30 + i, f"cool some {o} and put it in desk.", "cool") for i, o in enumerate(["egg", "cup"])]
     div = build_bank(bank, tmp_path / "div", "bm25")
-    flat = build_bank(bank, tmp_path / "flat", "bm25", retrieval=RetrievalConfig(diversity=False))
+    flat = build_bank(bank, tmp_path / "flat", "bm25", retrieval=ScoringConfig(diversity=False))
     q = "put a hot apple in desk."
     with_div = Retriever(div).retrieve(q, k=3)
     without = Retriever(flat).retrieve(q, k=3)
@@ -271,7 +271,7 @@ def test_paraphrase_sets_are_shipped_and_dev_is_separate_from_test():
 def test_unknown_words_borrow_the_weight_of_their_nearest_bank_terms(tmp_path):
     bank = build_bank(alfworld_like(12, "train"), tmp_path / "b", "minilm")
     old = build_bank(alfworld_like(12, "train"), tmp_path / "old", "minilm",
-                     retrieval=RetrievalConfig(dense_weight=0.05, expand=False))
+                     retrieval=ScoringConfig(dense_weight=0.05, expand=False))
     new_r, old_r = Retriever(bank), Retriever(old)
     queries = {"warm up an egg and set it on the desk": "heat", "rinse the mug, then leave it on the shelf": "clean",
                "I need a heated potato on the countertop": "heat", "wash a knife and store it in the cabinet": "clean"}
@@ -285,7 +285,7 @@ def test_unknown_words_borrow_the_weight_of_their_nearest_bank_terms(tmp_path):
     # the manifest says how it scores; a bank of the earlier default reloads as it was built
     idx = load_bank(tmp_path / "b").index("static")
     assert idx.expand and idx._term_emb is not None and idx._term_emb.shape[0] == len(idx.weights.weights)
-    cfg = RetrievalConfig.from_manifest({"retrieval": {"scoring": "procedure", "dense_weight": 0.05,
+    cfg = ScoringConfig.from_manifest({"retrieval": {"scoring": "procedure", "dense_weight": 0.05,
                                                        "diversity": True, "alpha": None}})
     assert cfg.expand is False and cfg.dense_weight == 0.05
 

@@ -8,14 +8,14 @@ from dataclasses import replace
 
 import pytest
 
-from exprag.bank import Filters, Retriever, build_bank, render_memory
+from exprag.bank import Filters, Retriever, build_bank
 from exprag.bank.store import dynamic_key
 from exprag.envs import action_templates
 from exprag.errors import DataFormatError
+from exprag.memory_block import MemorySpec, render_memory
 from exprag.prompt import system_prompt
 from exprag.train.data import (
     IGNORE,
-    MemorySettings,
     TemplateError,
     build_examples,
     example_messages,
@@ -105,7 +105,7 @@ def test_never_retrieves_itself_or_its_task_id(chatml_tok, train_trajs, tmp_path
     task_of = {t.id: t.task_id for t in bank.trajectories}
     static, _ = build_examples(train_trajs, chatml_tok, bank=bank)
     dynamic, _ = build_examples(train_trajs[::4], chatml_tok, bank=bank, serialization="step",
-                                memory=MemorySettings(k=2, mode="dynamic"))
+                                memory=MemorySpec(k=2, mode="dynamic"))
     for ex in static + dynamic:
         t_id = ex.trajectory_id
         assert len(ex.memory_ids) == 2
@@ -167,10 +167,10 @@ def test_one_example_per_step(chatml_tok, short_trajs, bank):
 def test_dynamic_retrieval_per_step(chatml_tok, short_trajs, bank):
     t = short_trajs[0]
     steps, _ = build_examples([t], chatml_tok, bank=bank, serialization="step",
-                              memory=MemorySettings(k=2, mode="dynamic"))
+                              memory=MemorySpec(k=2, mode="dynamic"))
     assert len(steps) == len(t.actions()) and all(len(e.memory_ids) == 2 for e in steps)
     with pytest.raises(ValueError, match="serialization='step'"):
-        build_examples([t], chatml_tok, bank=bank, memory=MemorySettings(mode="dynamic"))
+        build_examples([t], chatml_tok, bank=bank, memory=MemorySpec(mode="dynamic"))
 
 
 def test_a_template_that_rewrites_actions_is_refused(rewriting_tok, short_trajs):
@@ -301,7 +301,7 @@ def test_no_training_memory_from_the_same_alfworld_task_folder(chatml_tok, tmp_p
     desk313 = [ex for ex in examples if folder[ex.trajectory_id].endswith("Desk-313")]
     assert all(folder[ex.memory_ids[0]] == "pick_and_place_simple-Book-None-Desk-301" for ex in desk313)
 
-    by_scene, _ = build_examples(trajs, chatml_tok, bank=bank, memory=MemorySettings(leakage="scene"))
+    by_scene, _ = build_examples(trajs, chatml_tok, bank=bank, leakage="scene")
     for ex in by_scene:
         assert len(ex.memory_ids) == 2
         assert all(scene[m] != scene[ex.trajectory_id] for m in ex.memory_ids)
@@ -325,7 +325,7 @@ def test_leakage_groups_per_env():
 
 
 def test_token_budget_shortens_training_memories(chatml_tok, train_trajs, bank):
-    from exprag.bank import memory_block, token_counter
+    from exprag.memory_block import block_cost, memory_block, token_counter
 
     count = token_counter(chatml_tok)
     train_trajs = train_trajs[::2]  # one trajectory in two of each game: seconds
@@ -333,11 +333,11 @@ def test_token_budget_shortens_training_memories(chatml_tok, train_trajs, bank):
     by_id = {t.id: t for t in bank.trajectories}
     sizes = [count(render_memory([by_id[i] for i in ex.memory_ids])) for ex in whole]
     budget = sorted(sizes)[len(sizes) // 2]  # half the examples' memories exceed it
-    cut, report = build_examples(train_trajs, chatml_tok, bank=bank, memory=MemorySettings(token_budget=budget))
+    cut, report = build_examples(train_trajs, chatml_tok, bank=bank, memory=MemorySpec(token_budget=budget))
     assert [ex.memory_ids for ex in cut] == [ex.memory_ids for ex in whole]  # shortened, never swapped
     hits = Retriever(bank).retrieve_batch([(t.task, None) for t in train_trajs], k=2,
                                           filters=[_leak_filter(t) for t in train_trajs],
-                                          token_budget=budget, count_tokens=count)
+                                          token_budget=budget, cost=block_cost("json", count))
     shortened = 0
     for ex, h, size in zip(cut, hits, sizes):
         block = memory_block(h)

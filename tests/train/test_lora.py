@@ -13,6 +13,7 @@ import torch
 
 from exprag.cli import main
 from exprag.config import RetrievalConfig
+from exprag.memory_block import MemorySpec
 from exprag.train.config import LoraSettings, SelectionConfig, TrainConfig, TrainConfigError, load_train_config
 from exprag.train.data import build_examples
 import exprag.train.loop as loop
@@ -112,7 +113,7 @@ def test_adapter_reloads_changes_output_and_merges(short_files, tiny_model, tmp_
 
 def test_exprag_lora_trains_with_memory(short_files, tiny_model, tmp_path):
     cfg = make_cfg(short_files, tiny_model, tmp_path / "run", epochs=1,
-                   retrieval=RetrievalConfig(bank=short_files["bank"], k=2))
+                   retrieval=RetrievalConfig(bank=short_files["bank"], memory=MemorySpec(k=2)))
     res = train(cfg)
     rep = res.data["train"]
     plain = train(make_cfg(short_files, tiny_model, tmp_path / "plain", epochs=1)).data["train"]
@@ -282,10 +283,11 @@ def test_config_validation_names_the_field():
     with pytest.raises(TrainConfigError, match="'serialization'"):
         TrainConfig(serialization="turn").validate()
     with pytest.raises(TrainConfigError, match="needs serialization: step"):
-        TrainConfig(retrieval=RetrievalConfig(bank="b", mode="dynamic")).validate()
+        TrainConfig(retrieval=RetrievalConfig(bank="b", memory=MemorySpec(mode="dynamic"))).validate()
     cfg = TrainConfig()
     assert (cfg.lora, cfg.lr, cfg.weight_decay, cfg.seed) == (LoraSettings(8, 16, 0.1, None), 5e-5, 0.0, 2025)
-    assert cfg.retrieval.k == 2 and cfg.retrieval.mode == "static" and cfg.retrieval.memory_format == "json"
+    memory = cfg.retrieval.memory
+    assert memory.k == 2 and memory.mode == "static" and memory.format == "json"
 
 
 def test_attention_targets(tiny_model):
@@ -334,7 +336,7 @@ def test_selection_through_the_rollout_evaluation(short_files, tiny_model, tmp_p
     """The default rollout_eval: exprag.evaluate on held-out TWX tasks, the adapter loaded by the
     inference backend, memory from the bank."""
     cfg = make_cfg(short_files, tiny_model, tmp_path / "run", epochs=1,
-                   retrieval=RetrievalConfig(bank=short_files["bank"], k=1),
+                   retrieval=RetrievalConfig(bank=short_files["bank"], memory=MemorySpec(k=1)),
                    selection=SelectionConfig(every=1, env="twx", split="dev", task_types="simonsays",
                                              per_type=2, max_steps=2, batch_size=2))
     res = train(cfg)

@@ -142,9 +142,6 @@ class TermWeights:
         return " ".join(w if self.weights.get(w, 0.0) >= thr or w in _STOP else placeholder
                         for w in _TOKEN.findall(text.lower()))
 
-    def top_terms(self, n: int = 20, reverse: bool = False) -> list[tuple[str, float]]:
-        return sorted(self.weights.items(), key=lambda kv: (kv[1], kv[0]) if reverse else (-kv[1], kv[0]))[:n]
-
     def to_json(self) -> dict[str, Any]:
         return {"tokenizer": TOKENIZER, "alpha": self.alpha, "source": self.source, "n_keys": self.n_keys,
                 "n_types": self.n_types, "weights": self.weights}

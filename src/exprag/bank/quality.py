@@ -112,29 +112,12 @@ class QualityReport:
     copies: int = 0
     skipped_in_bank: int = 0
 
-    # the overall / no-twin rates under the names earlier callers read
-    @property
-    def overall(self) -> Rates:
-        return self.all.rates
-
-    @property
-    def no_twin(self) -> Rates:
-        return self.twinless.rates
-
-    @property
-    def per_type(self) -> dict[str, Rates]:
-        return self.all.per_type
-
-    @property
-    def confusion(self) -> dict[str, Counter]:
-        return self.all.confusion
-
     def as_dict(self) -> dict[str, Any]:
-        n = self.overall.n
+        n = self.all.rates.n
         return {
             "k": self.k, "mode": self.mode, "encoder": self.encoder, "retrieval": self.retrieval,
-            "overall": self.overall.as_dict(),
-            "no_twin": self.no_twin.as_dict(),
+            "overall": self.all.rates.as_dict(),
+            "no_twin": self.twinless.rates.as_dict(),
             "exact_duplicate_rate": round(self.exact_duplicates / n, 4) if n else None,
             "copy_rate": round(self.copies / n, 4) if n else None,
             "skipped_queries_in_bank": self.skipped_in_bank,

@@ -3,7 +3,8 @@
 Static: the query is the task description, keys are the stored task descriptions (docs/method.md#static-retrieval).
 Dynamic: the query is the task + the agent's last actions, keys are task + a trajectory's actions
 (docs/method.md#d-dynamic-keys).
-A token budget never changes which trajectories are retrieved: it shortens them (``fit_memory``).
+A token budget never changes which trajectories are retrieved: it shortens them (``fit_budget``), by a
+cost the caller gives: the tokens of the memory block as the caller renders it (``exprag.memory_block``).
 How keys are scored is the bank's (``bank.retrieval``, see ``exprag.bank.scoring``); a query is only
 text: no task-type metadata of the query is used.
 """
@@ -11,26 +12,19 @@ text: no task-type metadata of the query is used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
-from exprag.bank.memory import fit_memory, render_memory
 from exprag.bank.store import MODES, Bank
 from exprag.envs import leakage_group
 from exprag.errors import BankError
 from exprag.trajectory import Trajectory, history_text
 
 
-def approx_tokens(text: str) -> int:
-    """~4 characters a token: the estimate used only when no tokenizer is at hand (it undercounts
-    SmolLM2's tokens of JSON memory blocks, e.g. by 6% on TWX); pass ``token_counter(tokenizer)``."""
-    return len(text) // 4 + 1
-
-
-def token_counter(tokenizer: Any) -> Callable[[str], int]:
-    """Tokens of a text as the model sees it inside the prompt (no BOS/EOS added)."""
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+# Tokens of the memory block that ``trajectories`` render to, the i-th shortened to ``steps[i]`` actions
+# (None: whole); the caller knows the block's format and the tokenizer (exprag.memory_block.block_cost).
+BlockCost = Callable[[Sequence[Trajectory], Sequence[int | None]], int]
 
 
 @dataclass(frozen=True)
@@ -39,11 +33,6 @@ class Hit:
     score: float
     position: int  # row in the bank
     steps: int | None = None  # steps shown in the memory block (a token budget); None = whole
-
-
-def memory_block(hits: Sequence[Hit], fmt: str = "json") -> str:
-    """The memory block of retrieved hits, each shortened as the token budget decided."""
-    return render_memory([h.trajectory for h in hits], fmt, [h.steps for h in hits])
 
 
 @dataclass(frozen=True)
@@ -104,12 +93,10 @@ class Retriever:
         mode: str = "static",
         filters: Filters | None = None,
         token_budget: int | None = None,
-        count_tokens: Callable[[str], int] = approx_tokens,
-        memory_format: str = "json",
+        cost: BlockCost | None = None,
     ) -> list[Hit]:
         return self.retrieve_batch([(task, history)], k=k, mode=mode, filters=[filters],
-                                   token_budget=token_budget, count_tokens=count_tokens,
-                                   memory_format=memory_format)[0]
+                                   token_budget=token_budget, cost=cost)[0]
 
     def retrieve_batch(
         self,
@@ -119,16 +106,17 @@ class Retriever:
         mode: str = "static",
         filters: Sequence[Filters | None] | None = None,
         token_budget: int | None = None,
-        count_tokens: Callable[[str], int] = approx_tokens,
-        memory_format: str = "json",
+        cost: BlockCost | None = None,
     ) -> list[list[Hit]]:
         """One list of hits per query, best first. ``filters`` is one entry per query (or None).
-        ``token_budget`` (tokens of the whole memory block, by ``count_tokens``) sets each hit's
-        ``steps``; it may drop the lowest-ranked hits, never replace them."""
+        ``token_budget`` (tokens of the whole memory block, by ``cost``) sets each hit's ``steps``;
+        it may drop the lowest-ranked hits, never replace them."""
         if mode not in MODES:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if k < 0:
             raise BankError(f"k must be >= 0, got {k}")
+        if token_budget is not None and cost is None:
+            raise ValueError("a token budget needs the cost of a memory block (exprag.memory_block.block_cost)")
         if not queries:
             return []
         filters = list(filters) if filters is not None else [None] * len(queries)
@@ -153,7 +141,7 @@ class Retriever:
                 order = rank_all(texts[qi]) if rank_all is not None else np.argsort(-s, kind="stable")
                 hits = self._select(s[order], order, f, k)
             if token_budget is not None:
-                cuts = fit_memory([h.trajectory for h in hits], memory_format, token_budget, count_tokens)
+                cuts = fit_budget([h.trajectory for h in hits], token_budget, cost)
                 hits = [Hit(h.trajectory, h.score, h.position, c) for h, c in zip(hits, cuts)]
             out.append(hits)
         return out
@@ -170,3 +158,37 @@ class Retriever:
             if len(hits) == k:
                 break
         return hits
+
+
+def fit_budget(trajectories: Sequence[Trajectory], budget: int, cost: BlockCost) -> list[int | None]:
+    """Steps to show of each trajectory so that the memory block costs at most ``budget`` tokens:
+    None for a whole trajectory. All trajectories are first cut to a common number of steps, the
+    largest that fits; the budget left then lengthens them in rank order. When even the first
+    observations do not fit, the lowest-ranked trajectories go (the result is shorter: a prefix of
+    the ranking, never another trajectory)."""
+    trajs = list(trajectories)
+    lengths = [len(t.actions()) for t in trajs]
+
+    def fits(cuts: list[int]) -> bool:
+        shown = [None if c >= n else c for c, n in zip(cuts, lengths)]
+        return cost(trajs[: len(cuts)], shown) <= budget
+
+    def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+        """The largest v in [lo, hi] with ok(v), given ok(lo)."""
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        return lo
+
+    if fits(lengths):
+        return [None] * len(trajs)
+    m = len(trajs)
+    while m and not fits([0] * m):
+        m -= 1
+    top = max(lengths[:m], default=0)
+    common = largest(0, top, lambda c: fits([min(c, n) for n in lengths[:m]]))
+    cuts = [min(common, n) for n in lengths[:m]]
+    for i in range(m):
+        if cuts[i] < lengths[i]:
+            cuts[i] = largest(cuts[i], lengths[i], lambda v: fits(cuts[:i] + [v] + cuts[i + 1:]))
+    return [None if c >= n else c for c, n in zip(cuts, lengths)]

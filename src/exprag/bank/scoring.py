@@ -31,7 +31,9 @@ DEFAULT_DENSE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
-class RetrievalConfig:
+class ScoringConfig:
+    """How a bank scores keys against a query: the manifest's ``retrieval`` block."""
+
     scoring: str = DEFAULT_SCORING
     dense_weight: float = DEFAULT_DENSE_WEIGHT  # procedure only
     diversity: bool = True  # procedure only
@@ -53,7 +55,7 @@ class RetrievalConfig:
         return d
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest.json") -> "RetrievalConfig":
+    def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest.json") -> "ScoringConfig":
         block = manifest.get("retrieval")
         if block is None:  # a bank from before scoring options: its encoder's plain scoring
             kind = (manifest.get("encoder") or {}).get("kind")
@@ -83,7 +85,7 @@ def _dense(encoder: Encoder) -> DenseEncoder | None:
     return encoder if isinstance(encoder, DenseEncoder) else None
 
 
-def build_index(cfg: RetrievalConfig, encoder: Encoder, texts: list[str], labels: Sequence[str], mode: str,
+def build_index(cfg: ScoringConfig, encoder: Encoder, texts: list[str], labels: Sequence[str], mode: str,
                 progress: bool = False) -> Index:
     """An index over ``texts``; ``labels`` (the keys' task types) are read by ``procedure`` only."""
     cfg.check(encoder)
@@ -96,19 +98,19 @@ def build_index(cfg: RetrievalConfig, encoder: Encoder, texts: list[str], labels
     return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode))
 
 
-def _expand(cfg: RetrievalConfig, mode: str) -> bool:
+def _expand(cfg: ScoringConfig, mode: str) -> bool:
     """Static keys only: a dynamic query's history is mostly words of observations, not of the task."""
     return cfg.expand and mode == "static"
 
 
-def load_index(cfg: RetrievalConfig, encoder: Encoder, path: Path) -> Index:
+def load_index(cfg: ScoringConfig, encoder: Encoder, path: Path) -> Index:
     if cfg.scoring != "procedure":
         return encoder.load(path)
     # a bank stores each mode's index in a directory named after the mode
     return load_procedure_index(path, _dense(encoder), cfg.dense_weight, cfg.diversity, _expand(cfg, path.name))
 
 
-def extend_index(cfg: RetrievalConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],
+def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],
                  mode: str) -> Index:
     """``old`` (over ``texts[:old.size]``) extended to all ``texts``: dense embeddings are encoded for
     the new keys only; term weights are learned again over the whole bank (cheap, and new task types

@@ -39,7 +39,7 @@ from typing import Any, Iterable
 from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
 from exprag.bank.labels import check_labels
-from exprag.bank.scoring import RetrievalConfig, build_index, extend_index, load_index, make_scoring_encoder
+from exprag.bank.scoring import ScoringConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
 from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir,
                        pause_for_test, read_json_object, run_lock, sha256_file)
@@ -103,9 +103,9 @@ class Bank:
         return self._indexes[mode]
 
     @property
-    def retrieval(self) -> RetrievalConfig:
+    def retrieval(self) -> ScoringConfig:
         """The scoring the bank was built with (plain dense / BM25 for banks older than the field)."""
-        return RetrievalConfig.from_manifest(self.manifest, str(self.files / "manifest.json"))
+        return ScoringConfig.from_manifest(self.manifest, str(self.files / "manifest.json"))
 
     @property
     def envs(self) -> list[str]:
@@ -129,7 +129,7 @@ def _summary(trajs: list[Trajectory]) -> dict[str, Any]:
     }
 
 
-def _scoring_labels(cfg: RetrievalConfig, trajs: list[Trajectory]) -> tuple[list[str], dict[str, Any]]:
+def _scoring_labels(cfg: ScoringConfig, trajs: list[Trajectory]) -> tuple[list[str], dict[str, Any]]:
     """The labels ``procedure`` scoring learns its weights from, and the manifest's ``labels`` block.
     Labels that do not tell the procedures apart (one type, or unrelated to the task texts) are
     replaced by one shared label: uniform term weights instead of noise (``exprag.bank.labels``)."""
@@ -147,17 +147,17 @@ def build_bank(
     *,
     sources: list[str | Path] = (),
     progress: bool = False,
-    retrieval: RetrievalConfig | str | None = None,
+    retrieval: ScoringConfig | str | None = None,
 ) -> Bank:
     """Encode static and dynamic keys and write a bank atomically to ``out``.
 
-    ``retrieval``: how keys are scored (a ``RetrievalConfig`` or a scoring name); default
+    ``retrieval``: how keys are scored (a ``ScoringConfig`` or a scoring name); default
     ``procedure``. The keys' task types are read here, at build time, by ``procedure`` scoring."""
     trajs = list(trajectories)
     if not trajs:  # name the inputs: they are what is empty
         raise BankError(f"{', '.join(map(str, sources)) or out}: no trajectories to build a bank from")
     check_unique_ids([(None, t) for t in trajs])
-    cfg = retrieval if isinstance(retrieval, RetrievalConfig) else RetrievalConfig(retrieval or "procedure")
+    cfg = retrieval if isinstance(retrieval, ScoringConfig) else ScoringConfig(retrieval or "procedure")
     enc = make_scoring_encoder(encoder, cfg.scoring)
     cfg.check(enc)
     out = Path(out)
@@ -283,7 +283,7 @@ def _publish(root: Path, staging: Path) -> Path:
 
 
 def build_bank_from_files(paths: list[str | Path], out: str | Path, encoder: str = "minilm",
-                          progress: bool = False, retrieval: RetrievalConfig | str | None = None) -> Bank:
+                          progress: bool = False, retrieval: ScoringConfig | str | None = None) -> Bank:
     return build_bank(read_jsonl(*paths), out, encoder, sources=list(paths), progress=progress,
                       retrieval=retrieval)
 

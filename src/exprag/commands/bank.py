@@ -88,11 +88,11 @@ def run_build(args: argparse.Namespace) -> int:
     if not trajs:  # name the input, which is what the user must fix
         what = "successful trajectories" if args.only_success else "trajectories"
         raise DataFormatError(f"{', '.join(args.trajectories)}: no {what} to build a bank from")
-    from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, RetrievalConfig
+    from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, ScoringConfig
 
-    cfg = RetrievalConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
-                          expand=not args.no_expand,
-                          dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight)
+    cfg = ScoringConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
+                        expand=not args.no_expand,
+                        dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight)
     bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty(),
                       retrieval=cfg)
     d = bank.describe()
@@ -132,9 +132,9 @@ def _load_history(path: str) -> list[dict]:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    from exprag.bank import Filters, Retriever, load_bank, memory_block
-
+    from exprag.bank import Filters, Retriever, load_bank
     from exprag.errors import ExpragError
+    from exprag.memory_block import MemorySpec, memory_block
 
     if not args.task.strip():  # an empty query would score every key alike: arbitrary hits
         raise ExpragError("--task is empty; give the task description to retrieve for")
@@ -143,8 +143,8 @@ def run_query(args: argparse.Namespace) -> int:
     filters = Filters(task_types=set(args.task_types) if args.task_types else None,
                       success=True if args.success_only else None,
                       exclude_task_ids=set(args.exclude_task_id))
-    hits = Retriever(bank).retrieve(args.task, history, k=args.k, mode=args.mode, filters=filters,
-                                    token_budget=args.token_budget, memory_format=args.format)
+    spec = MemorySpec(k=args.k, mode=args.mode, format=args.format, token_budget=args.token_budget)
+    (hits,) = spec.retrieve(Retriever(bank), [(args.task, history)], [filters])
     if args.json:
         print(json.dumps([{"rank": r + 1, "score": h.score, "id": h.trajectory.id,
                            "task_type": h.trajectory.task_type, "task": h.trajectory.task,
@@ -160,19 +160,19 @@ def run_query(args: argparse.Namespace) -> int:
     if not hits:
         print("(no trajectory matched)")
     if args.memory:
-        print("\n" + memory_block(hits, args.format))
+        print("\n" + memory_block(hits, spec.format))
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
     from exprag.bank.store import read_manifest
 
-    from exprag.bank.scoring import RetrievalConfig
+    from exprag.bank.scoring import ScoringConfig
 
     m = read_manifest(args.bank)
     out = {k: v for k, v in m.items() if k != "inputs"}
     if "retrieval" not in out:  # a bank from before scoring options: say what it is read with
-        out["retrieval"] = {**RetrievalConfig.from_manifest(m).to_manifest(), "inferred": True}
+        out["retrieval"] = {**ScoringConfig.from_manifest(m).to_manifest(), "inferred": True}
     note = _labels_note(m)
     if note:  # beside the scoring it changes, so that a reader of the JSON sees it
         out["retrieval"] = {**out["retrieval"], "labels_fallback": note}

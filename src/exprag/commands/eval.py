@@ -72,11 +72,8 @@ def build_config(args: argparse.Namespace):
         from exprag.commands._args import parse_env_args
 
         cfg.env_args = {**cfg.env_args, **parse_env_args(args.env_arg)}
-    r = cfg.retrieval
-    if args.no_bank:
-        r.bank = None
-    elif args.bank:
-        r.bank = args.bank
+    if args.no_bank or args.bank:
+        cfg.retrieval = cfg.retrieval.with_fields({"bank": None if args.no_bank else args.bank})
     return cfg
 
 

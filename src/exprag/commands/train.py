@@ -12,7 +12,7 @@ from exprag.validate import fraction, integer, non_negative_int, positive_float,
 FIELDS = {name: name for name in (
     "trajectories", "val_trajectories", "model", "out", "empty_memory_fraction", "leakage", "serialization",
     "max_length", "overlong", "epochs", "lr", "batch_size", "max_batch_tokens", "micro_batch_size", "precision",
-    "optimizer", "seed", "gradient_checkpointing", "save_every_steps", "keep_checkpoints")}
+    "optimizer", "seed", "gradient_checkpointing", "save_every_steps", "keep_checkpoints", "report_to")}
 # the memory settings
 FIELDS.update({"k": "retrieval.k", "mode": "retrieval.mode", "memory_format": "retrieval.memory_format",
                "token_budget": "retrieval.token_budget", "bank": "retrieval.bank"})
@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-per-type", type=positive_int)
     p.add_argument("--eval-limit", type=positive_int)
     p.add_argument("--eval-bank", metavar="BANK_DIR", help="memory at evaluation (default: --bank)")
+    p.add_argument("--report-to", metavar="TRACKER", help="also log to accelerate trackers, comma-separated: "
+                   "tensorboard (RUN_DIR/tracking; pip install 'exprag[tensorboard]'), wandb, mlflow, ... (default none)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete RUN_DIR and start over")
@@ -96,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.no_bank:
         overrides[FIELDS["bank"]] = ""
     cfg = load_train_config(args.config, overrides)
-    cfg.retrieval.bank = cfg.retrieval.bank or None
+    cfg.retrieval = cfg.retrieval.with_fields({"bank": cfg.retrieval.bank or None})
     missing = [flag for flag, value in (("--trajectories", cfg.trajectories), ("--model", cfg.model)) if not value]
     if missing:
         _err(f"error: train needs {' and '.join(missing)} (flags or --config)")

@@ -7,6 +7,7 @@
 ``model``       precision, model loading, LoRA targets, optimizer, merging an adapter
 ``prepare``     a run's examples and data report (trajectories, bank, leakage warnings)
 ``data``        trajectories -> tokenized examples with loss on the actions only (+ memory block)
+``export``      a run's examples as ShareGPT / OpenAI chat records for other trainers
 ``rundir``      run directory: create, check for resume, trim metrics
 ``checkpoint``  checkpoint save / load (weights_only), RNG state
 ``select``      checkpoint selection by rollout success

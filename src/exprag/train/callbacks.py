@@ -141,3 +141,79 @@ class RolloutSelection(Callback):
         append_jsonl(self.out / "metrics.jsonl", {"event": "eval", "epoch": epoch, "success_rate": success,
                                                   "checkpoint": str(ckpt.relative_to(self.out))})
         self.say(f"epoch {epoch}: rollout success {success:.3f} (best: {state.best.name})")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Before anything loads: a tracker asked for (``report_to``) whose package is not installed is an
+    error, not the silent skip accelerate would make of it."""
+    import importlib.util
+
+    from exprag.train.config import TRACKERS, TrainConfigError
+
+    for name in names:
+        if not any(importlib.util.find_spec(pkg) for pkg in TRACKERS[name]):
+            extra = f"pip install 'exprag[{name}]'" if name == "tensorboard" else f"pip install {TRACKERS[name][0]}"
+            raise TrainConfigError(f"train config field 'report_to': tracker {name!r} is not installed ({extra})")
+
+
+class Tracker(Callback):
+    """Experiment trackers through accelerate's tracker classes (``report_to``; TensorBoard writes to
+    RUN_DIR/tracking/<run name>): the training loss per optimizer step, the epoch's train and
+    validation loss, and the rollout success of each checkpoint selection. Main process only."""
+
+    def __init__(self, names: list[str], out: Path, config: dict[str, Any], selection: Selection | None):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        self.trackers = []
+        for name in names:
+            cls = LOGGER_TYPE_TO_CLASS[name]
+            # as accelerate's init_trackers builds them: (project or run name[, logging dir])
+            args = (out.name, str(out / "tracking")) if cls.requires_logging_directory else (out.name,)
+            tracker = cls(*args)
+            tracker.start()
+            tracker.store_init_configuration(_flat(config))
+            self.trackers.append(tracker)
+        self.selection = selection
+        # scored before this process started: logged by the process that scored them
+        self.logged = {h["epoch"] for h in selection.history} if selection is not None else set()
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
+
+    def on_train_begin(self, state: RunState) -> None:
+        self.log_selection(state)  # checkpoints a resumed run scored on its way in
+
+    def on_step(self, state: RunState, step: StepStats) -> None:
+        self.log({"train/loss": step.loss}, state.global_step)
+
+    def on_evaluate(self, state: RunState, epoch: EpochStats) -> None:
+        values = {"train/epoch": float(epoch.epoch)}
+        if epoch.train_loss is not None:
+            values["train/epoch_loss"] = epoch.train_loss
+        if epoch.val_loss is not None:
+            values["eval/val_loss"] = epoch.val_loss
+        self.log(values, state.global_step)
+        self.log_selection(state)  # runs after RolloutSelection in the callback list
+
+    def log_selection(self, state: RunState) -> None:
+        for h in self.selection.history if self.selection is not None else []:
+            if h["epoch"] not in self.logged:
+                self.logged.add(h["epoch"])
+                self.log({"eval/rollout_success": h["success_rate"], "eval/epoch": float(h["epoch"])},
+                         state.global_step)
+
+    def on_train_end(self, state: RunState) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Hyperparameters as trackers take them: flat keys, scalar values (None and lists as text)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out

@@ -5,12 +5,12 @@ nested dataclass fields from real annotations, so YAML sections (``lora:``, ``re
 ``selection:``) load into their dataclasses.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from exprag.config import RetrievalConfig, from_dict, load_yaml, set_fields
+from exprag.config import to_dict as config_to_dict
 from exprag.envs import LEAKAGE_SCOPES
 from exprag.errors import ExpragError
 from exprag.validate import BUDGET, COUNT, FIELD_RULES, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Num, check_config
@@ -19,6 +19,12 @@ SERIALIZATIONS = ("trajectory", "step")
 OVERLONG = ("trim", "drop")
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw")
+# report_to: accelerate's experiment trackers -> the packages that provide them (optional installs)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "aim": ("aim",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "trackio": ("trackio",)}
+# Fields that change what is logged, never the adapter (resumable; an experiment's finished adapter stays done).
+LOGGING_FIELDS = ("report_to",)
 
 
 class TrainConfigError(ExpragError):
@@ -84,7 +90,11 @@ class TrainConfig:
     save_every_steps: int | None = None  # extra mid-epoch checkpoints (an epoch always ends with one)
     log_every_steps: int = 10
     keep_checkpoints: int | None = None  # adapters kept (latest N + best); None = all
+    report_to: str = "none"  # "none" or accelerate trackers, comma-separated (e.g. tensorboard: RUN_DIR/tracking)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.report_to.split(",") if t.strip() not in ("", "none")]
 
     def validate(self) -> "TrainConfig":
         def bad(name: str, why: str) -> TrainConfigError:
@@ -99,11 +109,14 @@ class TrainConfig:
             raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in ("none", *TRACKERS)]
+        if unknown:
+            raise bad("report_to", f"{unknown[0]!r} is not none or one of {', '.join(TRACKERS)}")
         if self.leakage not in LEAKAGE_SCOPES:
             raise bad("leakage", f"{self.leakage!r} is not one of {', '.join(LEAKAGE_SCOPES)}")
-        if self.retrieval.mode not in ("static", "dynamic"):
-            raise bad("retrieval.mode", f"{self.retrieval.mode!r} is not static or dynamic")
-        if self.retrieval.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
+        if self.retrieval.memory.mode not in ("static", "dynamic"):
+            raise bad("retrieval.mode", f"{self.retrieval.memory.mode!r} is not static or dynamic")
+        if self.retrieval.memory.mode == "dynamic" and self.retrieval.bank and self.serialization != "step":
             # Dynamic retrieval changes the memory every step: one example per trajectory cannot
             # carry it; per-step examples can (each with the memory retrieved at that step).
             raise bad("retrieval.mode", "dynamic retrieval needs serialization: step")
@@ -132,4 +145,9 @@ def config_from_dict(data: dict[str, Any], where: str = "<train config>") -> Tra
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The file shape of a training config (``config.json``, ``train_config.yaml``). ``report_to`` is
+    written only when set, so configs without trackers keep the bytes of runs made before the field."""
+    d = config_to_dict(cfg)
+    if d.get("report_to") == "none":
+        del d["report_to"]
+    return d

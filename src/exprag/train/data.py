@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from exprag.bank import Bank, Filters, Hit, Retriever, approx_tokens, memory_block, token_counter
+from exprag.bank import Bank, Filters, Hit, Retriever
 from exprag.envs import action_templates, leakage_group
 from exprag.errors import DataFormatError, ExpragError
+from exprag.memory_block import MemorySpec, approx_tokens, memory_block, token_counter
 from exprag.prompt import conversation, system_prompt
 from exprag.trajectory import Trajectory, check_unique_ids, iter_jsonl_located
 
@@ -219,17 +220,6 @@ class BuildReport:
         }
 
 
-@dataclass
-class MemorySettings:
-    """The retrieval used for ExpRAG-LoRA examples: keep it identical to inference."""
-
-    k: int = 2
-    mode: str = "static"
-    memory_format: str = "json"
-    token_budget: int | None = None  # tokens of the memory block (the model's tokenizer counts)
-    leakage: str = "task"  # exclude the example's task (task) or also its ALFWorld scene (scene)
-
-
 def leakage_filter(t: Trajectory, scope: str = "task") -> Filters:
     """Never the trajectory itself nor any trajectory of the same task as its env defines it
     (``exprag.envs.leakage_group``): the same TWX game seed, ScienceWorld variation, or ALFWorld
@@ -238,18 +228,21 @@ def leakage_filter(t: Trajectory, scope: str = "task") -> Filters:
                    exclude_groups={(t.env, leakage_group(t.env, t.task_id, scope))}, group_scope=scope)
 
 
-def retrieve_memories(bank: Bank, trajs: Sequence[Trajectory], settings: MemorySettings,
+def retrieve_memories(bank: Bank, trajs: Sequence[Trajectory], memory: MemorySpec, leakage: str = "task",
                       steps: Sequence[int] | None = None,
                       count_tokens: Callable[[str], int] = approx_tokens) -> list[list[Hit]]:
     """One retrieval per trajectory (static), or per (trajectory, step) for dynamic mode, where
-    ``steps[i]`` is the number of messages of the episode seen so far."""
+    ``steps[i]`` is the number of messages of the episode seen so far; never from the trajectory's
+    own task (``leakage``: its scope, see ``leakage_filter``)."""
     episodes = [t.episode_messages() for t in trajs]
     queries = [(t.task, None if steps is None else ep[: steps[i]]) for i, (t, ep) in enumerate(zip(trajs, episodes))]
-    return Retriever(bank).retrieve_batch(
-        queries, k=settings.k, mode=settings.mode,
-        filters=[leakage_filter(t, settings.leakage) for t in trajs],
-        token_budget=settings.token_budget, count_tokens=count_tokens, memory_format=settings.memory_format,
-    )
+    return memory.retrieve(Retriever(bank), queries, [leakage_filter(t, leakage) for t in trajs], count_tokens)
+
+
+def empty_memory_ids(trajs: Sequence[Trajectory], fraction: float, seed: int) -> set[str]:
+    """The trajectories whose examples get an empty memory block (docs/method.md#d-empty-memory-mixing)."""
+    n = round(fraction * len(trajs))
+    return {t.id for t in random.Random(seed).sample(list(trajs), n)} if n else set()
 
 
 class _Templates:
@@ -270,7 +263,8 @@ def build_examples(
     tokenizer: Any,
     *,
     bank: Bank | None = None,
-    memory: MemorySettings | None = None,
+    memory: MemorySpec = MemorySpec(),
+    leakage: str = "task",
     empty_memory_fraction: float = 0.0,
     serialization: str = "trajectory",
     max_length: int | None = None,
@@ -280,25 +274,23 @@ def build_examples(
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> tuple[list[Example], BuildReport]:
     """Tokenized examples, in input order. ``bank=None`` = plain LoRA (same system prompt, empty
-    memory block). Over-long examples (``max_length``) are never cut inside an assistant turn:
-    ``trim`` drops the lowest-ranked memory trajectory first, then whole trailing turns; ``drop`` drops the example. All are reported."""
+    memory block); ``memory``: the block the model will see at inference, never retrieved from the
+    example's own task (``leakage`` scope, see ``leakage_filter``). Over-long examples (``max_length``)
+    are never cut inside an assistant turn: ``trim`` drops the lowest-ranked memory trajectory first, then whole trailing turns; ``drop`` drops the example. All are reported."""
     if serialization not in ("trajectory", "step"):
         raise ValueError(f"unknown serialization {serialization!r} (choose trajectory or step)")
-    memory = memory or MemorySettings()
     if memory.mode == "dynamic" and bank is not None and serialization != "step":
         raise ValueError("dynamic retrieval needs serialization='step' (the memory changes every step)")
     report = BuildReport(trajectories=len(trajs), max_length=max_length or 0)
     templates = _Templates()
     specials = special_ids(tokenizer)
     count = token_counter(tokenizer)
-    rng = random.Random(seed)
-    n_empty = round(empty_memory_fraction * len(trajs)) if bank is not None else 0
-    empty_ids = {t.id for t in rng.sample(list(trajs), n_empty)} if n_empty else set()
+    empty_ids = empty_memory_ids(trajs, empty_memory_fraction, seed) if bank is not None else set()
 
     # (trajectory, assistant index to train or None = all, hits) work items
     items: list[tuple[Trajectory, int | None, list[Hit]]] = []
     if serialization == "trajectory":
-        hits = (retrieve_memories(bank, trajs, memory, count_tokens=count) if bank is not None
+        hits = (retrieve_memories(bank, trajs, memory, leakage, count_tokens=count) if bank is not None
                 else [[] for _ in trajs])
         items = [(t, None, h) for t, h in zip(trajs, hits)]
     else:
@@ -313,10 +305,10 @@ def build_examples(
         if bank is None:
             hits = [[] for _ in step_trajs]
         elif memory.mode == "static":  # one retrieval per trajectory, shared by its steps
-            per = dict(zip((t.id for t in trajs), retrieve_memories(bank, trajs, memory, count_tokens=count)))
+            per = dict(zip((t.id for t in trajs), retrieve_memories(bank, trajs, memory, leakage, count_tokens=count)))
             hits = [per[t.id] for t in step_trajs]
         else:
-            hits = retrieve_memories(bank, step_trajs, memory, steps=seen, count_tokens=count)
+            hits = retrieve_memories(bank, step_trajs, memory, leakage, steps=seen, count_tokens=count)
         items = list(zip(step_trajs, step_idx, hits))
 
     examples: list[Example] = []
@@ -324,7 +316,7 @@ def build_examples(
     for t, step, hits in iterator:
         if t.id in empty_ids:
             hits = []
-        ex = _one_example(t, step, hits, tokenizer, templates(t), memory.memory_format,
+        ex = _one_example(t, step, hits, tokenizer, templates(t), memory.format,
                           max_length, overlong, train_eot, specials, report)
         if ex is None:
             continue

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exprag.io import atomic_write_json, check_output_dir, run_lock
-from exprag.train.callbacks import Checkpointer, MetricsLog, ProgressBar, RolloutSelection
+from exprag.train.callbacks import Checkpointer, MetricsLog, ProgressBar, RolloutSelection, Tracker, check_trackers
 from exprag.train.checkpoint import load_checkpoint, resumed_step
-from exprag.train.config import TrainConfig
+from exprag.train.config import TrainConfig, to_dict
 from exprag.train.loop import Callback, Loop, RunState
 from exprag.train.loss import supports_logits_to_keep
 from exprag.train.model import add_lora, load_model, make_optimizer, resolve_precision
@@ -71,6 +71,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     kw = dict(resume=resume, overwrite=overwrite, rollout_eval=rollout_eval, progress=progress, log=log)
     cfg.validate()
     check_train_inputs(cfg)  # model, data and banks, before torch loads: a failed start creates no run directory
+    check_trackers(cfg.trackers())
     if os.environ.get("RANK", "0") != "0":  # another process of a distributed run: the main one locks
         return _train(cfg, **kw)
     check_output_dir(cfg.out, "training run directory", is_train_run)
@@ -155,6 +156,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, rollout_eval: Cal
         if cfg.selection.every:
             assert rollout_eval is not None
             callbacks.append(RolloutSelection(selection, rollout_eval, out, cfg.selection.every, cfg.epochs, say))
+    if main and cfg.trackers():
+        callbacks.append(Tracker(cfg.trackers(), out, to_dict(cfg), selection))
     loop.callbacks = callbacks
     loop.run(state)
     return TrainResult(

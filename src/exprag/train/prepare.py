@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from exprag.io import sha256_file
 from exprag.train.config import TrainConfig, TrainConfigError
-from exprag.train.data import BuildReport, Example, MemorySettings, build_examples, load_trajectories
+from exprag.train.data import BuildReport, Example, build_examples, load_trajectories
 
 Log = Callable[[str], None]
 
@@ -51,12 +51,10 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, *, progress: bool = False,
     for w in warnings:
         if log:
             log(w)
-    mem = MemorySettings(cfg.retrieval.k, cfg.retrieval.mode, cfg.retrieval.memory_format,
-                         cfg.retrieval.token_budget, cfg.leakage)
-
     def build(ts: list[Any], desc: str) -> tuple[list[Example], BuildReport]:
         return build_examples(
-            ts, tokenizer, bank=bank, memory=mem, empty_memory_fraction=cfg.empty_memory_fraction,
+            ts, tokenizer, bank=bank, memory=cfg.retrieval.memory, leakage=cfg.leakage,
+            empty_memory_fraction=cfg.empty_memory_fraction,
             serialization=cfg.serialization, max_length=cfg.max_length, overlong=cfg.overlong,
             train_eot=cfg.train_eot, seed=cfg.seed,
             progress=(lambda it: bar(it, desc=desc, unit="ex", enabled=True)) if progress else None,

@@ -12,14 +12,14 @@ import yaml
 from exprag.config import changed_fields
 from exprag.errors import ExpragError
 from exprag.io import LOCK_FILE, atomic_write_text, iter_json_lines
-from exprag.train.config import TrainConfig, to_dict
+from exprag.train.config import LOGGING_FIELDS, TrainConfig, to_dict
 from exprag.train.prepare import input_digests
 
 CONFIG_FILE = "train_config.yaml"
 # Fields that may change when resuming (more epochs, other logging / selection); anything else
 # would make the resumed run a different experiment.
 _RESUMABLE_CHANGES = {"epochs", "out", "save_every_steps", "log_every_steps", "keep_checkpoints",
-                      "selection", "val_trajectories"}
+                      "selection", "val_trajectories", *LOGGING_FIELDS}
 
 
 class RunDirError(ExpragError):

@@ -13,11 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from exprag.config import EvalConfig, RetrievalConfig
 from exprag.errors import ExpragError
 from exprag.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from exprag.train.config import SelectionConfig, TrainConfig
 
 HISTORY = "selection.json"
 PLOT = "selection.png"
@@ -119,36 +124,39 @@ class Selection:
         return out
 
 
-def make_rollout_eval(cfg: Any, run_dir: str | Path) -> Callable[[Path], float]:
-    """``adapter_dir -> success rate`` through the rollout evaluation (``exprag.evaluate``), on the
-    selection split with the model's inference-time retrieval. Results go to RUN_DIR/eval/<ckpt>;
-    evaluate() resumes them, so an interrupted selection does not replay finished episodes."""
-    from exprag.config import EvalConfig, RetrievalConfig
+def selection_eval_config(sel: SelectionConfig, base: EvalConfig, adapter: str | Path, retrieval: RetrievalConfig,
+                          out: str | Path, *, task_types: str | None = None,
+                          task_ids: list[str] | None = None) -> EvalConfig:
+    """The evaluation of one checkpoint on the selection split: ``base`` (env, model, agent settings,
+    seed) with the adapter on the hf backend and the memory the method uses at test time.
+    ``task_types``: the selection's types as eval takes them (default ``sel.task_types``);
+    ``task_ids``: only these games (an experiment's expert ceiling)."""
+    return replace(base, split=sel.split, task_types=task_types or sel.task_types, per_type=sel.per_type,
+                   limit=sel.limit, adapter=str(adapter), backend="hf", base_url=None, retrieval=retrieval,
+                   max_steps=sel.max_steps or base.max_steps, batch_size=sel.batch_size, out=str(out),
+                   task_ids=task_ids)
 
+
+def rollout_eval(config_for: Callable[[Path], EvalConfig]) -> Callable[[Path], float]:
+    """``checkpoint -> success rate`` of the rollout evaluation (``exprag.evaluate``) that
+    ``config_for(checkpoint)`` describes; evaluate() resumes its run directory, so an interrupted
+    selection does not replay finished episodes."""
+    from exprag.evaluate import evaluate
+
+    return lambda ckpt: float(evaluate(config_for(ckpt)).success_rate)
+
+
+def make_rollout_eval(cfg: TrainConfig, run_dir: str | Path) -> Callable[[Path], float]:
+    """Selection for ``exprag train``: the selection split with the model's inference-time retrieval
+    (``selection.bank``, else the training bank), results in RUN_DIR/eval/<ckpt>."""
     sel = cfg.selection
-    env = sel.env or _env_of(cfg)
-    bank = sel.bank or cfg.retrieval.bank
-
-    def rollout_eval(adapter_dir: Path) -> float:
-        try:
-            from exprag.evaluate import evaluate
-        except ImportError as e:
-            raise ExpragError(f"checkpoint selection needs exprag.evaluate, which is unavailable ({e})") from None
-        ecfg = EvalConfig(
-            env=env, split=sel.split, task_types=sel.task_types, per_type=sel.per_type, limit=sel.limit,
-            model=cfg.model, adapter=str(adapter_dir), backend="hf",
-            retrieval=RetrievalConfig(bank=bank, k=cfg.retrieval.k, mode=cfg.retrieval.mode,
-                                      memory_format=cfg.retrieval.memory_format,
-                                      token_budget=cfg.retrieval.token_budget),
-            max_steps=sel.max_steps, batch_size=sel.batch_size, seed=cfg.seed,
-            out=str(Path(run_dir) / "eval" / Path(adapter_dir).name),
-        )
-        return float(evaluate(ecfg).success_rate)
-
-    return rollout_eval
+    base = EvalConfig(env=sel.env or _env_of(cfg), model=cfg.model, seed=cfg.seed)
+    retrieval = replace(cfg.retrieval, bank=sel.bank or cfg.retrieval.bank)
+    return rollout_eval(lambda ckpt: selection_eval_config(sel, base, ckpt, retrieval,
+                                                           Path(run_dir) / "eval" / Path(ckpt).name))
 
 
-def _env_of(cfg: Any) -> str:
+def _env_of(cfg: TrainConfig) -> str:
     from exprag.trajectory import iter_jsonl
 
     for p in cfg.trajectories:
