@@ -68,7 +68,7 @@ def test_every_method_runs_through_one_served_endpoint(tmp_path, served):
     for cell_dir in (out / "cells" / "model").iterdir():
         for name, key in (("config.json", None), ("cell.json", "eval_config")):
             doc = json.loads((cell_dir / name).read_text())
-            (doc[key] if key else doc).pop("concurrency")
+            (doc[key] if key else doc).pop("concurrency")  # set here (4); written only when set
             (cell_dir / name).write_text(json.dumps(doc))
     again = run_experiment(cfg, command="pytest")  # resumed: nothing is asked of the server again
     assert again.cells_run == 0 and again.cells_reused == len(METHODS)
