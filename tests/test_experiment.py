@@ -161,6 +161,31 @@ def test_shipped_configs_load(name, cells):
         assert cfg.retriever.legacy  # banks stay where experiments made before retriever choice put them
 
 
+def test_grid_reads_groups_and_sources_and_their_older_names():
+    """`groups:` / `sources:` (and a hypothesis's `group:`) and the older `splits:` / `banks:` / `split:`
+    make the same experiment, recorded in experiment.json under the older names; both in one place is refused."""
+    from exprag.experiment import _config_record
+
+    def cfg(block, hyp):
+        h = {"id": "H1", "text": "t", "a": "exprag_lora", "b": "exprag_lora/empty", **hyp}
+        return experiment_config_from_dict({**_grid("m", "x"), "grid": [{"methods": ["exprag_lora"], **block}],
+                                            "hypotheses": [h]}, "cfg.yaml")
+
+    old = cfg({"splits": ["hard"], "banks": ["matched", "empty"]}, {"split": "hard"})
+    new = cfg({"groups": ["hard"], "sources": ["matched", "empty"]}, {"group": "hard"})
+    assert [c.id for c in expand(old)] == [c.id for c in expand(new)] == [
+        "m/exprag_lora-hard-matched-k1-static-s7", "m/exprag_lora-hard-empty-s7"]
+    assert _config_record(old) == _config_record(new)
+    record = _config_record(new)
+    assert record["grid"][0]["splits"] == ["hard"] and record["hypotheses"][0]["split"] == "hard"
+    with pytest.raises(DataFormatError, match=r"cfg.yaml: grid\[0\]: both 'groups' and 'splits'"):
+        cfg({"groups": ["hard"], "splits": ["hard"]}, {"group": "hard"})
+    with pytest.raises(DataFormatError, match=r"cfg.yaml: field 'hypotheses\[0\]': both 'group' and 'split'"):
+        cfg({"groups": ["hard"]}, {"group": "hard", "split": "hard"})
+    with pytest.raises(DataFormatError, match=r"grid\[0\].sources"):
+        cfg({"sources": ["mine"]}, {"group": "hard"})
+
+
 def test_block_retriever_adds_labelled_cells():
     base = {**_grid("m", "x"), "encoder": None, "retrieval": {"scoring": "dense", "encoder": "minilm"}}
     cfg = experiment_config_from_dict({**base, "grid": [

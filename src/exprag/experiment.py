@@ -4,15 +4,20 @@ An experiment directory holds, each stage reused when it is already there::
 
     experiment.json   the resolved config, the command, commit, machine, and time spent per stage
     data/             expert trajectories: train-easy / train-hard (banks, training), dev-easy (val loss);
-                      with an expert ceiling or oracle cells, test-<split> (and ceiling.json: the games
+                      with an expert ceiling or oracle cells, test-<group> (and ceiling.json: the games
                       kept for test and selection, and why the others were dropped)
     banks/            easy, hard and all (easy + hard) train banks, per retriever (see RetrieverSettings);
-                      oracle-<split>: the test games' expert trajectories, for the diagnostic oracle cells
+                      oracle-<group>: the test games' expert trajectories, for the diagnostic oracle cells
     adapters/         one LoRA and one ExpRAG-LoRA adapter per (model, seed), each trained once
-    cells/            one evaluation run (exprag.evaluate) per cell: model x method x split x bank x K x mode x seed
+    cells/            one evaluation run (exprag.evaluate) per cell: model x method x task group x memory
+                      source x K x mode x seed (docs/method.md#glossary)
     results.jsonl     one row per finished cell (rewritten atomically after every cell), with the retriever
                       it used and its per-episode outcomes (paired statistics); results.md: the table
     training.json     per adapter: loss and rollout success by epoch
+
+Results rows, cell.json, cell ids and experiment.json keep the file field names ``split`` (the task
+group) and ``bank`` (the memory source), so that runs written before the names changed still resume
+and report (docs/method.md#glossary).
 
 A killed run resumes where it stopped: finished cells are not rerun, a half-finished cell resumes
 episode by episode, an interrupted training resumes from its last checkpoint.
@@ -37,7 +42,7 @@ from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
 from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
 from exprag.memory_block import MemorySpec
-from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
+from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
 
 Log = Callable[[str], None]
 # Fields of the training config that the runner sets itself (data, model, output, seed, memory).
@@ -92,8 +97,8 @@ class DataSettings:
     # fraction of the step cap (e.g. 0.667), so that no cap falls below the expert; what was dropped
     # and why is written to data/ceiling.json. None = every selected game.
     expert_ceiling: float | None = None
-    # The experiment's own split, e.g. {easy: [types trained], hard: [types held out]}, for a held-out
-    # set other than the env's default easy / hard; a split not named keeps the env's default.
+    # The experiment's own task groups, e.g. {easy: [types trained], hard: [types held out]}, for a
+    # held-out set other than the env's default easy / hard; a group not named keeps the env's default.
     task_types: dict[str, list[str]] | None = None
 
 
@@ -115,8 +120,8 @@ class GridBlock:
     """A Cartesian product of grid axes; the experiment is the union of its blocks."""
 
     methods: list[str]
-    splits: list[str] = field(default_factory=lambda: list(SPLITS))
-    banks: list[str] = field(default_factory=lambda: ["matched"])
+    groups: list[str] = field(default_factory=lambda: list(GROUPS))  # YAML `groups:` (or `splits:`)
+    sources: list[str] = field(default_factory=lambda: ["matched"])  # YAML `sources:` (or `banks:`)
     k: list[int] | None = None  # None = [main_k]
     modes: list[str] = field(default_factory=lambda: ["static"])
     models: list[str] | None = None  # None = every model of the experiment
@@ -148,11 +153,11 @@ class ExperimentConfig:
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/experiments/{self.name}")
 
-    def split_types(self, split: str) -> str:
-        """The task types of a split (easy | hard) as eval configs take them: the env's split name, or
-        the comma list of ``data.task_types``; any other value (a type list) is returned as is."""
-        custom = (self.data.task_types or {}).get(split)
-        return ",".join(custom) if custom else split
+    def group_types(self, group: str) -> str:
+        """The task types of a task group (easy | hard) as eval configs take them: the env's group name,
+        or the comma list of ``data.task_types``; any other value (a type list) is returned as is."""
+        custom = (self.data.task_types or {}).get(group)
+        return ",".join(custom) if custom else group
 
     @property
     def retriever(self) -> RetrieverSpec:
@@ -182,8 +187,8 @@ class ExperimentConfig:
 class Cell:
     model: str
     method: str
-    split: str  # easy | hard: the task types under test
-    bank: str  # matched | mismatched | all | empty | none (a method without retrieval)
+    group: str  # easy | hard: the task types under test
+    source: str  # the memory source: matched | mismatched | all | empty | oracle | none (no retrieval)
     k: int | None
     mode: str | None
     seed: int | None  # None for the frozen model (greedy decoding: nothing random)
@@ -191,7 +196,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        parts = [self.method, self.split, self.bank]
+        parts = [self.method, self.group, self.source]
         if self.k is not None:
             parts += [f"k{self.k}", str(self.mode)]
         if self.retriever is not None:
@@ -203,6 +208,13 @@ class Cell:
     @property
     def retrieves(self) -> bool:
         return self.k is not None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The cell as results rows and cell.json hold it: the task group and memory source keep their
+        file field names ``split`` and ``bank``."""
+        return {"model": self.model, "method": self.method, "split": self.group, "bank": self.source,
+                "k": self.k, "mode": self.mode, "seed": self.seed, "retriever": self.retriever}
 
 
 @dataclass
@@ -232,9 +244,36 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
 
 def experiment_config_from_dict(data: dict[str, Any], where: str = "<experiment>") -> ExperimentConfig:
     cfg = from_dict(ExperimentConfig, data, where)
-    cfg.grid = [b if isinstance(b, GridBlock) else from_dict(GridBlock, b, f"{where}.grid[{i}]")
-                for i, b in enumerate(cfg.grid)]
+    cfg.grid = [b if isinstance(b, GridBlock) else _grid_block(b, i, where) for i, b in enumerate(cfg.grid)]
     return validate(cfg, where)
+
+
+# Grid block keys and the names configs used before them (docs/method.md#glossary); either is read.
+_OLD_AXIS_KEYS = {"groups": "splits", "sources": "banks"}
+_AXES = {"groups": GROUPS, "sources": SOURCES}
+
+
+def _grid_block(data: Any, i: int, where: str) -> GridBlock:
+    """Grid block ``i`` from its YAML mapping, which may spell ``groups`` / ``sources`` by their older
+    names ``splits`` / ``banks`` (not both); a bad value is reported under the key as written."""
+    if isinstance(data, dict):
+        data = dict(data)
+        for new, old in _OLD_AXIS_KEYS.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise DataFormatError(f"{where}: grid[{i}]: both {new!r} and {old!r} (its older name); "
+                                      f"keep {new!r}")
+            _check_axis(f"grid[{i}].{old}", data[old], _AXES[new],
+                        lambda name, why: DataFormatError(f"{where}: field {name!r}: {why}"))
+            data[new] = data.pop(old)
+    return from_dict(GridBlock, data, f"{where}.grid[{i}]")
+
+
+def _check_axis(name: str, values: Any, allowed: Any, bad: Callable[[str, str], DataFormatError]) -> None:
+    unknown = [v for v in values if v not in allowed] if isinstance(values, list) else values
+    if unknown or not values:
+        raise bad(name, f"{unknown or 'empty'}; choose from {', '.join(allowed)}")
 
 
 def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentConfig:
@@ -248,20 +287,18 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
     if not cfg.models:
         raise bad("models", "name at least one model")
     if not cfg.grid:
-        raise bad("grid", "declare at least one block (methods, splits, banks, k, modes)")
+        raise bad("grid", "declare at least one block (methods, groups, sources, k, modes)")
     for i, b in enumerate(cfg.grid):
-        for name, values, allowed in (("methods", b.methods, METHODS), ("splits", b.splits, SPLITS),
-                                      ("banks", b.banks, BANKS), ("modes", b.modes, ("static", "dynamic"))):
-            unknown = [v for v in values if v not in allowed]
-            if unknown or not values:
-                raise bad(f"grid[{i}].{name}", f"{unknown or 'empty'}; choose from {', '.join(allowed)}")
+        for name, values, allowed in (("methods", b.methods, METHODS), ("groups", b.groups, GROUPS),
+                                      ("sources", b.sources, SOURCES), ("modes", b.modes, ("static", "dynamic"))):
+            _check_axis(f"grid[{i}].{name}", values, allowed, bad)
         if b.k is not None and (not b.k or any(int(k) < 1 for k in b.k)):
             raise bad(f"grid[{i}].k", "a list of K >= 1")
         stray = [m for m in b.models or [] if m not in cfg.models]
         if stray:
             raise bad(f"grid[{i}].models", f"{stray[0]!r} is not in the experiment's models")
     _check_retrievers(cfg, bad)
-    _check_hypotheses(cfg.hypotheses, bad)
+    cfg.hypotheses = _check_hypotheses(cfg.hypotheses, bad)
     if not 0 < cfg.alpha < 1:
         raise bad("alpha", f"{cfg.alpha}; a significance level in (0, 1)")
     if cfg.data.expert_ceiling is not None and not 0 < cfg.data.expert_ceiling <= 1:
@@ -287,13 +324,13 @@ def _check_task_types(cfg: ExperimentConfig, bad: Callable[[str, str], DataForma
     if not isinstance(custom, dict):
         raise bad("data.task_types", "a mapping {easy: [task types], hard: [task types]}")
     known = all_types(cfg.env)
-    for split, types in custom.items():
-        if split not in SPLITS:
-            raise bad(f"data.task_types.{split}", f"unknown split; choose from {', '.join(SPLITS)}")
+    for group, types in custom.items():
+        if group not in GROUPS:
+            raise bad(f"data.task_types.{group}", f"unknown task group; choose from {', '.join(GROUPS)}")
         if not isinstance(types, list) or not types or any(t not in known for t in types):
-            raise bad(f"data.task_types.{split}", f"{types!r}; a non-empty list of {cfg.env} task types: "
+            raise bad(f"data.task_types.{group}", f"{types!r}; a non-empty list of {cfg.env} task types: "
                                                   f"{', '.join(known)}")
-    easy, hard = (set(resolve_task_types(cfg.env, cfg.split_types(s))) for s in SPLITS)
+    easy, hard = (set(resolve_task_types(cfg.env, cfg.group_types(g))) for g in GROUPS)
     both = easy & hard
     if both:
         raise bad("data.task_types", f"{sorted(both)[0]!r} is in both splits; held-out types must not be trained")
@@ -329,22 +366,25 @@ def _check_retrievers(cfg: ExperimentConfig, bad: Callable[[str, str], DataForma
                             "two encoders with the same final name, or one encoder with two fallbacks")
 
 
-# A hypothesis's optional test, evaluated by the report: A vs B paired on the cells of one split.
-# a / b: "method" (matched bank) or "method/bank"; alternative: greater (A > B: b > c and p < alpha)
-# or not_less (A >= B: not significantly worse).
-_HYPOTHESIS_FIELDS = ("id", "text", "comparison", "a", "b", "split", "alternative")
+# A hypothesis's optional test, evaluated by the report: A vs B paired on the cells of one task group.
+# a / b: "method" (matched memory source) or "method/source"; alternative: greater (A > B: b > c and
+# p < alpha) or not_less (A >= B: not significantly worse). `group` is also read as `split`, its older
+# name, which experiment.json keeps (docs/method.md#glossary).
+_HYPOTHESIS_FIELDS = ("id", "text", "comparison", "a", "b", "group", "alternative")
 ALTERNATIVES = ("greater", "not_less")
 
 
 def parse_arm(arm: str) -> tuple[str, str]:
-    """(method, bank) of a hypothesis arm "method" or "method/bank"; a method without retrieval reads none."""
-    method, _, bank = arm.partition("/")
+    """(method, memory source) of a hypothesis arm "method" or "method/source"; a method without
+    retrieval reads none."""
+    method, _, source = arm.partition("/")
     if method in METHODS and not METHODS[method].retrieval:
-        return method, bank or "none"
-    return method, bank or "matched"
+        return method, source or "none"
+    return method, source or "matched"
 
 
-def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> None:
+def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> list[dict[str, Any]]:
+    """The hypotheses, checked, with an older ``split:`` key read as ``group:``."""
     if not isinstance(hyps, list):
         raise bad("hypotheses", "a list of {id, text, comparison}")
     ids = set()
@@ -352,8 +392,10 @@ def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> 
         if not isinstance(h, dict):
             raise bad(f"hypotheses[{i}]", "a mapping {id, text, comparison}")
         for f in h:
-            if f not in _HYPOTHESIS_FIELDS:
+            if f not in (*_HYPOTHESIS_FIELDS, "split"):
                 raise bad(f"hypotheses[{i}].{f}", f"unknown; choose from {', '.join(_HYPOTHESIS_FIELDS)}")
+        if "split" in h and "group" in h:
+            raise bad(f"hypotheses[{i}]", "both 'group' and 'split' (its older name); keep 'group'")
         _check_hypothesis_test(h, f"hypotheses[{i}]", bad)
         for f in ("id", "text"):
             if not isinstance(h.get(f), str) or not h[f].strip():
@@ -363,23 +405,25 @@ def _check_hypotheses(hyps: Any, bad: Callable[[str, str], DataFormatError]) -> 
         if h["id"] in ids:
             raise bad(f"hypotheses[{i}].id", f"{h['id']!r} is used twice")
         ids.add(h["id"])
+    return [{("group" if k == "split" else k): v for k, v in h.items()} for h in hyps]
 
 
 def _check_hypothesis_test(h: dict[str, Any], where: str, bad: Callable[[str, str], DataFormatError]) -> None:
-    given = [f for f in ("a", "b", "split") if f in h]
+    group = "split" if "split" in h else "group"  # the key as written
+    given = [f for f in ("a", "b", group) if f in h]
     if not given and "alternative" not in h:
         return  # free-form: printed, not tested
     if len(given) < 3:
-        missing = [f for f in ("a", "b", "split") if f not in h]
-        raise bad(f"{where}.{missing[0]}", "a tested hypothesis names a, b and split")
+        missing = [f for f in ("a", "b") if f not in h] or ["split"]  # the name existing configs know
+        raise bad(f"{where}.{missing[0]}", "a tested hypothesis names a, b and its task group (group:, or split:)")
     for f in ("a", "b"):
-        method, bank = parse_arm(h[f]) if isinstance(h[f], str) else ("", "")
-        if method not in METHODS or bank not in (*BANKS, "none") or bank in DIAGNOSTIC_BANKS \
-                or (bank == "none") == METHODS[method].retrieval:
-            raise bad(f"{where}.{f}", f"{h[f]!r}; a method ({', '.join(METHODS)}), optionally /bank "
-                                      f"({', '.join(b for b in BANKS if b not in DIAGNOSTIC_BANKS)})")
-    if h["split"] not in SPLITS:
-        raise bad(f"{where}.split", f"{h['split']!r}; choose from {', '.join(SPLITS)}")
+        method, source = parse_arm(h[f]) if isinstance(h[f], str) else ("", "")
+        if method not in METHODS or source not in (*SOURCES, "none") or source in DIAGNOSTIC_SOURCES \
+                or (source == "none") == METHODS[method].retrieval:
+            raise bad(f"{where}.{f}", f"{h[f]!r}; a method ({', '.join(METHODS)}), optionally /memory source "
+                                      f"({', '.join(s for s in SOURCES if s not in DIAGNOSTIC_SOURCES)})")
+    if h[group] not in GROUPS:
+        raise bad(f"{where}.{group}", f"{h[group]!r}; choose from {', '.join(GROUPS)}")
     if h.get("alternative", "greater") not in ALTERNATIVES:
         raise bad(f"{where}.alternative", f"{h['alternative']!r}; choose from {', '.join(ALTERNATIVES)}")
 
@@ -393,18 +437,18 @@ def expand(cfg: ExperimentConfig) -> list[Cell]:
         for model in b.models or cfg.models:
             for method in b.methods:
                 m = METHODS[method]
-                for split in b.splits:
-                    for bank in b.banks if m.retrieval else ["none"]:
-                        retrieves = m.retrieval and bank != "empty"
+                for group in b.groups:
+                    for source in b.sources if m.retrieval else ["none"]:
+                        retrieves = m.retrieval and source != "empty"
                         for k in (b.k or [cfg.main_k]) if retrieves else [None]:
                             for mode in b.modes if retrieves else [None]:
                                 for seed in cfg.seeds if m.adapter else [None]:
                                     r = retriever if retrieves else None  # no memory: no retriever
-                                    cells[Cell(model, method, split, bank, k, mode, seed, r)] = None
+                                    cells[Cell(model, method, group, source, k, mode, seed, r)] = None
     order = {name: i for i, name in enumerate(METHODS)}
     return sorted(cells, key=lambda c: (cfg.models.index(c.model), METHODS[c.method].adapter or "",
-                                        c.seed or 0, order[c.method], SPLITS.index(c.split),
-                                        BANKS.index(c.bank) if c.bank in BANKS else -1, c.k or 0, c.mode or "",
+                                        c.seed or 0, order[c.method], GROUPS.index(c.group),
+                                        SOURCES.index(c.source) if c.source in SOURCES else -1, c.k or 0, c.mode or "",
                                         c.retriever or ""))
 
 
@@ -479,7 +523,7 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
     model_key, model_obj = None, None
     for i, cell in enumerate(cells, 1):
         adapter = adapters.get((cell.model, METHODS[cell.method].adapter, cell.seed))
-        ecfg = _cell_eval_config(cfg, out, cell, banks, adapter, kept.get(f"test-{cell.split}"))
+        ecfg = _cell_eval_config(cfg, out, cell, banks, adapter, kept.get(f"test-{cell.group}"))
         cell_dir = Path(ecfg.out)
         done = _finished_cell(cell_dir, ecfg)
         if done is None:
@@ -516,7 +560,7 @@ def _run_cell(ecfg: EvalConfig, cell: Cell, model: Any, progress: bool) -> dict[
     from exprag.evaluate import evaluate
 
     res = evaluate(ecfg, model=model, progress=progress)
-    done = {"cell": dataclasses.asdict(cell), "eval_config": to_dict(ecfg), "metrics": res.metrics,
+    done = {"cell": cell.record, "eval_config": to_dict(ecfg), "metrics": res.metrics,
             "finished": _now()}
     atomic_write_json(Path(ecfg.out) / "cell.json", done)
     return done
@@ -536,9 +580,9 @@ def _finished_cell(cell_dir: Path, ecfg: EvalConfig) -> dict[str, Any] | None:
 
 
 def _bank_name(cell: Cell) -> str:
-    """The bank (easy | hard | all train bank, or oracle-<split>) a retrieving cell reads."""
-    other = {"easy": "hard", "hard": "easy"}[cell.split]
-    return {"matched": cell.split, "mismatched": other, "all": "all", "oracle": f"oracle-{cell.split}"}[cell.bank]
+    """The bank (easy | hard | all train bank, or oracle-<group>) a retrieving cell's memory source reads."""
+    other = {"easy": "hard", "hard": "easy"}[cell.group]
+    return {"matched": cell.group, "mismatched": other, "all": "all", "oracle": f"oracle-{cell.group}"}[cell.source]
 
 
 def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[str | None, dict[str, Path]],
@@ -550,16 +594,16 @@ def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[
                                     memory=cfg.memory(cell.k, cell.mode))
     base = cfg.agent_eval_config(cell.model, cell.seed if cell.seed is not None else 2025)
     return dataclasses.replace(
-        base, split=cfg.data.test_split, task_types=cfg.split_types(cell.split), per_type=cfg.data.test_per_type,
+        base, split=cfg.data.test_split, task_types=cfg.group_types(cell.group), per_type=cfg.data.test_per_type,
         adapter=str(adapter) if adapter else None, retrieval=retrieval, out=str(out / "cells" / cell.id),
-        task_ids=task_ids, oracle_memory=True if cell.bank in DIAGNOSTIC_BANKS else None,
+        task_ids=task_ids, oracle_memory=True if cell.source in DIAGNOSTIC_SOURCES else None,
     )
 
 
 def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: dict[str, Any],
          retriever: dict[str, Any] | None) -> dict[str, Any]:
     m = done["metrics"]
-    row = {"cell": cell.id, **dataclasses.asdict(cell), "method_label": METHODS[cell.method].label,
+    row = {"cell": cell.id, **cell.record, "method_label": METHODS[cell.method].label,
            "env": cfg.env, "adapter": _rel(ecfg.adapter, out), "retriever_info": retriever}
     for key in ("n", "successes", "success_rate", "ci95", "mean_steps", "tokens_per_s",
                 "unparsable_rate", "valid_action_rate"):
@@ -569,9 +613,9 @@ def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: d
                        for t, b in m.get("per_type", {}).items()}
     row["run_dir"] = _rel(ecfg.out, out)
     row["episodes"] = _episodes(Path(ecfg.out), m.get("n"))
-    if cell.bank in DIAGNOSTIC_BANKS:
+    if cell.source in DIAGNOSTIC_SOURCES:
         row["diagnostic"] = "oracle memory: the expert trajectory of the very test game (leaky by design)"
-    experts = out / "data" / f"test-{cell.split}.jsonl"
+    experts = out / "data" / f"test-{cell.group}.jsonl"
     if cell.retrieves and experts.is_file():
         row["expert_action_coverage"] = expert_action_coverage(experts, Path(ecfg.out), Path(ecfg.retrieval.bank))
     return row
@@ -642,7 +686,7 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
     from exprag.envs.splits import resolve_task_types, select_tasks
     from exprag.expert import collect_to_file
 
-    wanted = {f"train-{s}": ("train", s, cfg.data.train_per_type) for s in SPLITS}
+    wanted = {f"train-{g}": ("train", g, cfg.data.train_per_type) for g in GROUPS}
     if adapters and cfg.data.val_per_type:
         wanted["dev-easy"] = ("dev", "easy", cfg.data.val_per_type)
     paths = {name: out / "data" / f"{name}.jsonl" for name in wanted}
@@ -651,7 +695,7 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
         with make_env(cfg.env, **cfg.env_args) as env:
             for name in todo:
                 split, group, per_type = wanted[name]
-                tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, cfg.split_types(group))), per_type)
+                tasks = select_tasks(env.tasks(split, resolve_task_types(cfg.env, cfg.group_types(group))), per_type)
                 done = collect_to_file(
                     env, tasks, paths[name], desc=f"expert {name}", progress=progress or None,
                     empty_error=f"{cfg.env}: the expert solved none of the {len(tasks)} {split} tasks of the "
@@ -661,14 +705,15 @@ def _ensure_data(cfg: ExperimentConfig, out: Path, adapters: list, progress: boo
 
 
 def _needs_test_experts(cfg: ExperimentConfig, cells: list[Cell]) -> bool:
-    return cfg.data.expert_ceiling is not None or any(c.bank in DIAGNOSTIC_BANKS for c in cells)
+    return cfg.data.expert_ceiling is not None or any(c.source in DIAGNOSTIC_SOURCES for c in cells)
 
 
 def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], adapters: list, progress: bool,
                          say: Log) -> dict[str, list[str]]:
-    """Expert trajectories of the test games of every split under test (and, with a ceiling, of the dev
-    games of checkpoint selection): ``data/test-<split>.jsonl`` feed the oracle banks and the report's
-    expert-action coverage. Returns the task ids kept per group (``test-<split>``, ``sel``), at most
+    """Expert trajectories of the test games of every task group under test (and, with a ceiling, of
+    the dev games of checkpoint selection): ``data/test-<group>.jsonl`` feed the oracle banks and the
+    report's expert-action coverage. Returns the task ids kept per game set (``test-<group>``, ``sel``;
+    ceiling.json's ``groups``), at most
     ``per_type`` of each type, the first the expert solves within ``expert_ceiling`` x the step cap;
     ``data/ceiling.json`` records every game looked at, its expert length, its cap, and why it was dropped."""
     from exprag.envs import make_env
@@ -679,11 +724,11 @@ def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], ad
     if not _needs_test_experts(cfg, cells):
         return {}
     path = out / "data" / "ceiling.json"
-    groups = {f"test-{s}": (cfg.data.test_split, cfg.split_types(s), cfg.data.test_per_type, cfg.eval.max_steps)
-              for s in SPLITS if any(c.split == s for c in cells)}
+    groups = {f"test-{g}": (cfg.data.test_split, cfg.group_types(g), cfg.data.test_per_type, cfg.eval.max_steps)
+              for g in GROUPS if any(c.group == g for c in cells)}
     sel = config_from_dict({**cfg.train, "trajectories": ["-"]}, f"{cfg.name}.train").selection
     if adapters and sel.every and cfg.data.expert_ceiling is not None:
-        groups["sel"] = (sel.split, cfg.split_types(sel.task_types), sel.per_type, sel.max_steps or cfg.eval.max_steps)
+        groups["sel"] = (sel.split, cfg.group_types(sel.task_types), sel.per_type, sel.max_steps or cfg.eval.max_steps)
     want = {"expert_ceiling": cfg.data.expert_ceiling,
             "groups": {g: {"split": sp, "task_types": ty, "per_type": n, "max_steps": m}
                        for g, (sp, ty, n, m) in groups.items()}}
@@ -773,11 +818,11 @@ def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], cells
     from exprag.bank.store import reusable_manifest
     from exprag.trajectory import read_jsonl
 
-    sources = {"easy": [data["train-easy"]], "hard": [data["train-hard"]],
-               "all": [data["train-easy"], data["train-hard"]]}
-    for s in SPLITS:  # the diagnostic oracle banks: expert trajectories of the test games themselves
-        if f"test-{s}" in data:
-            sources[f"oracle-{s}"] = [data[f"test-{s}"]]
+    inputs = {"easy": [data["train-easy"]], "hard": [data["train-hard"]],
+              "all": [data["train-easy"], data["train-hard"]]}
+    for g in GROUPS:  # the diagnostic oracle banks: expert trajectories of the test games themselves
+        if f"test-{g}" in data:
+            inputs[f"oracle-{g}"] = [data[f"test-{g}"]]
     specs = retrievers(cfg)
     needed = {key: {_bank_name(c) for c in cells if c.retrieves and c.retriever == key}
               | ({"easy", "hard", "all"} if key is None else set()) for key in specs}
@@ -788,8 +833,8 @@ def _ensure_banks(cfg: ExperimentConfig, out: Path, data: dict[str, Path], cells
             continue
         encoder, why = None, None  # the encoder this retriever builds with, decided at its first build
         banks[key] = {}
-        for name in sorted(needed[key], key=list(sources).index):
-            files, path = sources[name], bank_dir(out, key, spec, name)
+        for name in sorted(needed[key], key=list(inputs).index):
+            files, path = inputs[name], bank_dir(out, key, spec, name)
             manifest = reusable_manifest(path, files, [encoder] if encoder else [spec.encoder, spec.fallback],
                                          spec.scoring)
             if manifest is not None:
@@ -900,7 +945,7 @@ def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str
                                concurrency=None)
     return rollout_eval(lambda ckpt: selection_eval_config(
         sel, base, ckpt, retrieval, Path(tcfg.out) / "eval" / ckpt.name,
-        task_types=cfg.split_types(sel.task_types), task_ids=task_ids))
+        task_types=cfg.group_types(sel.task_types), task_ids=task_ids))
 
 
 def _write_training_summary(out: Path, cfg: ExperimentConfig, adapters: list) -> None:
@@ -989,11 +1034,19 @@ def _start_info(cfg: ExperimentConfig, out: Path, command: str) -> dict[str, Any
         "commit": runs[-1]["commit"], "machine": runs[-1]["machine"],
         "started": old.get("started", runs[-1]["started"]), "finished": None,
         "duration_s": old.get("duration_s", 0.0), "stages": old.get("stages", {}),
-        "config": {**dataclasses.asdict(cfg), "grid": [dataclasses.asdict(b) for b in cfg.grid]},
+        "config": _config_record(cfg),
         "runs": runs,
     }
     atomic_write_json(path, info)
     return info
+
+
+def _config_record(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as experiment.json holds it: grid blocks and hypotheses keep the file field
+    names ``splits`` / ``banks`` / ``split`` for the task groups and memory sources."""
+    grid = [{_OLD_AXIS_KEYS.get(k, k): v for k, v in dataclasses.asdict(b).items()} for b in cfg.grid]
+    hyps = [{("split" if k == "group" else k): v for k, v in h.items()} for h in cfg.hypotheses]
+    return {**dataclasses.asdict(cfg), "grid": grid, "hypotheses": hyps}
 
 
 def _save_info(out: Path, info: dict[str, Any], t0: float) -> None:

@@ -25,11 +25,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("exprag_lora", "ExpRAG-LoRA", "exprag_lora", True),
 )}
 
-# Which bank a retrieving method reads at inference, relative to the split under test:
-# matched = that split's train bank; mismatched = the other split's; all = both; empty = no trajectories
+# The task groups under test (docs/method.md#glossary): easy = the task types trained on (in
+# distribution), hard = the held-out ones. Results rows and cell ids keep the field name `split`.
+GROUPS = ("easy", "hard")
+# The memory source of a retrieving method: which trajectories feed its memory block at inference,
+# relative to the task group under test (results rows keep the field name `bank`):
+# matched = that group's train bank; mismatched = the other group's; all = both; empty = no trajectories
 # (the memory block is then absent, as for a method without retrieval); oracle = a diagnostic, not a
 # method: the memory holds only the expert trajectory of the very test game (deliberately leaky), to tell
 # whether a model can use a memory at all. Oracle cells are labelled and never pooled with methods.
-BANKS = ("matched", "mismatched", "all", "empty", "oracle")
-DIAGNOSTIC_BANKS = ("oracle",)
-SPLITS = ("easy", "hard")
+SOURCES = ("matched", "mismatched", "all", "empty", "oracle")
+DIAGNOSTIC_SOURCES = ("oracle",)

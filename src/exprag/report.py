@@ -2,14 +2,15 @@
 read from one or more experiment run directories::
 
     experiment.json   what ran, where, how long, with which resolved config (its ``main_k`` included)
-    results.jsonl     one row per evaluated cell (model x method x split x bank x K x mode x seed)
+    results.jsonl     one row per evaluated cell (model x method x task group x memory source x K x mode x
+                      seed; the row fields ``split`` and ``bank``, docs/method.md#glossary)
     training.json     the adapters trained, with their per-epoch losses and rollout success (optional)
 
 Cells of several run directories are merged (models become columns); seeds of a cell are pooled by
 summing counts, and every interval is a Wilson interval recomputed from the pooled counts.
 
 Every method is evaluated on the same tasks, so the comparisons that matter are also tested paired:
-episodes are matched by (model, seed, split, task id) and an exact McNemar test is run on the
+episodes are matched by (model, seed, task group, task id) and an exact McNemar test is run on the
 discordant pairs (see ``mcnemar_p``).
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable
 from exprag.errors import DataFormatError
 from exprag.evaluate import read_results, wilson
 from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
-from exprag.methods import BANKS, DIAGNOSTIC_BANKS, METHODS, SPLITS
+from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
 from exprag.validate import check_type
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
@@ -42,8 +43,8 @@ class Cell:
 
     model: str
     method: str
-    split: str
-    bank: str  # one of BANKS, or "none" for a method without retrieval
+    group: str  # the task group under test (the row's `split`)
+    source: str  # the memory source (the row's `bank`): one of SOURCES, or "none" for a method without retrieval
     k: int | None
     mode: str | None
     seed: int | None  # None for frozen-model methods
@@ -138,9 +139,9 @@ def _read_cell(obj: Any, where: str, main_k: int) -> tuple[str, Cell]:
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     get = lambda name, types, **kw: _get(obj, name, where, types, **kw)  # noqa: E731
-    cell_id, model, method, split, bank = (get(f, str) for f in ("cell", "model", "method", "split", "bank"))
-    for name, value, allowed in (("method", method, tuple(METHODS)), ("split", split, SPLITS),
-                                 ("bank", bank, (*BANKS, "none"))):
+    cell_id, model, method, group, source = (get(f, str) for f in ("cell", "model", "method", "split", "bank"))
+    for name, value, allowed in (("method", method, tuple(METHODS)), ("split", group, GROUPS),
+                                 ("bank", source, (*SOURCES, "none"))):
         if value not in allowed:
             raise DataFormatError(f"{where}: field '{name}' is {value!r}, expected one of {', '.join(allowed)}")
     # k / mode / seed are null for methods they do not apply to; an absent key reads the same.
@@ -173,7 +174,7 @@ def _read_cell(obj: Any, where: str, main_k: int) -> tuple[str, Cell]:
     if isinstance(cov, dict):
         coverage = (_get(cov, "found", where, int, prefix="expert_action_coverage."),
                     _get(cov, "expert_actions", where, int, prefix="expert_action_coverage."))
-    return cell_id, Cell(model, method, split, bank, k, mode, seed, n, successes, per_type, main_k, steps, valid,
+    return cell_id, Cell(model, method, group, source, k, mode, seed, n, successes, per_type, main_k, steps, valid,
                          retriever, info, episodes, coverage)
 
 
@@ -250,11 +251,11 @@ def _grouped(cells: Iterable[Cell], key: Callable[[Cell], tuple],
 
 
 def _depth_groups(cells: list[Cell]) -> dict[tuple, dict[tuple, Pooled]]:
-    """(model, method, split) swept over K or mode (matched bank) -> {(mode, k): pooled}."""
+    """(model, method, task group) swept over K or mode (matched memory source) -> {(mode, k): pooled}."""
     groups: dict[tuple, dict[tuple, list[Cell]]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
-        if c.bank == "matched" and c.k is not None:
-            groups[c.model, c.method, c.split][c.mode, c.k].append(c)
+        if c.source == "matched" and c.k is not None:
+            groups[c.model, c.method, c.group][c.mode, c.k].append(c)
     return {g: {mk: _pool(cs) for mk, cs in pts.items()} for g, pts in groups.items() if len(pts) >= 2}
 
 
@@ -304,7 +305,7 @@ def _header(exp: Experiment) -> list[str]:
         f"- settings: train per type {show(data.get('train_per_type'))}, test per type "
         f"{show(data.get('test_per_type'))}, split {show(data.get('test_split', data.get('split')))}, max steps "
         f"{show(ev.get('max_steps'))}, main K {cfg['main_k']}",
-        *(["- task types (the experiment's own split): " + "; ".join(
+        *(["- task types (the experiment's own task groups): " + "; ".join(
             f"{k} = {', '.join(v)}" for k, v in data["task_types"].items())] if data.get("task_types") else []),
         *_retriever_lines(exp),
         *_hypothesis_lines(cfg.get("hypotheses")),
@@ -373,8 +374,8 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
                      lambda p: (p / "report.md").is_file() or (p / "experiment.json").is_file())
     every_cell = [c for e in exps for c in e.cells]
     # Diagnostic cells (the oracle memory) get their own section, never a method's table or test.
-    diagnostic = [c for c in every_cell if c.bank in DIAGNOSTIC_BANKS]
-    cells = [c for c in every_cell if c.bank not in DIAGNOSTIC_BANKS]
+    diagnostic = [c for c in every_cell if c.source in DIAGNOSTIC_SOURCES]
+    cells = [c for c in every_cell if c.source not in DIAGNOSTIC_SOURCES]
     training = [t for e in exps for t in e.training]
     models = list(dict.fromkeys([*(m for e in exps for m in e.meta["models"]), *(c.model for c in cells)]))
     methods = [m for m in METHODS if any(c.method == m for c in cells)]
@@ -386,15 +387,15 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
         {(c.method, c.retriever) for c in cells if c.retriever is not None},
         key=lambda mr: (methods.index(mr[0]), mr[1]))
 
-    every = _grouped(cells, lambda c: (c.model, c.method, c.split, c.retriever),
-                     lambda c: c.bank in ("matched", "none"))
+    every = _grouped(cells, lambda c: (c.model, c.method, c.group, c.retriever),
+                     lambda c: c.source in ("matched", "none"))
     groups = {(m, x, s): cs for (m, x, s, r), cs in every.items() if r is None}
     main = {kk: _pool(cs) for kk, cs in groups.items()}
-    banks: dict[tuple, set[str]] = defaultdict(set)
+    sources: dict[tuple, set[str]] = defaultdict(set)
     for c in base:
-        banks[c.model, c.method, c.split].add(c.bank)
-    robust_keys = {(m, x) for (m, x, _), b in banks.items() if len(b) > 1}
-    robust_groups = _grouped(base, lambda c: (c.model, c.method, c.bank, c.split),
+        sources[c.model, c.method, c.group].add(c.source)
+    robust_keys = {(m, x) for (m, x, _), b in sources.items() if len(b) > 1}
+    robust_groups = _grouped(base, lambda c: (c.model, c.method, c.source, c.group),
                              lambda c: (c.model, c.method) in robust_keys)
     robust = {kk: _pool(cs) for kk, cs in robust_groups.items()}
     depth = _depth_groups(base)
@@ -407,7 +408,7 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     if not cells:
         lines += ["No evaluated cells yet.", ""]
     else:
-        lines += ["Matched bank (or none), static retrieval where both modes ran, main K; seeds pooled "
+        lines += ["Matched memory source (or none), static retrieval where both modes ran, main K; seeds pooled "
                   "(summed successes / summed episodes). Cells: success % (successes/episodes).", ""]
         header = ["method", *(f"{m} (easy / hard)" for m in models)]
         rows, ci_rows, seeded = [], [], []
@@ -423,7 +424,7 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
         if seeded:
             lines += ["Pooled over seeds: " + "; ".join(seeded) + ".", ""]
         lines += ["95% Wilson intervals (%), from the pooled counts:", ""] + _table(header, ci_rows)
-        valid_rows = [[labels(meth, r), *(" / ".join(_valid_text(every.get((m, meth, s, r), [])) for s in SPLITS)
+        valid_rows = [[labels(meth, r), *(" / ".join(_valid_text(every.get((m, meth, s, r), [])) for s in GROUPS)
                                           for m in models)] for meth, r in row_keys]
         if any(c.valid_action_rate is not None for cs in every.values() for c in cs):
             lines += ["Valid-action rate (%): the share of steps whose action the environment accepted "
@@ -435,37 +436,37 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     lines += _coverage_section(models, every_cell)
 
     if robust:
-        lines += ["## Robustness to the bank at inference (%)", "",
-                  "Matched = the split's own train bank; mismatched = the other split's; all = both; "
+        lines += ["## Robustness to the memory source at inference (%)", "",
+                  "Matched = the task group's own train bank; mismatched = the other group's; all = both; "
                   "empty = no trajectories.", ""]
         rows = []
         for m in models:
             for meth in methods:
                 if (m, meth) in robust_keys:
-                    rows += [[m, METHODS[meth].label, bank, *(_text(robust.get((m, meth, bank, s))) for s in SPLITS)]
-                             for bank in BANKS if any((m, meth, bank, s) in robust for s in SPLITS)]
-        lines += _table(["model", "method", "bank", *SPLITS], rows)
+                    rows += [[m, METHODS[meth].label, src, *(_text(robust.get((m, meth, src, g))) for g in GROUPS)]
+                             for src in SOURCES if any((m, meth, src, g) in robust for g in GROUPS)]
+        lines += _table(["model", "method", "bank", *GROUPS], rows)  # column names as in results rows
 
     if depth:
         ks = sorted({k for pts in depth.values() for _, k in pts})
         rows = []
-        order = lambda g: (models.index(g[0]), methods.index(g[1]), SPLITS.index(g[2]))  # noqa: E731
-        for (m, meth, split), pts in sorted(depth.items(), key=lambda i: order(i[0])):
+        order = lambda g: (models.index(g[0]), methods.index(g[1]), GROUPS.index(g[2]))  # noqa: E731
+        for (m, meth, group), pts in sorted(depth.items(), key=lambda i: order(i[0])):
             for mode in sorted({md for md, _ in pts}, key=_MODE_PREFERENCE.index):
-                rows.append([m, METHODS[meth].label, split, mode or _DASH, *(_text(pts.get((mode, k))) for k in ks)])
-        lines += ["## Retrieval depth and mode (%), matched bank", ""]
+                rows.append([m, METHODS[meth].label, group, mode or _DASH, *(_text(pts.get((mode, k))) for k in ks)])
+        lines += ["## Retrieval depth and mode (%), matched memory source", ""]
         lines += _table(["model", "method", "split", "mode", *(f"K={k}" for k in ks)], rows)
 
     if any(c.per_type for cs in groups.values() for c in cs):
         lines += ["## Per task type (%), main-table cells", ""]
         for m in models:
-            for split in SPLITS:
-                present = [meth for meth in methods if groups.get((m, meth, split))]
-                types = sorted({t for meth in present for c in groups[m, meth, split] for t in c.per_type})
+            for group in GROUPS:
+                present = [meth for meth in methods if groups.get((m, meth, group))]
+                types = sorted({t for meth in present for c in groups[m, meth, group] for t in c.per_type})
                 if not types:
                     continue
-                rows = [[t, *(_text(_per_type(groups[m, meth, split], t)) for meth in present)] for t in types]
-                lines += [f"### {m}, {split}", ""] + _table(["task type", *(METHODS[x].label for x in present)], rows)
+                rows = [[t, *(_text(_per_type(groups[m, meth, group], t)) for meth in present)] for t in types]
+                lines += [f"### {m}, {group}", ""] + _table(["task type", *(METHODS[x].label for x in present)], rows)
 
     if training:
         lines += ["## Training", ""] + _training_table(training)
@@ -473,8 +474,8 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
     plots = _plots(out, models, methods, main, robust, robust_keys, depth, training)
     captions = {
         "success_by_method.png": "Success per method, easy vs hard, with 95% Wilson intervals.",
-        "success_vs_k.png": "Success vs the number K of retrieved trajectories, per method, split and mode.",
-        "robustness.png": "Success by the bank read at inference, per split.",
+        "success_vs_k.png": "Success vs the number K of retrieved trajectories, per method, task group and mode.",
+        "robustness.png": "Success by the memory source read at inference, per task group.",
         "training_curves.png": "Train and validation loss (left) and rollout success (right) per epoch.",
     }
     if plots:
@@ -502,7 +503,7 @@ def _row_labels(exps: list[Experiment], cells: list[Cell]) -> Callable[[str, str
 
 # ------------------------------------------------------------------------------ paired statistics
 
-# (A, B): the method and its baseline; the bank comparison (matched vs empty) is added per method.
+# (A, B): the method and its baseline; the memory-source comparison (matched vs empty) is added per method.
 PAIRED = (("exprag_lora", "lora"), ("lora_retrieval", "lora"), ("exprag_frozen", "no_retrieval"))
 
 
@@ -519,7 +520,7 @@ def mcnemar_p(b: int, c: int) -> float:
 
 @dataclass(frozen=True)
 class Paired:
-    """Episodes of A and B matched by (seed, task id) within one (model, split)."""
+    """Episodes of A and B matched by (seed, task id) within one (model, group)."""
 
     n: int  # pairs
     a_episodes: int  # episodes with a recorded outcome, each side (some may have no partner)
@@ -547,15 +548,15 @@ def pair_cells(a: list[Cell], b: list[Cell]) -> Paired:
 
 def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, list[Cell]],
                     robust_groups: dict[tuple, list[Cell]]) -> list[str]:
-    comparisons = []  # (model, label, split, cells A, cells B)
+    comparisons = []  # (model, label, group, cells A, cells B)
     for m in models:
         for a, b in PAIRED:
-            for s in SPLITS:
+            for s in GROUPS:
                 if groups.get((m, a, s)) and groups.get((m, b, s)):
                     comparisons.append((m, f"{METHODS[a].label} vs {METHODS[b].label}", s,
                                         groups[m, a, s], groups[m, b, s]))
         for meth in methods:
-            for s in SPLITS:
+            for s in GROUPS:
                 if robust_groups.get((m, meth, "matched", s)) and robust_groups.get((m, meth, "empty", s)):
                     comparisons.append((m, f"{METHODS[meth].label}: matched vs empty bank", s,
                                         robust_groups[m, meth, "matched", s], robust_groups[m, meth, "empty", s]))
@@ -572,7 +573,7 @@ def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, l
         rows.append([m, label, s, used, str(pr.b), str(pr.c), _p_text(pr.p),
                      f"{pa.text()} {pa.ci_text()}", f"{pb.text()} {pb.ci_text()}"])
     return ["## Paired comparisons (exact McNemar)", "",
-            "Episodes paired by (model, seed, split, task id), main-table cells (matched bank, main K, "
+            "Episodes paired by (model, seed, task group, task id), main-table cells (matched memory source, main K, "
             "static where both modes ran); pairs = episodes both sides ran (of each side's episodes when "
             "some have no partner; 0 when the rows carry no episode outcomes). b = A succeeded and B "
             "failed, c = the reverse; p = exact two-sided McNemar (binomial on b + c, 1/2). Success % "
@@ -581,26 +582,26 @@ def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, l
          "B % [95% CI]"], rows)
 
 
-def _arm_cells(cells: list[Cell], arm: str, split: str) -> dict[str, list[Cell]]:
-    """Per model: the experiment's-retriever cells of a hypothesis arm ("method" or "method/bank") at
+def _arm_cells(cells: list[Cell], arm: str, group: str) -> dict[str, list[Cell]]:
+    """Per model: the experiment's-retriever cells of a hypothesis arm ("method" or "method/source") at
     the main K, static retrieval where both modes ran."""
     from exprag.experiment import parse_arm
 
-    method, bank = parse_arm(arm)
+    method, source = parse_arm(arm)
     got = _grouped(cells, lambda c: (c.model,),
-                   lambda c: c.retriever is None and (c.method, c.bank, c.split) == (method, bank, split))
+                   lambda c: c.retriever is None and (c.method, c.source, c.group) == (method, source, group))
     return {m: cs for (m,), cs in got.items()}
 
 
 def _hypotheses_section(exps: list[Experiment]) -> list[str]:
-    """Each pre-registered hypothesis that names its test (a, b, split, alternative), evaluated on the
+    """Each pre-registered hypothesis that names its test (a, b, task group, alternative), evaluated on the
     paired episodes of its experiment: greater = A > B (b > c and p < alpha); not_less = A >= B (not
     significantly worse: not (c > b and p < alpha))."""
     rows = []
     for e in exps:
         cfg = e.meta["config"]
         alpha = float(cfg.get("alpha", 0.05))
-        for h in cfg.get("hypotheses") or []:
+        for h in cfg.get("hypotheses") or []:  # experiment.json names the task group `split`
             if not (isinstance(h, dict) and {"a", "b", "split"} <= h.keys()):
                 continue
             alt = h.get("alternative", "greater")
@@ -622,7 +623,7 @@ def _hypotheses_section(exps: list[Experiment]) -> list[str]:
     alphas = sorted({float(e.meta["config"].get("alpha", 0.05)) for e in exps})
     return ["## Hypotheses (pre-registered)", "",
             f"Paired exact McNemar tests at alpha = {', '.join(f'{a:g}' for a in alphas)}, on the episodes both "
-            "arms ran (matched bank unless the arm names one; main K; static where both modes ran). "
+            "arms ran (matched memory source unless the arm names one; main K; static where both modes ran). "
             "b = A succeeded and B failed, c = the reverse. A > B is supported when b > c and p < alpha; "
             "A >= B when A is not significantly worse. No correction for multiple tests.", ""] + _table(
         ["experiment", "id", "comparison (A vs B)", "model", "pairs", "b", "c", "McNemar p", "verdict"], rows)
@@ -631,36 +632,36 @@ def _hypotheses_section(exps: list[Experiment]) -> list[str]:
 def _diagnostic_section(models: list[str], cells: list[Cell]) -> list[str]:
     if not cells:
         return []
-    groups = _grouped(cells, lambda c: (c.model, c.method, c.bank, c.split))
+    groups = _grouped(cells, lambda c: (c.model, c.method, c.source, c.group))
 
     def entry(key: tuple) -> str:
         p = _pool(groups.get(key, []))
         return f"{p.text()} {p.ci_text()}" if p else _DASH
 
-    rows = [[m, METHODS[meth].label, bank, *(entry((m, meth, bank, s)) for s in SPLITS)]
-            for m in models for meth in METHODS for bank in DIAGNOSTIC_BANKS
-            if any((m, meth, bank, s) in groups for s in SPLITS)]
+    rows = [[m, METHODS[meth].label, source, *(entry((m, meth, source, s)) for s in GROUPS)]
+            for m in models for meth in METHODS for source in DIAGNOSTIC_SOURCES
+            if any((m, meth, source, s) in groups for s in GROUPS)]
     return ["## Diagnostic: oracle memory (not a method)", "",
             "The memory holds the expert trajectory of the very test game (deliberately leaky): an upper "
             "bound that tells whether the model can use a memory at all. Never pooled with the methods "
             "nor part of their paired tests. Success % (successes/episodes) [95% Wilson].", ""] + _table(
-        ["model", "method", "bank", *SPLITS], rows)
+        ["model", "method", "bank", *GROUPS], rows)
 
 
 def _coverage_section(models: list[str], cells: list[Cell]) -> list[str]:
     got: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     for c in cells:
         if c.coverage and c.retriever is None and (c.k is None or c.k == c.main_k):
-            acc = got[c.model, c.method, c.bank, c.split]
+            acc = got[c.model, c.method, c.source, c.group]
             acc[0] += c.coverage[0]
             acc[1] += c.coverage[1]
     if not got:
         return []
     order = lambda kk: (models.index(kk[0]) if kk[0] in models else 0, list(METHODS).index(kk[1]),  # noqa: E731
-                        BANKS.index(kk[2]), SPLITS.index(kk[3]))
-    rows = [[m, METHODS[meth].label, bank + (" (diagnostic)" if bank in DIAGNOSTIC_BANKS else ""), s,
+                        SOURCES.index(kk[2]), GROUPS.index(kk[3]))
+    rows = [[m, METHODS[meth].label, source + (" (diagnostic)" if source in DIAGNOSTIC_SOURCES else ""), s,
              f"{100 * f / n:.1f} ({f}/{n})" if n else _DASH]
-            for (m, meth, bank, s), (f, n) in sorted(got.items(), key=lambda i: order(i[0]))]
+            for (m, meth, source, s), (f, n) in sorted(got.items(), key=lambda i: order(i[0]))]
     return ["## Expert actions in the retrieved memory (test)", "",
             "Of the expert's actions on each evaluated game, the share that appears verbatim among the "
             "actions of the trajectories retrieved into that episode's memory (whole trajectories; main K; "
@@ -784,7 +785,7 @@ def _plots(out: Path, models: list[str], methods: list[str], main: dict, robust:
         fig, axes = _figure(len(models), width=max(5.0, 1.3 * len(methods)))
         for ax, m in zip(axes, models):
             _bars(ax, [METHODS[x].label for x in methods],
-                  {s: [main.get((m, x, s)) for x in methods] for s in SPLITS})
+                  {s: [main.get((m, x, s)) for x in methods] for s in GROUPS})
             ax.set_title(f"{m}: success by method")
             ax.set_xlabel("method")
         written.append(_save(fig, out / "success_by_method.png"))
@@ -794,7 +795,7 @@ def _plots(out: Path, models: list[str], methods: list[str], main: dict, robust:
         dmodels = [m for m in models if any(g[0] == m for g in depth)]
         fig, axes = _figure(len(dmodels))
         for ax, m in zip(axes, dmodels):
-            for (gm, meth, split), pts in depth.items():
+            for (gm, meth, group), pts in depth.items():
                 if gm != m:
                     continue
                 for mode in sorted({md for md, _ in pts}, key=_MODE_PREFERENCE.index):
@@ -802,7 +803,7 @@ def _plots(out: Path, models: list[str], methods: list[str], main: dict, robust:
                     if line:
                         xs, ps = zip(*line)
                         ax.errorbar(xs, [100 * p.rate for p in ps], yerr=list(zip(*(p.yerr() for p in ps))),
-                                    marker="o", capsize=3, label=f"{METHODS[meth].label}, {split}, {mode}")
+                                    marker="o", capsize=3, label=f"{METHODS[meth].label}, {group}, {mode}")
             ax.set_xticks(ks)
             ax.set_ylim(0, 105)
             ax.set_xlabel("K (retrieved trajectories)")
@@ -815,10 +816,10 @@ def _plots(out: Path, models: list[str], methods: list[str], main: dict, robust:
         pairs = [(m, x) for m in models for x in methods if (m, x) in robust_keys]
         fig, axes = _figure(len(pairs))
         for ax, (m, meth) in zip(axes, pairs):
-            banks = [b for b in BANKS if any((m, meth, b, s) in robust for s in SPLITS)]
-            _bars(ax, banks, {s: [robust.get((m, meth, b, s)) for b in banks] for s in SPLITS})
+            sources = [b for b in SOURCES if any((m, meth, b, s) in robust for s in GROUPS)]
+            _bars(ax, sources, {s: [robust.get((m, meth, b, s)) for b in sources] for s in GROUPS})
             ax.set_title(f"{m}: {METHODS[meth].label}")
-            ax.set_xlabel("bank at inference")
+            ax.set_xlabel("memory source at inference")
         written.append(_save(fig, out / "robustness.png"))
 
     curves = [t for t in training if t["epochs"]]

@@ -1,9 +1,10 @@
 """`exprag experiment CONFIG.yaml`: the paper's method grid, resumably, into one results table.
 
-Methods (no retrieval, ExpRAG frozen, LoRA, LoRA + retrieval at inference, ExpRAG-LoRA) x splits
-(easy / hard) x banks (matched, mismatched, all, empty) x K x static/dynamic x seeds, as declared in
-the YAML file's ``grid:`` blocks. Expert data, banks and adapters are made once; rerunning the same
-command skips finished cells. Render the results with ``exprag report RUN_DIR``.
+Methods (no retrieval, ExpRAG frozen, LoRA, LoRA + retrieval at inference, ExpRAG-LoRA) x task
+groups (easy / hard) x memory sources (matched, mismatched, all, empty) x K x static/dynamic x seeds,
+as declared in the YAML file's ``grid:`` blocks (docs/method.md#glossary). Expert data, banks and
+adapters are made once; rerunning the same command skips finished cells. Render the results with
+``exprag report RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("experiment", help="run a grid of methods x splits x banks x K (resumable)",
+    p = sub.add_parser("experiment", help="run a grid of methods x task groups x memory sources x K (resumable)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML (see configs/small-cpu.yaml)")
     p.add_argument("--out", help="experiment directory (default: the config's out, else runs/experiments/<name>)")
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exprag.experiment import expand, load_experiment_config, retrievers, run_experiment
-    from exprag.methods import DIAGNOSTIC_BANKS
+    from exprag.methods import DIAGNOSTIC_SOURCES
 
     cfg = load_experiment_config(args.config)
     if args.out:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         cells = expand(cfg)
         for c in cells:
-            print(c.id + ("  (diagnostic: oracle memory, not a method)" if c.bank in DIAGNOSTIC_BANKS else ""))
+            print(c.id + ("  (diagnostic: oracle memory, not a method)" if c.source in DIAGNOSTIC_SOURCES else ""))
         if cfg.data.expert_ceiling is not None:
             print(f"test and dev games: those the expert solves within {cfg.data.expert_ceiling} x the step cap")
         for key, spec in retrievers(cfg).items():  # which retriever the cells (labelled or not) use
