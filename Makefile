@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: bootstrap quickstart test test-all bench clean
+.PHONY: bootstrap quickstart test test-all test-engines bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -17,6 +17,11 @@ test: bootstrap
 
 test-all: bootstrap
 	$(VENV)/bin/python -m pytest -q
+
+# A real vLLM CPU server (its own .venv-vllm, created here) with SmolLM2 and an exprag-trained adapter.
+test-engines: bootstrap
+	bash scripts/serve_vllm.sh --install-only
+	$(VENV)/bin/python -m pytest -m engines -q -s tests/llm/test_llm_vllm.py
 
 bench: bootstrap
 	$(VENV)/bin/python bench/run_all.py

@@ -92,6 +92,16 @@ def rollout_headline(result: dict) -> list[dict]:
                   "exprag (KV reuse, batched)", b["prefill_tokens_per_step"], False)]
 
 
+def engines_headline(result: dict) -> list[dict]:
+    """``bench_engines``: episodes/hour through vLLM-CPU vs the transformers backend, same concurrency."""
+    a, b = result.get("transformers"), result.get("vllm_cpu")
+    if not a or not b:
+        return []
+    return [entry(f"agent episodes per hour, concurrency {result.get('concurrency')}",
+                  "transformers backend (in-process)", a["episodes_per_hour"], "vLLM CPU server",
+                  b["episodes_per_hour"], True)]
+
+
 def train_headline(result: dict) -> list[dict]:
     """``bench_train``: exprag's trajectory trainer vs TRL's SFTTrainer (defaults, and without checkpointing)."""
     r = result.get("results", {})

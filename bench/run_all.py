@@ -51,6 +51,8 @@ BENCHES: dict[str, Bench] = {
     "llm": Bench("bench_llm.py", [], ["--episodes", "2", "--turns", "4", "--batch", "2"]),
     "rollout": Bench("bench_rollout.py", [], ["--episodes", "2", "--steps", "4", "--batch", "2"]),
     "train": Bench("bench_train.py", [], ["--only", "trajectory", "trl"]),
+    # Skips (ok, no headline) without vLLM: scripts/serve_vllm.sh --install-only.
+    "engines": Bench("bench_engines.py", [], ["--episodes", "4", "--steps", "4"]),
 }
 
 

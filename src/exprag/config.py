@@ -70,6 +70,9 @@ class EvalConfig:
     backend: str = "hf"  # hf | openai
     base_url: str | None = None
     request_timeout: float = 60.0  # seconds per request to an OpenAI-compatible server (backend openai)
+    # requests in flight to that server; None = 8 (backend openai). Written only when set, so that
+    # run directories from before this field keep their config.json bytes.
+    concurrency: int | None = field(default=None, metadata={"omit_if_none": True})
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     max_steps: int | None = None  # None = the env's cap (ALFWorld 50)
     max_new_tokens: int = 32
@@ -127,7 +130,7 @@ def _dataclass_type(ftype: Any) -> type | None:
 
 FIELD_RULES[MemorySpec] = {"k": K, "token_budget": BUDGET}
 FIELD_RULES[EvalConfig] = {"per_type": COUNT, "limit": COUNT, "max_steps": COUNT, "max_new_tokens": COUNT,
-                           "batch_size": COUNT, "seed": SEED}
+                           "batch_size": COUNT, "concurrency": COUNT, "seed": SEED}
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
@@ -164,6 +167,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if value is None and f.metadata.get("omit_if_none"):
+            continue
         if isinstance(value, RetrievalConfig):
             out[f.name] = value.to_file()
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -29,7 +29,7 @@ from exprag.validate import read_json
 from exprag.workers import WorkerPool, WorkerSpec
 
 # Fields that may change between a run and its resumption without changing what is measured.
-_RESUMABLE = {"out", "batch_size", "limit", "per_type", "request_timeout"}
+_RESUMABLE = {"out", "batch_size", "limit", "per_type", "request_timeout", "concurrency"}
 
 
 @dataclass
@@ -177,7 +177,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         todo = [t for t in tasks if t.task_id not in done]
         if todo:
             if model is None:
-                transport = {"timeout": cfg.request_timeout} if cfg.backend == "openai" else {}
+                transport = openai_transport(cfg)
                 model = LazyModel(cfg.model, adapter=cfg.adapter, backend=cfg.backend, base_url=cfg.base_url,
                                   **transport)
             n = min(cfg.batch_size, len(todo))
@@ -222,6 +222,13 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
     atomic_write_json(out / "metrics.json", metrics)
     return EvalResult(out, metrics, new_episodes=len(todo), skipped=len(tasks) - len(todo))
+
+
+def openai_transport(cfg: EvalConfig) -> dict[str, Any]:
+    """Client settings of an OpenAI-compatible server (none for the hf backend)."""
+    if cfg.backend != "openai":
+        return {}
+    return {"timeout": cfg.request_timeout, **({"concurrency": cfg.concurrency} if cfg.concurrency else {})}
 
 
 class LazyModel:

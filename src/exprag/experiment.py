@@ -49,7 +49,7 @@ Log = Callable[[str], None]
 # Fields of the training config that the runner sets itself (data, model, output, seed, memory).
 _RUNNER_TRAIN_FIELDS = ("trajectories", "val_trajectories", "model", "out", "seed", "retrieval")
 # Eval fields that may differ between a finished cell and its rerun without changing the measurement.
-_CELL_RESUMABLE = {"out", "batch_size", "request_timeout"}  # transport settings do not change results
+_CELL_RESUMABLE = {"out", "batch_size", "request_timeout", "concurrency"}  # transport settings do not change results
 _SCORINGS = ("procedure", "dense", "bm25")  # exprag.bank.scoring.SCORINGS (not imported: it loads numpy)
 _MINILM, _BM25 = "minilm", "bm25"
 _CEILING_LOOK = 5  # with an expert ceiling, games looked at per type: at most this x test_per_type
@@ -116,6 +116,7 @@ class EvalSettings:
     # Where the envs of cells and checkpoint selection run (exprag.workers); results do not depend on it.
     workers: int = 1
     ray: str | None = None
+    concurrency: int | None = None  # requests in flight to base_url (backend openai); None = 8
 
 
 @dataclass
@@ -176,8 +177,9 @@ class ExperimentConfig:
         selection's: the env and the agent's settings; each sets its tasks, adapter, memory and out."""
         e = self.eval
         return EvalConfig(env=self.env, env_args=dict(self.env_args), model=model, backend=e.backend,
-                          base_url=e.base_url, max_steps=e.max_steps, max_new_tokens=e.max_new_tokens,
-                          batch_size=e.batch_size, show_admissible=e.show_admissible, seed=seed)
+                          base_url=e.base_url, concurrency=e.concurrency, max_steps=e.max_steps,
+                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                          show_admissible=e.show_admissible, seed=seed)
 
     def block_retriever(self, block: GridBlock) -> RetrieverSpec:
         if not block.retrieval:
@@ -314,8 +316,6 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
         n = getattr(cfg.data, name)
         if n is not None and n < 1:
             raise bad(f"data.{name}", "must be >= 1, or null for every game of the split")
-    if cfg.eval.backend != "hf" and any(METHODS[m].adapter for b in cfg.grid for m in b.methods):
-        raise bad("eval.backend", "methods with a LoRA adapter run on the hf backend")
     return cfg
 
 
@@ -512,6 +512,13 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
             "train_s", lambda: _ensure_adapter(cfg, out, model, kind, seed, data, banks[None], progress, say,
                                                kept.get("sel")))
     _write_training_summary(out, cfg, adapters_needed)
+    if cfg.eval.backend == "openai" and adapters:  # served by name: loaded at run time, else start it so
+        from exprag.llm.adapters import serve_command
+
+        for model in dict.fromkeys(m for m, _, _ in adapters):
+            say(f"LoRA cells of {model} ask {cfg.eval.base_url} for their adapters (loaded at run time when "
+                f"the server allows it); a server started without them: "
+                f"{serve_command(model, [p for k, p in adapters.items() if k[0] == model])}")
     if cfg.data.expert_ceiling is not None and any(kind == "exprag_lora" for _, kind, _ in adapters_needed):
         timed("train_s", lambda: _write_training_coverage(cfg, out, data, banks[None]))
 
@@ -546,7 +553,10 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
 def _lazy_model(ecfg: EvalConfig) -> Any:
     from exprag.evaluate import LazyModel
 
-    return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url)
+    from exprag.evaluate import openai_transport
+
+    return LazyModel(ecfg.model, adapter=ecfg.adapter, backend=ecfg.backend, base_url=ecfg.base_url,
+                     **openai_transport(ecfg))
 
 
 def _workers(cfg: ExperimentConfig) -> WorkerSpec:
@@ -939,7 +949,9 @@ def _selection_eval(cfg: ExperimentConfig, tcfg: Any, kind: str, banks: dict[str
     if kind == "exprag_lora":  # the training memory (main K, static), from the selection types' bank
         bank = sel.bank or (str(banks[sel.task_types]) if sel.task_types in banks else str(banks["all"]))
         retrieval = RetrievalConfig(bank=bank, memory=tcfg.retrieval.memory)
-    base = cfg.agent_eval_config(tcfg.model, tcfg.seed)
+    # Checkpoints run in-process while training: a server could not know them before they exist.
+    base = dataclasses.replace(cfg.agent_eval_config(tcfg.model, tcfg.seed), backend="hf", base_url=None,
+                               concurrency=None)
     return rollout_eval(lambda ckpt: selection_eval_config(
         sel, base, ckpt, retrieval, Path(tcfg.out) / "eval" / ckpt.name,
         task_types=cfg.group_types(sel.task_types), task_ids=task_ids), workers=_workers(cfg))

@@ -20,9 +20,10 @@ def check_model(spec: str, adapter: str | None = None, backend: str = "hf", base
     if backend not in ("hf", "openai"):
         raise ModelError(f"unknown backend {backend!r} (choose hf or openai)")
     if backend == "openai":
-        if adapter:
-            raise ModelError("--adapter works with the transformers backend; an OpenAI-compatible server "
-                             "loads adapters itself")
+        if adapter:  # served by the server under its own name (exprag.llm.adapters), read there by path
+            from exprag.llm.adapters import adapter_path
+
+            adapter_path(adapter)
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ServerError(f"the openai backend needs --base-url http://HOST:PORT/v1, got {base_url!r}")
         return

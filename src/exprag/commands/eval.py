@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds per request to --base-url before retrying once, then failing (default: 60); "
                         "the server's API key comes from $OPENAI_API_KEY or $EXPRAG_API_KEY")
+    p.add_argument("--concurrency", type=positive_int, default=None,
+                   help="requests in flight to --base-url at once (default: 8)")
     bank = p.add_mutually_exclusive_group()
     bank.add_argument("--bank", default=None, metavar="BANK_DIR")
     bank.add_argument("--no-bank", action="store_true")
@@ -49,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # flag dest -> the EvalConfig field it overrides (dotted for nested sections)
 FIELDS = {name: name for name in ("env", "split", "task_types", "per_type", "limit", "model", "adapter", "backend",
-                                  "base_url", "request_timeout", "max_steps", "max_new_tokens", "batch_size",
+                                  "base_url", "request_timeout", "concurrency", "max_steps", "max_new_tokens",
+                                  "batch_size",
                                   "write_back", "show_admissible", "out")}
 # the memory settings
 FIELDS.update({"k": "retrieval.k", "mode": "retrieval.mode", "memory_format": "retrieval.memory_format",

@@ -19,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="smollm2-135m, a checkpoint directory, a .gguf file, or a cached hub id")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory for the model")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=DIR",
+                   help="LoRA adapters served as model NAME on the one loaded base model, as vLLM's flag "
+                        "(`python -m exprag.llm.adapters DIR` prints the name exprag's client asks for)")
+    p.add_argument("--runtime-lora", action="store_true",
+                   help="let clients add adapters with POST /v1/load_lora_adapter (vLLM's runtime LoRA API; "
+                        "an experiment's freshly trained adapters reach the server this way)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--name", default=None, help="model name clients use (default: the --model value)")
@@ -38,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from exprag.llm.hf import HFChatModel
     from exprag.llm.server import ChatServer, is_loopback
 
+    adapters = {}
+    for item in args.lora_modules:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"exprag serve: --lora-modules takes NAME=DIR, got {item!r}")
+        adapters[name] = path
     api_key = args.api_key or os.environ.get("EXPRAG_API_KEY") or None
     if not api_key and not args.insecure and not is_loopback(args.host):
         # Checked before the model loads, and again by the server itself.
@@ -58,10 +70,14 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         api_key=api_key,
         insecure=args.insecure,
+        adapters=adapters,
+        runtime_lora=args.runtime_lora,
     )
     access = "API key required" if api_key else "no API key"
     if not api_key and not is_loopback(args.host):
         access += "; WARNING: open to anyone who can reach this address"
+    if server.adapters:
+        access += f"; LoRA adapters: {', '.join(server.adapters)}"
     print(f"exprag: serving {model.name} at {server.url} ({access}; Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -2,7 +2,8 @@
 
 ``load_chat_model("smollm2-135m")`` runs the bundled model in-process with transformers (KV reuse
 across an episode's turns, batched decoding); ``load_chat_model("NAME", backend="openai",
-base_url=...)`` talks to any OpenAI-compatible server. Heavy imports (torch, transformers) happen
+base_url=...)`` talks to any OpenAI-compatible server (with ``adapter=DIR``, the server's copy of
+that LoRA adapter: :mod:`exprag.llm.adapters`). Heavy imports (torch, transformers) happen
 only when the transformers backend is loaded.
 """
 
@@ -53,20 +54,21 @@ def load_chat_model(
 
     ``backend="openai"``: ``spec`` is the server's model name and ``base_url`` its address; options
     go to :class:`exprag.llm.openai_client.OpenAIChatModel` (``api_key``, ``timeout``,
-    ``max_retries``, ``backoff``, ``concurrency``, ``send_session_ids``). Adapters are the server's
-    business (vLLM serves LoRA adapters under their own model names).
+    ``max_retries``, ``backoff``, ``concurrency``, ``send_session_ids``). ``adapter``: the request
+    names the adapter's served model (:mod:`exprag.llm.adapters`); the server must list it or load it
+    at run time, else a :class:`ServerError` gives the command that serves it.
     """
     if backend == "hf":
         from exprag.llm.hf import HFChatModel
 
         return HFChatModel(spec, adapter=adapter, **options)
     if backend == "openai":
-        if adapter is not None:
-            raise ModelError(
-                "--adapter works with the transformers backend; an OpenAI-compatible server loads "
-                "adapters itself (vLLM: --lora-modules NAME=DIR, then --model NAME)"
-            )
         from exprag.llm.openai_client import OpenAIChatModel
 
-        return OpenAIChatModel(spec, base_url or "", **options)
+        client = OpenAIChatModel(spec, base_url or "", **options)
+        if adapter is not None:
+            from exprag.llm.adapters import ensure_served
+
+            client.name = ensure_served(client, spec, adapter)
+        return client
     raise ModelError(f"unknown backend {backend!r} (choose {' or '.join(BACKENDS)})")

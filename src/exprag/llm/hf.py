@@ -213,6 +213,41 @@ class HFChatModel:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._lock = threading.Lock()
         self.timing = {"prefill_s": 0.0, "decode_s": 0.0, "copy_s": 0.0}
+        self._resolved = resolved
+        self.adapters: dict[str, Path] = {}  # name -> directory, added by load_adapter
+
+    # ---- LoRA adapters served by name (exprag serve --lora-modules) ---------------------------------
+    def load_adapter(self, name: str, adapter: str | Path) -> None:
+        """Add a LoRA adapter for this base model under ``name``, kept unmerged beside the others so
+        that one copy of the base weights serves them all; ``generate(..., adapter=name)`` uses it."""
+        path = Path(adapter)
+        with self._lock, quiet_transformers():
+            if name in self.adapters:
+                if self.adapters[name] == path.resolve():
+                    return
+                raise ModelError(f"an adapter named {name!r} is already loaded from {self.adapters[name]}")
+            check_adapter_base(path, self._resolved)
+            from peft import PeftModel
+
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelError(f"adapter {path} does not fit model {self._resolved.name!r}: {first}") from None
+            self.model = self.model.to(self.device).eval()
+            self.adapters[name] = path.resolve()
+
+    def _using(self, adapter: str | None) -> contextlib.AbstractContextManager:
+        """Run with ``adapter`` active, or with every added adapter off (None)."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
 
     # ---- the protocol ----------------------------------------------------------------------------
     def generate(
@@ -222,12 +257,19 @@ class HFChatModel:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         stop: Sequence[str] | None = None,
         session_ids: Sequence[str | None] | None = None,
+        adapter: str | None = None,
     ) -> list[Generation]:
+        """``adapter``: the name of a LoRA adapter added with :meth:`load_adapter` (None: the model as
+        loaded); its sessions are kept apart from the base model's (their keys/values differ)."""
         sids = check_batch(conversations, session_ids)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise ModelError(f"no adapter named {adapter!r} is loaded")
+            sids = [None if s is None else f"{adapter}\x00{s}" for s in sids]
         stops = [s for s in (stop or []) if s]
-        with self._lock, torch.inference_mode(), _attention_backends(self.device):
+        with self._lock, torch.inference_mode(), _attention_backends(self.device), self._using(adapter):
             start = time.perf_counter()
             prompts = [self.encode(c) for c in conversations]
             rows: list[_Row] = []
@@ -412,6 +454,20 @@ class HFChatModel:
 
 # ---- LoRA adapters -------------------------------------------------------------------------------
 def _with_adapter(model: Any, adapter: Path, resolved: ResolvedModel) -> Any:
+    check_adapter_base(adapter, resolved)
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"adapter {adapter} does not fit model {resolved.name!r} ({resolved.path}): {first}"
+        ) from None
+
+
+def check_adapter_base(adapter: Path, resolved: ResolvedModel) -> None:
+    """A PEFT adapter directory trained on this base model, or a ModelError saying which it is."""
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.is_file():
         raise ModelError(f"adapter {adapter}: no adapter_config.json (not a PEFT adapter directory)")
@@ -424,15 +480,6 @@ def _with_adapter(model: Any, adapter: Path, resolved: ResolvedModel) -> Any:
             f"adapter {adapter} was trained on base model {base!r}, but the model is {resolved.name!r} "
             f"({resolved.path}); pass the adapter's base model with --model"
         )
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"adapter {adapter} does not fit model {resolved.name!r} ({resolved.path}): {first}"
-        ) from None
 
 
 def _same_base(base: str, resolved: ResolvedModel) -> bool:

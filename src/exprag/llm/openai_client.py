@@ -1,8 +1,9 @@
 """A :class:`~exprag.llm.base.ChatModel` over any OpenAI-compatible ``/v1/chat/completions`` server
 (vLLM, llama.cpp server, ``exprag serve``), standard library only.
 
-Conversations of a batch are sent concurrently (at most ``concurrency`` requests in flight), so a
-server that batches (vLLM, ``exprag serve``) sees them together. Connection failures, 429 and 5xx
+Conversations of a batch are sent concurrently (at most ``concurrency`` requests in flight, 8 by
+default; ``eval --concurrency``), so a server that batches (vLLM, ``exprag serve``) sees them
+together. A LoRA adapter is a model of its own on the server (see :mod:`exprag.llm.adapters`). Connection failures, 429 and 5xx
 answers are retried with exponential backoff (``Retry-After`` honoured); a request that timed out is
 retried once only (a server that accepts and never answers would otherwise cost every retry a full
 timeout); other 4xx answers fail at once. Either way the error is a
@@ -38,6 +39,7 @@ _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 # Seconds per request: a 32-token action reply takes well under that even on a busy GPU server;
 # CPU-served large models may need more (--request-timeout).
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONCURRENCY = 8
 _TIMEOUT_RETRIES = 1
 
 
@@ -70,7 +72,7 @@ class OpenAIChatModel:
         max_retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
-        concurrency: int = 8,
+        concurrency: int = DEFAULT_CONCURRENCY,
         send_session_ids: bool = False,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
@@ -78,6 +80,7 @@ class OpenAIChatModel:
             raise ServerError("the openai backend needs a base URL (e.g. --base-url http://127.0.0.1:8000/v1)")
         self.name = model
         self.url = chat_completions_url(base_url)
+        self.base_url = self.url[: -len("/chat/completions")]  # .../v1
         parsed = urllib.parse.urlparse(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ServerError(f"invalid server URL {base_url!r} (expected http://HOST:PORT/v1)")
@@ -119,6 +122,42 @@ class OpenAIChatModel:
     def end_session(self, session_id: str) -> None:
         """Stateless client: the server evicts old sessions itself."""
 
+    # ---- model list and runtime LoRA loading (exprag.llm.adapters) --------------------------------
+    def list_models(self) -> list[str]:
+        """The model names the server lists at ``GET /v1/models`` (adapters included)."""
+        request = urllib.request.Request(self.base_url + "/models", headers=self._headers(), method="GET")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as resp:
+                data = json.loads(resp.read())
+            return [str(m["id"]) for m in data["data"]]
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"{self.base_url}/models: HTTP {e.code}: {_error_text(e)}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ServerError(f"{self.base_url}/models: {e}. Is the server running?") from None
+        except (ValueError, KeyError, TypeError):
+            raise ServerError(f"{self.base_url}/models: malformed answer (not an OpenAI model list)") from None
+
+    def load_lora_adapter(self, name: str, path: str) -> str | None:
+        """Ask the server to load an adapter (vLLM's runtime LoRA API); None when it accepted, else why not."""
+        data = json.dumps({"lora_name": name, "lora_path": path}).encode()
+        headers = {**self._headers(), "Content-Type": "application/json"}
+        request = urllib.request.Request(self.base_url + "/load_lora_adapter", data=data, headers=headers,
+                                         method="POST")
+        try:
+            with self._opener.open(request, timeout=max(self.timeout, 300.0)) as resp:
+                resp.read()
+            return None
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code}: {_error_text(e)}"
+        except (OSError, http.client.HTTPException) as e:
+            return f"{type(e).__name__}: {e}"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
     # ---- internals ---------------------------------------------------------------------------------
     def _body(
         self, conv: Conversation, max_new_tokens: int, stop: Sequence[str] | None, sid: str | None
@@ -140,9 +179,7 @@ class OpenAIChatModel:
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers = {**self._headers(), "Content-Type": "application/json"}
         last = "no attempt"
         attempts = timeouts = 0
         while True:

@@ -6,6 +6,13 @@ them and one worker thread calls ``model.generate`` on up to ``max_batch_size`` 
 so concurrent clients share decoding steps. A non-standard ``session_id`` body field is passed on
 to the model as its session id (KV reuse in the transformers backend). Binds loopback by default.
 
+LoRA adapters (as vLLM serves them): a request whose ``model`` names an adapter added with
+``adapters={NAME: DIR}`` (``exprag serve --lora-modules NAME=DIR``) runs with that adapter on the one
+loaded base model; any other name gets the base model. ``GET /v1/models`` lists the base model and
+the adapters; with ``runtime_lora=True`` clients may add adapters with ``POST /v1/load_lora_adapter``
+(``{"lora_name": NAME, "lora_path": DIR}``, vLLM's runtime LoRA API), which is how an experiment's
+freshly trained adapters reach an already running server (exprag.llm.adapters).
+
 Access: with an ``api_key`` every route but ``/health`` needs ``Authorization: Bearer KEY`` (what
 OpenAI clients send) and answers 401 otherwise. Without a key the server refuses to bind a
 non-loopback address (anyone on the network could use the model), unless ``insecure=True``.
@@ -59,6 +66,7 @@ class _Job:
     max_tokens: int
     stop: tuple[str, ...]
     session_id: str | None
+    adapter: str | None = None  # a LoRA adapter's served name; None = the base model
     future: Future = field(default_factory=Future)
 
 
@@ -77,6 +85,8 @@ class ChatServer:
         default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         api_key: str | None = None,
         insecure: bool = False,
+        adapters: dict[str, str] | None = None,
+        runtime_lora: bool = False,
     ) -> None:
         if not api_key and not insecure and not is_loopback(host):
             self.refuse_open_bind(host, port)
@@ -85,6 +95,9 @@ class ChatServer:
         self.max_batch_size = max(1, max_batch_size)
         self.batch_wait = batch_wait
         self.default_max_tokens = default_max_tokens
+        self.runtime_lora = runtime_lora
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         try:
             self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
@@ -103,6 +116,17 @@ class ChatServer:
             f"refusing to serve on {host}:{port} without an API key: anyone who can reach it could use the "
             "model. Set EXPRAG_API_KEY (or --api-key), bind 127.0.0.1, or pass --insecure"
         )
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "adapters", {}) or {})
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at ``path`` as model ``name`` (a ModelError when it does not fit)."""
+        load = getattr(self.model, "load_adapter", None)
+        if load is None:
+            raise ServerError(f"{type(self.model).__name__} cannot apply LoRA adapters")
+        load(name, path)
 
     @property
     def url(self) -> str:
@@ -165,12 +189,13 @@ class ChatServer:
 
     def _pick(self, backlog: list[_Job]) -> tuple[list[_Job], list[_Job]]:
         """The oldest job plus later ones with the same settings and distinct session ids."""
-        key = (backlog[0].max_tokens, backlog[0].stop)
+        key = (backlog[0].max_tokens, backlog[0].stop, backlog[0].adapter)
         batch: list[_Job] = []
         rest: list[_Job] = []
         seen: set[str] = set()
         for job in backlog:
-            fits = (job.max_tokens, job.stop) == key and (job.session_id is None or job.session_id not in seen)
+            fits = (job.max_tokens, job.stop, job.adapter) == key and (
+                job.session_id is None or job.session_id not in seen)
             if fits and len(batch) < self.max_batch_size:
                 batch.append(job)
                 if job.session_id is not None:
@@ -180,12 +205,15 @@ class ChatServer:
         return batch, rest
 
     def _run(self, batch: list[_Job]) -> None:
+        # Only a model with adapters takes the adapter argument (any ChatModel can be served).
+        lora = {"adapter": batch[0].adapter} if batch[0].adapter is not None else {}
         try:
             outs = self.model.generate(
                 [j.conversation for j in batch],
                 max_new_tokens=batch[0].max_tokens,
                 stop=list(batch[0].stop) or None,
                 session_ids=[j.session_id for j in batch],
+                **lora,
             )
         except Exception as e:  # reported to every waiting request as a 500
             log.exception("generation failed")
@@ -290,8 +318,11 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             if path != "/health" and not self._authorized():
                 return
             if path in ("/v1/models", "/models"):
+                base = server.model.name
                 self._send(200, {"object": "list", "data": [
-                    {"id": server.model.name, "object": "model", "created": 0, "owned_by": "exprag"}
+                    {"id": base, "object": "model", "created": 0, "owned_by": "exprag"},
+                    *({"id": a, "object": "model", "created": 0, "owned_by": "exprag", "parent": base}
+                      for a in server.adapters),
                 ]})
             elif path == "/health":
                 self._send(200, {"status": "ok"})
@@ -302,6 +333,9 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?")[0].rstrip("/")
             if not self._authorized():
                 return
+            if path in ("/v1/load_lora_adapter", "/load_lora_adapter"):
+                self._load_lora()
+                return
             if path not in ("/v1/chat/completions", "/chat/completions"):
                 self._error(404, f"no route POST {path}", "not_found")
                 return
@@ -311,6 +345,8 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
                     raise BadRequest("request body too large")
                 body = json.loads(self.rfile.read(length) or b"null")
                 job = parse_request(body, server.default_max_tokens)
+                if body.get("model") in server.adapters:
+                    job.adapter = body["model"]
             except (BadRequest, ValueError) as e:
                 self._error(400, str(e) if isinstance(e, BadRequest) else f"invalid JSON: {e}")
                 return
@@ -320,6 +356,27 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
                 self._error(500, f"{type(e).__name__}: {e}", "server_error")
                 return
             self._send(200, completion_body(server.model.name, g))
+
+        def _load_lora(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(min(length, MAX_BODY)) or b"null")
+                name, path = body["lora_name"], body["lora_path"]
+                if not (isinstance(name, str) and name and isinstance(path, str) and path):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                self._error(400, "expected {\"lora_name\": NAME, \"lora_path\": DIR}")
+                return
+            if not server.runtime_lora:
+                self._error(404, "runtime LoRA loading is off (start the server with --runtime-lora)", "not_found")
+                return
+            try:
+                server.load_adapter(name, path)
+            except Exception as e:  # an adapter that is missing or does not fit the model
+                self._error(400, f"{type(e).__name__}: {e}")
+                return
+            log.info("loaded LoRA adapter %s from %s", name, path)
+            self._send(200, {"status": "ok", "lora_name": name})
 
         def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
             self._send(code, {"error": {"message": message, "type": kind, "code": code}})
