@@ -2,7 +2,6 @@
 base model once, and the adapters the experiment trains reach it at run time by their served names."""
 
 import json
-from pathlib import Path
 
 import pytest
 

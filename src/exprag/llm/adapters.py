@@ -21,9 +21,12 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from exprag.llm.base import ModelError, ServerError
+
+if TYPE_CHECKING:  # the client imports this module
+    from exprag.llm.openai_client import OpenAIChatModel
 
 PREFIX = "lora-"
 
@@ -62,7 +65,7 @@ def serve_command(model: str, adapters: Iterable[str | Path]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def ensure_served(client: "OpenAIChatModel", model: str, adapter: str | Path) -> str:  # noqa: F821
+def ensure_served(client: OpenAIChatModel, model: str, adapter: str | Path) -> str:
     """Make sure the server behind ``client`` serves ``adapter``; returns its served name.
 
     Listed already: nothing to do. Else the server is asked to load it at run time; a server that
