@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from exprag.bank.topk import chunked_top, top_from_scores
 from exprag.errors import BankError
 
 MINILM = "minilm"
@@ -44,17 +45,6 @@ class Encoder(Protocol):
     def build(self, texts: list[str], progress: bool = False) -> Index: ...
 
     def load(self, path: Path) -> Index: ...
-
-
-def _top_from_scores(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, s.shape[1])
-    if k <= 0:
-        return np.zeros((s.shape[0], 0), s.dtype), np.zeros((s.shape[0], 0), np.int64)
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    ps = np.take_along_axis(s, part, axis=1)
-    order = np.argsort(-ps, axis=1, kind="stable")
-    ids = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(s, ids, axis=1), ids
 
 
 # ---- dense ---------------------------------------------------------------------------------------
@@ -114,7 +104,7 @@ class DenseIndex:
         q = self.encoder.encode(queries)
         if self.size >= FAISS_MIN_SIZE:
             return self.faiss().search(q, min(k, self.size))
-        return _top_from_scores(q @ self.emb.T, k)
+        return chunked_top(lambda a, b: q @ self.emb[a:b].T, len(q), self.size, k)
 
     def faiss(self):
         if self._faiss is None:
@@ -222,7 +212,11 @@ class BM25Index:
         return out
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return _top_from_scores(self.scores(queries), k)
+        # one query at a time: bm25s scores a query against the whole bank (one row, not queries x bank)
+        rows = [top_from_scores(self.scores([q]), k) for q in queries]
+        if not rows:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+        return np.concatenate([s for s, _ in rows]), np.concatenate([i for _, i in rows])
 
     def save(self, path: Path) -> None:
         # The index is rebuilt from the key texts on load: bm25s indexing is fast, and the key

@@ -41,7 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from exprag.bank.encoders import _STOP, _TOKEN, _top_from_scores, lexical_tokens
+from exprag.bank.encoders import _STOP, _TOKEN, lexical_tokens
+from exprag.bank.topk import ScoreBlock, chunked_top
 from exprag.errors import BankError
 
 TOKENIZER = "lower-alnum-stop-v1"
@@ -185,13 +186,22 @@ class ProcedureIndex:
 
     def lexical(self, queries: list[str]) -> np.ndarray:
         """(n_queries, size) cosine of the weighted term vectors, through the inverted index."""
+        return self._lexical_block(self._query_vectors(queries), 0, self.size)
+
+    def _query_vectors(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self._expanded(queries) if self.expand and self.dense is not None else self.weights.vectors(queries)
+
+    def _lexical_block(self, vecs: list[tuple[np.ndarray, np.ndarray]], a: int, b: int) -> np.ndarray:
+        """The lexical cosine against keys ``[a, b)`` only: (n_queries, b - a)."""
         start, keys, vals = self._postings
-        out = np.zeros((len(queries), self.size), np.float32)
-        vecs = self._expanded(queries) if self.expand and self.dense is not None else self.weights.vectors(queries)
+        out = np.zeros((len(vecs), b - a), np.float32)
+        whole = a == 0 and b == self.size
         for q, (ids, wq) in enumerate(vecs):
             for t, w in zip(ids.tolist(), wq.tolist()):
-                a, b = start[t], start[t + 1]
-                out[q, keys[a:b]] += w * vals[a:b]  # a key holds a term once: no repeated indices
+                lo, hi = int(start[t]), int(start[t + 1])
+                if not whole:  # a term's keys are stored in ascending order: cut to the chunk
+                    lo, hi = lo + np.searchsorted(keys[lo:hi], [a, b]).astype(np.int64)
+                out[q, keys[lo:hi] - a] += w * vals[lo:hi]  # a key holds a term once: no repeated indices
         return out
 
     def term_embeddings(self) -> np.ndarray:
@@ -232,18 +242,28 @@ class ProcedureIndex:
         return out
 
     def scores(self, queries: list[str]) -> np.ndarray:
-        lex = self.lexical(queries)
+        return self._scorer(queries)(0, self.size)
+
+    def _scorer(self, queries: list[str]) -> ScoreBlock:
+        """Fused scores of ``queries`` against any chunk of keys; the queries are encoded once."""
+        vecs = self._query_vectors(queries)
         if self.dense is None or self.dense_weight == 0:
-            return lex
-        return lex + np.float32(self.dense_weight) * self.dense.scores(queries)
+            return lambda a, b: self._lexical_block(vecs, a, b)
+        qv = self.dense.encoder.encode(queries)
+        dw = np.float32(self.dense_weight)
+        return lambda a, b: self._lexical_block(vecs, a, b) + dw * (qv @ self.dense.emb[a:b].T)
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        fused = self.scores(queries)
+        block = self._scorer(queries)
         if not self.diversity:
-            return _top_from_scores(fused, k)
-        _, ids = _top_from_scores(fused, min(self.size, k + _DIVERSITY_WINDOW))
-        order = np.asarray([self._diverse(row)[:k] for row in ids], dtype=np.int64).reshape(len(queries), -1)
-        return np.take_along_axis(fused, order, axis=1), order
+            return chunked_top(block, len(queries), self.size, k)
+        win_s, win_i = chunked_top(block, len(queries), self.size, min(self.size, k + _DIVERSITY_WINDOW))
+        order = np.asarray([self._diverse(row)[:k] for row in win_i], dtype=np.int64).reshape(len(queries), -1)
+        # the chosen keys all come from the window: their scores are there
+        scores = np.asarray([[by_id[i] for i in sel] for by_id, sel in
+                             zip((dict(zip(ids.tolist(), row.tolist())) for ids, row in zip(win_i, win_s)),
+                                 order.tolist())], np.float32)
+        return scores.reshape(order.shape), order
 
     def rank_all(self, query: str) -> np.ndarray:
         """Every key, best first (the retriever's fallback when filters reject the top window)."""
