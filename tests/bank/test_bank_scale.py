@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from exprag.bank import build_bank
+from exprag.bank import build_bank, load_bank
 from exprag.bank import topk
 from exprag.bank.scoring import ScoringConfig
 from exprag.bank.topk import chunked_top, top_from_scores
@@ -44,3 +44,56 @@ def test_chunked_scoring_matches_whole_bank(twx_trajs, tmp_path, monkeypatch, en
             if scoring != "procedure":
                 full = index.scores(queries)
                 assert (whole[1] == np.argsort(-full, axis=1, kind="stable")[:, :k]).all()
+
+
+@pytest.mark.parametrize("encoder,scoring", [("minilm", "procedure"), ("bm25", "bm25")])
+def test_load_reads_the_saved_index_without_rebuilding(twx_trajs, tmp_path, monkeypatch, encoder, scoring):
+    import exprag.bank.encoders as encoders
+    import exprag.bank.procedure as procedure
+
+    train, test = twx_trajs
+    built = build_bank(train, tmp_path / "b", encoder, retrieval=ScoringConfig(scoring))
+    queries = [t.task for t in test]
+    want = {mode: built.index(mode).top(queries, 3) for mode in ("static", "dynamic")}
+
+    def no_build(*a, **kw):
+        raise AssertionError("the load rebuilt the index")
+
+    with monkeypatch.context() as m:
+        m.setattr(procedure, "_postings", no_build)
+        m.setattr(encoders, "build_bm25", no_build)
+        m.setattr(procedure.TermWeights, "vectors", no_build)  # the keys' term vectors
+        bank = load_bank(tmp_path / "b")
+        indexes = {mode: bank.index(mode) for mode in ("static", "dynamic")}
+    for mode, index in indexes.items():
+        if scoring == "procedure":
+            assert isinstance(index.dense.emb, np.memmap) and isinstance(index._postings[1], np.memmap)
+        got = index.top(queries, 3)
+        assert (got[1] == want[mode][1]).all()
+        np.testing.assert_allclose(got[0], want[mode][0], rtol=1e-5, atol=1e-6)
+
+    # a bank written before the saved indexes: rebuilt in memory, same results
+    for mode in ("static", "dynamic"):
+        for name in [*procedure.POSTINGS, encoders.BM25_VOCAB]:
+            (bank.files / mode / name).unlink(missing_ok=True)
+    old = load_bank(tmp_path / "b")
+    for mode in ("static", "dynamic"):
+        got = old.index(mode).top(queries, 3)
+        assert (got[1] == want[mode][1]).all()
+
+
+def test_large_dense_bank_saves_its_faiss_graph(tmp_path, monkeypatch):
+    import exprag.bank.encoders as encoders
+
+    monkeypatch.setattr(encoders, "FAISS_MIN_SIZE", 100)
+    enc = encoders.DenseEncoder("minilm")
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    enc.from_embeddings(emb).save(tmp_path)
+    assert (tmp_path / encoders.FAISS_FILE).is_file()
+    monkeypatch.setattr(encoders, "build_faiss", lambda *a: pytest.fail("the load rebuilt the graph"))
+    index = enc.load(tmp_path)
+    assert index.faiss().ntotal == 300
+    _, ids = index.faiss().search(emb[:5], 1)
+    assert (ids[:, 0] == np.arange(5)).all()

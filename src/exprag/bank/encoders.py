@@ -23,6 +23,10 @@ MINILM = "minilm"
 BM25 = "bm25"
 # Banks at least this large get a FAISS index; smaller ones are searched exactly.
 FAISS_MIN_SIZE = 50_000
+EMBEDDINGS = "embeddings.npy"
+FAISS_FILE = "faiss.index"  # the HNSW graph of a large bank (older banks lack it: built on first query)
+BM25_DIR = "bm25"  # the bm25s index (older banks lack it: rebuilt from keys.json on load)
+BM25_VOCAB = "bm25_vocab.json"
 
 
 class Index(Protocol):
@@ -113,7 +117,11 @@ class DenseIndex:
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        np.save(path / "embeddings.npy", self.emb)
+        np.save(path / EMBEDDINGS, np.ascontiguousarray(self.emb))
+        if self.size >= FAISS_MIN_SIZE:  # built once here, read back by every load
+            import faiss
+
+            faiss.write_index(self.faiss(), str(path / FAISS_FILE))
 
 
 def build_faiss(emb: np.ndarray):
@@ -165,10 +173,18 @@ class DenseEncoder:
         return DenseIndex(self, np.asarray(emb, dtype=np.float32))
 
     def load(self, path: Path) -> DenseIndex:
-        f = path / "embeddings.npy"
+        f = path / EMBEDDINGS
         if not f.is_file():
             raise BankError(f"{f}: missing embeddings file")
-        return DenseIndex(self, np.load(f, allow_pickle=False))
+        emb = np.load(f, mmap_mode="r", allow_pickle=False)  # pages are read as queries touch them
+        index = DenseIndex(self, emb)
+        if (path / FAISS_FILE).is_file() and index.size >= FAISS_MIN_SIZE:
+            import faiss
+
+            graph = faiss.read_index(str(path / FAISS_FILE))
+            if graph.ntotal == index.size:  # else stale: rebuilt on first use
+                index._faiss = graph
+        return index
 
 
 # ---- lexical -------------------------------------------------------------------------------------
@@ -188,16 +204,11 @@ def lexical_tokens(text: str) -> list[str]:
 class BM25Index:
     texts: list[str]
     _bm25: Any = None
+    _vocab: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
-        import bm25s
-
-        self._bm25 = bm25s.BM25()
-        corpus = [lexical_tokens(t) or ["<empty>"] for t in self.texts]
-        vocab: dict[str, int] = {}
-        ids = [[vocab.setdefault(w, len(vocab)) for w in doc] for doc in corpus]
-        self._vocab = vocab
-        self._bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+        if self._bm25 is None:
+            self._bm25, self._vocab = build_bm25(self.texts)
 
     @property
     def size(self) -> int:
@@ -219,10 +230,36 @@ class BM25Index:
         return np.concatenate([s for s, _ in rows]), np.concatenate([i for _, i in rows])
 
     def save(self, path: Path) -> None:
-        # The index is rebuilt from the key texts on load: bm25s indexing is fast, and the key
-        # texts are the one source of truth (no second format to keep in sync).
+        # keys.json stays the source of truth (a bank without the bm25s files rebuilds from it)
         path.mkdir(parents=True, exist_ok=True)
         (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+        self._bm25.save(str(path / BM25_DIR), show_progress=False)
+        (path / BM25_VOCAB).write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
+
+
+def build_bm25(texts: list[str]) -> tuple[Any, dict[str, int]]:
+    """A bm25s index over ``texts`` and the vocabulary mapping its tokens to ids."""
+    import bm25s
+
+    bm25 = bm25s.BM25()
+    corpus = [lexical_tokens(t) or ["<empty>"] for t in texts]
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(w, len(vocab)) for w in doc] for doc in corpus]
+    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+    return bm25, vocab
+
+
+def load_bm25(path: Path, size: int) -> tuple[Any, dict[str, int]] | None:
+    """The bm25s index saved with the bank, or None (an older bank, or one that does not match)."""
+    if not (path / BM25_DIR).is_dir() or not (path / BM25_VOCAB).is_file():
+        return None
+    import bm25s
+
+    bm25 = bm25s.BM25.load(str(path / BM25_DIR), mmap=True, show_progress=False, verbosity=0)
+    vocab = json.loads((path / BM25_VOCAB).read_text(encoding="utf-8"))
+    if bm25.scores.get("num_docs") != size:
+        return None
+    return bm25, vocab
 
 
 class BM25Encoder:
@@ -236,7 +273,9 @@ class BM25Encoder:
         f = path / "keys.json"
         if not f.is_file():
             raise BankError(f"{f}: missing BM25 keys file")
-        return BM25Index(json.loads(f.read_text(encoding="utf-8")))
+        texts = json.loads(f.read_text(encoding="utf-8"))
+        saved = load_bm25(path, len(texts))
+        return BM25Index(texts, *saved) if saved is not None else BM25Index(texts)
 
 
 def make_encoder(spec: str | dict[str, Any]) -> Encoder:

@@ -54,6 +54,8 @@ _DIVERSITY_WINDOW = 64
 EXPAND_MIN_SIM = 0.5
 EXPAND_MARGIN = 0.08
 TERM_EMBEDDINGS = "term_embeddings.npy"
+# the inverted index, saved at build so that a load does not rebuild it (older banks lack it)
+POSTINGS = ("postings_start.npy", "postings_keys.npy", "postings_vals.npy")
 
 
 def procedure_tokens(text: str) -> set[str]:
@@ -283,6 +285,8 @@ class ProcedureIndex:
         path.mkdir(parents=True, exist_ok=True)
         (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
         (path / "weights.json").write_text(json.dumps(self.weights.to_json(), ensure_ascii=False), encoding="utf-8")
+        for name, arr in zip(POSTINGS, self._postings):
+            np.save(path / name, np.ascontiguousarray(arr))
         if self.dense is not None:
             self.dense.save(path)
             if self.expand:
@@ -298,6 +302,18 @@ def _postings(vectors: list[tuple[np.ndarray, np.ndarray]], n_terms: int) -> tup
     start = np.zeros(n_terms + 1, np.int64)
     np.cumsum(np.bincount(terms, minlength=n_terms), out=start[1:])
     return start, keys[order], vals[order]
+
+
+def _load_postings(path: Path, n_terms: int, n_keys: int) -> tuple[np.ndarray, ...] | None:
+    """The saved inverted index, memory-mapped; None when absent or not of these weights and keys."""
+    if not all((path / name).is_file() for name in POSTINGS):
+        return None
+    start, keys, vals = (np.load(path / name, mmap_mode="r", allow_pickle=False) for name in POSTINGS)
+    n = int(start[-1]) if len(start) else -1
+    if start.shape != (n_terms + 1,) or keys.shape != (n,) or vals.shape != (n,) \
+            or (n and int(keys.max()) >= n_keys):
+        return None
+    return start, keys, vals
 
 
 def diverse_order(ids: Sequence[int], texts: Sequence[str], templates: Sequence[str]) -> list[int]:
@@ -335,7 +351,9 @@ def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, di
     except json.JSONDecodeError as e:
         raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
     dense = dense_encoder.load(path) if dense_encoder is not None else None
-    index = ProcedureIndex(texts, TermWeights.from_json(wobj, str(wfile)), dense, dense_weight, diversity, expand)
+    weights = TermWeights.from_json(wobj, str(wfile))
+    index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand,
+                           _postings=_load_postings(path, len(weights.weights), len(texts)))
     temb = path / TERM_EMBEDDINGS
     if expand and dense is not None and temb.is_file():
         emb = np.load(temb)
