@@ -93,7 +93,41 @@ def test_large_dense_bank_saves_its_faiss_graph(tmp_path, monkeypatch):
     enc.from_embeddings(emb).save(tmp_path)
     assert (tmp_path / encoders.FAISS_FILE).is_file()
     monkeypatch.setattr(encoders, "build_faiss", lambda *a: pytest.fail("the load rebuilt the graph"))
-    index = enc.load(tmp_path)
+    index = enc.load([tmp_path])
     assert index.faiss().ntotal == 300
     _, ids = index.faiss().search(emb[:5], 1)
     assert (ids[:, 0] == np.arange(5)).all()
+
+
+@pytest.mark.parametrize("encoder,scoring", [("minilm", "procedure"), ("bm25", "bm25"), ("minilm", "dense")])
+def test_write_back_appends_a_segment(twx_trajs, tmp_path, encoder, scoring):
+    from exprag.bank import Retriever, append_to_bank
+    from exprag.bank.store import bank_trajectory_files
+
+    train, test = twx_trajs
+    cfg = ScoringConfig(scoring)
+    bank = build_bank(train, tmp_path / "b", encoder, retrieval=cfg)
+
+    def files(root):
+        return {p.relative_to(root): p.stat() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+
+    before = files(bank.files)
+    grown = append_to_bank(bank, test[:3])
+    grown = append_to_bank(grown, test[3:5])
+    assert grown.manifest["segments"] == ["seg-000001", "seg-000002"]
+    after = files(grown.files)
+    for rel, st in before.items():  # the first segment's files are shared, not rewritten
+        assert (after[rel].st_ino, after[rel].st_mtime_ns) == (st.st_ino, st.st_mtime_ns), rel
+    assert len(bank_trajectory_files(tmp_path / "b")) == 3
+
+    full = build_bank(train + test[:5], tmp_path / "full", encoder, retrieval=cfg)
+    loaded = load_bank(tmp_path / "b")
+    assert [t.id for t in loaded.trajectories] == [t.id for t in full.trajectories]
+    queries = [t.task for t in test]
+    for mode in ("static", "dynamic"):
+        got, want = loaded.index(mode).top(queries, 3), full.index(mode).top(queries, 3)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+        differ = got[1] != want[1]  # only keys of equal score may swap
+        assert np.allclose(got[0][differ], want[0][differ], atol=1e-5)
+    hits = Retriever(loaded).retrieve(test[0].task, k=2)
+    assert [h.trajectory.id for h in hits] == [h.trajectory.id for h in Retriever(full).retrieve(test[0].task, k=2)]

@@ -40,7 +40,10 @@ class Index(Protocol):
         """(scores, ids) of the best ``k`` keys per query, best first (may be approximate)."""
         ...
 
-    def save(self, path: Path) -> None: ...
+    def save(self, path: Path, start: int = 0) -> None:
+        """Write the index to ``path``; keys before ``start`` are already in earlier segments (only
+        their bank-wide derived files, such as term weights, cover them)."""
+        ...
 
 
 class Encoder(Protocol):
@@ -48,7 +51,9 @@ class Encoder(Protocol):
 
     def build(self, texts: list[str], progress: bool = False) -> Index: ...
 
-    def load(self, path: Path) -> Index: ...
+    def load(self, paths: list[Path]) -> Index:
+        """The index over the keys of ``paths`` (segments, in order); bank-wide files are the last's."""
+        ...
 
 
 # ---- dense ---------------------------------------------------------------------------------------
@@ -115,9 +120,9 @@ class DenseIndex:
             self._faiss = build_faiss(self.emb)
         return self._faiss
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        np.save(path / EMBEDDINGS, np.ascontiguousarray(self.emb))
+        np.save(path / EMBEDDINGS, np.ascontiguousarray(self.emb[start:]))
         if self.size >= FAISS_MIN_SIZE:  # built once here, read back by every load
             import faiss
 
@@ -172,12 +177,14 @@ class DenseEncoder:
     def from_embeddings(self, emb: np.ndarray) -> DenseIndex:
         return DenseIndex(self, np.asarray(emb, dtype=np.float32))
 
-    def load(self, path: Path) -> DenseIndex:
-        f = path / EMBEDDINGS
-        if not f.is_file():
-            raise BankError(f"{f}: missing embeddings file")
-        emb = np.load(f, mmap_mode="r", allow_pickle=False)  # pages are read as queries touch them
-        index = DenseIndex(self, emb)
+    def load(self, paths: list[Path]) -> DenseIndex:
+        for f in (p / EMBEDDINGS for p in paths):
+            if not f.is_file():
+                raise BankError(f"{f}: missing embeddings file")
+        # memory-mapped: pages are read as queries touch them (segments are joined in memory)
+        parts = [np.load(p / EMBEDDINGS, mmap_mode="r", allow_pickle=False) for p in paths]
+        index = DenseIndex(self, parts[0] if len(parts) == 1 else np.concatenate(parts))
+        path = paths[-1]
         if (path / FAISS_FILE).is_file() and index.size >= FAISS_MIN_SIZE:
             import faiss
 
@@ -229,10 +236,10 @@ class BM25Index:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
         return np.concatenate([s for s, _ in rows]), np.concatenate([i for _, i in rows])
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, start: int = 0) -> None:
         # keys.json stays the source of truth (a bank without the bm25s files rebuilds from it)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+        (path / "keys.json").write_text(json.dumps(self.texts[start:], ensure_ascii=False), encoding="utf-8")
         self._bm25.save(str(path / BM25_DIR), show_progress=False)
         (path / BM25_VOCAB).write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
 
@@ -269,12 +276,13 @@ class BM25Encoder:
     def build(self, texts: list[str], progress: bool = False) -> BM25Index:
         return BM25Index(list(texts))
 
-    def load(self, path: Path) -> BM25Index:
-        f = path / "keys.json"
-        if not f.is_file():
-            raise BankError(f"{f}: missing BM25 keys file")
-        texts = json.loads(f.read_text(encoding="utf-8"))
-        saved = load_bm25(path, len(texts))
+    def load(self, paths: list[Path]) -> BM25Index:
+        texts: list[str] = []
+        for f in (p / "keys.json" for p in paths):
+            if not f.is_file():
+                raise BankError(f"{f}: missing BM25 keys file")
+            texts += json.loads(f.read_text(encoding="utf-8"))
+        saved = load_bm25(paths[-1], len(texts))
         return BM25Index(texts, *saved) if saved is not None else BM25Index(texts)
 
 

@@ -281,14 +281,14 @@ class ProcedureIndex:
             self._templates = [self.weights.mask(t) for t in self.texts]
         return diverse_order(ids, self.texts, self._templates)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+        (path / "keys.json").write_text(json.dumps(self.texts[start:], ensure_ascii=False), encoding="utf-8")
         (path / "weights.json").write_text(json.dumps(self.weights.to_json(), ensure_ascii=False), encoding="utf-8")
         for name, arr in zip(POSTINGS, self._postings):
             np.save(path / name, np.ascontiguousarray(arr))
         if self.dense is not None:
-            self.dense.save(path)
+            self.dense.save(path, start)
             if self.expand:
                 np.save(path / TERM_EMBEDDINGS, self.term_embeddings())
 
@@ -339,18 +339,22 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, diversity: bool,
+def load_procedure_index(paths: list[Path], dense_encoder: Any, dense_weight: float, diversity: bool,
                          expand: bool = False) -> ProcedureIndex:
-    keys, wfile = path / "keys.json", path / "weights.json"
-    for f in (keys, wfile):
+    """The index over the keys of ``paths`` (segments, in order); weights and postings are the last's."""
+    path = paths[-1]
+    wfile = path / "weights.json"
+    for f in [p / "keys.json" for p in paths] + [wfile]:
         if not f.is_file():
             raise BankError(f"{f}: missing; the bank is incomplete, rebuild it")
+    texts: list[str] = []
     try:
-        texts = json.loads(keys.read_text(encoding="utf-8"))
+        for p in paths:
+            texts += json.loads((p / "keys.json").read_text(encoding="utf-8"))
         wobj = json.loads(wfile.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
-    dense = dense_encoder.load(path) if dense_encoder is not None else None
+    dense = dense_encoder.load(paths) if dense_encoder is not None else None
     weights = TermWeights.from_json(wobj, str(wfile))
     index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand,
                            _postings=_load_postings(path, len(weights.weights), len(texts)))
