@@ -19,7 +19,7 @@ test-all: bootstrap
 	$(VENV)/bin/python -m pytest -q
 
 bench: bootstrap
-	$(VENV)/bin/python bench/run_all.py
+	$(VENV)/bin/python bench/run_all.py $(if $(BANK_SIZES),--bank-sizes $(BANK_SIZES))
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

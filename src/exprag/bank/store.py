@@ -56,8 +56,10 @@ from exprag.validate import read_json
 BANK_FORMAT = "exprag-bank"
 # 2: procedure-scored banks (a reader of version 1 would silently score them as plain dense / BM25);
 # banks with plain scoring are still written as 1, so that older exprag reads them.
+PROCEDURE_BANK_VERSION = 2
 # 3: banks with appended segments (a reader of version 2 would see the first segment only).
-BANK_VERSION = 3
+SEGMENTED_BANK_VERSION = 3
+BANK_VERSION = SEGMENTED_BANK_VERSION  # the newest this exprag reads
 MODES = ("static", "dynamic")
 CURRENT = "CURRENT"
 _VERSION = re.compile(r"v-\d{8}T\d{6}-[0-9a-f]{6}")
@@ -182,7 +184,7 @@ def build_bank(
             index.save(staging / mode)
         manifest = {
             "format": BANK_FORMAT,
-            "bank_version": BANK_VERSION if cfg.scoring == "procedure" else 1,
+            "bank_version": PROCEDURE_BANK_VERSION if cfg.scoring == "procedure" else 1,
             "exprag_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "encoder": enc.identity,
@@ -406,7 +408,7 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
         manifest.update(_summary(trajs))
         manifest.update(label_check)
         manifest["segments"] = old_segments + [segment]
-        manifest["bank_version"] = BANK_VERSION
+        manifest["bank_version"] = SEGMENTED_BANK_VERSION
         manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(staging / "manifest.json", manifest)
         version = _publish(bank.path, staging)
