@@ -82,8 +82,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(scoring: str, size: int, variant: str, n_queries: int, batch: int, k: int) -> dict:
-    """One measurement in this process: build, save, load, per-query and batched latency, peak RSS."""
+def worker(scoring: str, size: int, variant: str, n_queries: int, batch: int, k: int, tmp: Path) -> dict:
+    """One measurement in this process: ``build`` (build and save into ``tmp``), or ``ours`` / ``exact``
+    (load that bank, ``exact`` without its saved indexes; per-query and batched latency; peak RSS)."""
     from exprag.bank import encoders
     from exprag.bank.encoders import BM25Encoder
     from exprag.bank.procedure import POSTINGS
@@ -96,45 +97,41 @@ def worker(scoring: str, size: int, variant: str, n_queries: int, batch: int, k:
     cfg = ScoringConfig(scoring)
     enc = BM25Encoder() if scoring == "bm25" else random_dense_encoder()
     rss_keys = peak_rss_mb()
-    tmp = Path(tempfile.mkdtemp(prefix="bank-scale-"))
-    try:
+    if variant == "build":  # its own process: the build's peak memory is not the queries'
         t = time.perf_counter()
-        index = build_index(cfg, enc, texts, labels, "static")
-        index.save(tmp / "static")
-        build_s = time.perf_counter() - t
-        del index
-        if variant == "exact":  # a bank without saved indexes: the load rebuilds them
-            for name in [*POSTINGS, encoders.BM25_VOCAB]:
-                (tmp / "static" / name).unlink(missing_ok=True)
-            shutil.rmtree(tmp / "static" / encoders.BM25_DIR, ignore_errors=True)
-        t = time.perf_counter()
-        index = load_index(cfg, enc, [tmp / "static"])
-        if variant == "exact" and hasattr(getattr(index, "dense", index), "emb"):
-            d = getattr(index, "dense", None) or index
-            d.emb = np.array(d.emb)  # read into memory, as before memory-mapping
-        load_s = time.perf_counter() - t
+        build_index(cfg, enc, texts, labels, "static").save(tmp / "static")
+        return {"scoring": scoring, "size": size, "build_s": round(time.perf_counter() - t, 2),
+                "build_peak_rss_mb": round(peak_rss_mb(), 1)}
+    if variant == "exact":  # a bank without saved indexes: the load rebuilds them
+        for name in [*POSTINGS, encoders.BM25_VOCAB]:
+            (tmp / "static" / name).unlink(missing_ok=True)
+        shutil.rmtree(tmp / "static" / encoders.BM25_DIR, ignore_errors=True)
+    t = time.perf_counter()
+    index = load_index(cfg, enc, [tmp / "static"])
+    if variant == "exact" and hasattr(getattr(index, "dense", index), "emb"):
+        d = getattr(index, "dense", None) or index
+        d.emb = np.array(d.emb)  # read into memory, as before memory-mapping
+    load_s = time.perf_counter() - t
 
-        def top(qs: list[str]):
-            if variant == "exact":
-                return top_from_scores(index.scores(qs), k)
-            return index.top(qs, k)
+    def top(qs: list[str]):
+        if variant == "exact":
+            return top_from_scores(index.scores(qs), k)
+        return index.top(qs, k)
 
-        top(queries[:1])  # warm-up
-        lat = []
-        for q in queries[:n_queries]:
-            t = time.perf_counter()
-            top([q])
-            lat.append(time.perf_counter() - t)
+    top(queries[:1])  # warm-up
+    lat = []
+    for q in queries[:n_queries]:
         t = time.perf_counter()
-        top(queries[:batch])
-        batch_s = time.perf_counter() - t
-        return {"scoring": scoring, "size": size, "variant": variant, "build_s": round(build_s, 2),
-                "load_s": round(load_s, 3), "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
-                "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
-                "batch_queries": batch, "batch_s": round(batch_s, 3),
-                "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_keys_mb": round(rss_keys, 1)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        top([q])
+        lat.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    top(queries[:batch])
+    batch_s = time.perf_counter() - t
+    return {"scoring": scoring, "size": size, "variant": variant,
+            "load_s": round(load_s, 3), "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
+            "batch_queries": batch, "batch_s": round(batch_s, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_keys_mb": round(rss_keys, 1)}
 
 
 def minilm_encode_ms(sample: int) -> list[float]:
@@ -178,20 +175,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--encode-sample", type=int, default=32)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--worker", nargs=3, metavar=("SCORING", "SIZE", "VARIANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("SCORING", "SIZE", "VARIANT", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        scoring, size, variant = args.worker
-        print(json.dumps(worker(scoring, int(size), variant, args.queries, args.batch, args.k)))
+        scoring, size, variant, tmp = args.worker
+        print(json.dumps(worker(scoring, int(size), variant, args.queries, args.batch, args.k, Path(tmp))))
         return
     enc_ms = minilm_encode_ms(args.encode_sample)
     enc_p50 = float(np.percentile(enc_ms, 50))
     runs = []
     for size in args.sizes:
         for scoring in args.scorings:
-            for variant in ("ours", "exact"):
+            tmp = tempfile.mkdtemp(prefix="bank-scale-")
+            build: dict = {}
+            for variant in ("build", "ours", "exact"):  # one build, read by both
                 log(f"{scoring} {size:,} {variant} ...")
-                cmd = [sys.executable, __file__, "--worker", scoring, str(size), variant, "--queries",
+                cmd = [sys.executable, __file__, "--worker", scoring, str(size), variant, tmp, "--queries",
                        str(args.queries), "--batch", str(args.batch), "--k", str(args.k)]
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 if p.returncode != 0:
@@ -199,17 +198,23 @@ def main(argv: list[str] | None = None) -> None:
                                  "error": p.stderr.strip().splitlines()[-1:]})
                     continue
                 r = json.loads(p.stdout.strip().splitlines()[-1])
+                if variant == "build":
+                    build = r
+                    continue
+                if variant == "ours":
+                    r.update(build_s=build.get("build_s"), build_peak_rss_mb=build.get("build_peak_rss_mb"))
                 if scoring != "bm25":  # a query is encoded once by the dense model
                     r["p50_with_encode_ms"] = round(r["p50_ms"] + enc_p50, 2)
                     r["p99_with_encode_ms"] = round(r["p99_ms"] + float(np.percentile(enc_ms, 99)), 2)
                 runs.append(r)
                 log(json.dumps(r))
+            shutil.rmtree(tmp, ignore_errors=True)
     result = {"encode_minilm_ms": {"p50": round(enc_p50, 2), "p99": round(float(np.percentile(enc_ms, 99)), 2),
                                    "sample": len(enc_ms)},
               "runs": runs}
     result["headline"] = headline(result)
-    cols = ["scoring", "size", "variant", "build_s", "load_s", "p50_ms", "p99_ms", "p50_with_encode_ms",
-            "batch_s", "peak_rss_mb"]
+    cols = ["scoring", "size", "variant", "build_s", "build_peak_rss_mb", "load_s", "p50_ms", "p99_ms",
+            "p50_with_encode_ms", "p99_with_encode_ms", "batch_s", "peak_rss_mb"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in runs:
         print("| " + " | ".join(str(r.get(c, r.get("error", "–") if c == "build_s" else "–")) for c in cols) + " |")
