@@ -262,7 +262,8 @@ def load_bm25(path: Path, size: int) -> tuple[Any, dict[str, int]] | None:
         return None
     import bm25s
 
-    bm25 = bm25s.BM25.load(str(path / BM25_DIR), mmap=True, show_progress=False, verbosity=0)
+    # read into memory: scoring a memory-mapped bm25s index was 2.5x slower per query at 1M keys
+    bm25 = bm25s.BM25.load(str(path / BM25_DIR), mmap=False, show_progress=False, verbosity=0)
     vocab = json.loads((path / BM25_VOCAB).read_text(encoding="utf-8"))
     if bm25.scores.get("num_docs") != size:
         return None
