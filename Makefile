@@ -24,7 +24,7 @@ test-engines: bootstrap
 	$(VENV)/bin/python -m pytest -m engines -q -s tests/llm/test_llm_vllm.py
 
 bench: bootstrap
-	$(VENV)/bin/python bench/run_all.py
+	$(VENV)/bin/python bench/run_all.py $(if $(BANK_SIZES),--bank-sizes $(BANK_SIZES))
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

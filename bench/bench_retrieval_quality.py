@@ -48,7 +48,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from exprag.bank.encoders import BM25Encoder, DenseEncoder, Index, _top_from_scores
+from exprag.bank.encoders import BM25Encoder, DenseEncoder, Index
+from exprag.bank.topk import top_from_scores
 from exprag.bank.procedure import ProcedureIndex
 from exprag.bank.quality import evaluate_retrieval
 from exprag.bank.scoring import ScoringConfig, build_index
@@ -206,7 +207,7 @@ class FusionIndex:
         return b + self.dense_weight * self.dense.scores(queries)
 
     def top(self, queries: list[str], k: int):
-        return _top_from_scores(self.scores(queries), k)
+        return top_from_scores(self.scores(queries), k)
 
     def save(self, path: Path) -> None:  # pragma: no cover - in-memory only
         raise NotImplementedError
@@ -231,7 +232,7 @@ class MaskedDenseIndex:
         return self.encoder.encode([self.proc.weights.mask(q) for q in queries]) @ self.emb.T
 
     def top(self, queries: list[str], k: int):
-        return _top_from_scores(self.scores(queries), k)
+        return top_from_scores(self.scores(queries), k)
 
     def save(self, path: Path) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -258,7 +259,7 @@ class RerankIndex:
         return out
 
     def top(self, queries: list[str], k: int):
-        return _top_from_scores(self.scores(queries), k)
+        return top_from_scores(self.scores(queries), k)
 
     def save(self, path: Path) -> None:  # pragma: no cover
         raise NotImplementedError

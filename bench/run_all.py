@@ -8,7 +8,7 @@ seconds and headlines per benchmark) and ``bench/results/summary.md`` (one ratio
 what compare across machines; absolute numbers depend on the machine and its load. A failed benchmark
 is reported as failed, the others are still summarised, and the exit status is 1.
 
-    python bench/run_all.py [--only retrieval rollout ...] [--quick] [--out DIR]
+    python bench/run_all.py [--only retrieval rollout ...] [--quick] [--out DIR] [--bank-sizes N ...]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ BENCHES: dict[str, Bench] = {
     "train": Bench("bench_train.py", [], ["--only", "trajectory", "trl"]),
     # Skips (ok, no headline) without vLLM: scripts/serve_vllm.sh --install-only.
     "engines": Bench("bench_engines.py", [], ["--episodes", "4", "--steps", "4"]),
+    # 100k keys by default (1M takes ~10 min on one core: --bank-sizes 100000 1000000; docs/bank-scale.md)
+    "bank_scale": Bench("bench_bank_scale.py", [], ["--sizes", "20000", "--queries", "30", "--batch", "64"]),
 }
 
 
@@ -165,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=None)
     ap.add_argument("--quick", action="store_true", help="each benchmark's smaller profile (see BENCHES)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--bank-sizes", type=int, nargs="+", default=None, help="bank_scale's sizes (keys)")
     args = ap.parse_args(argv)
+    if args.bank_sizes:
+        b = BENCHES["bank_scale"]
+        BENCHES["bank_scale"] = Bench(b.script, [*b.args, "--sizes", *map(str, args.bank_sizes)])
     from exprag.io import atomic_write_json, atomic_write_text
 
     out = Path(args.out)

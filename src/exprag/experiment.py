@@ -633,11 +633,11 @@ def expert_action_coverage(experts: Path, cell_dir: Path, bank: Path) -> dict[st
     """How many of the expert's actions on each evaluated game appear verbatim among the actions of the
     trajectories retrieved into that episode's memory (whole trajectories: an upper bound when a token
     budget shortened them). ``None`` when the cell's episodes record no memory ids."""
-    from exprag.bank.store import bank_files
+    from exprag.bank.store import bank_trajectory_files
     from exprag.trajectory import read_jsonl
 
     expert = {t.task_id: t.actions() for t in read_jsonl(experts)}
-    memory = {t.id: set(t.actions()) for t in read_jsonl(bank_files(bank) / "trajectories.jsonl")}
+    memory = {t.id: set(t.actions()) for t in read_jsonl(*bank_trajectory_files(bank))}
     path = cell_dir / "trajectories.jsonl"
     found = total = games = 0
     for t in read_jsonl(path) if path.is_file() else []:

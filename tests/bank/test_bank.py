@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from exprag.bank import Filters, Retriever, append_to_bank, build_bank, load_bank
-from exprag.bank.encoders import DenseEncoder, _top_from_scores
+from exprag.bank.encoders import DenseEncoder
+from exprag.bank.topk import top_from_scores
 from exprag.bank.quality import evaluate_retrieval
 from exprag.bank.store import read_manifest
 from exprag.errors import BankError, DataFormatError
@@ -176,7 +177,7 @@ def test_exact_top_and_faiss_agree():
     emb = rng.normal(size=(2000, 32)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     q = emb[:20] + 0.01
-    s, ids = _top_from_scores(q @ emb.T, 5)
+    s, ids = top_from_scores(q @ emb.T, 5)
     assert (ids[:, 0] == np.arange(20)).all() and (np.diff(s, axis=1) <= 0).all()
     from exprag.bank.encoders import build_faiss
 

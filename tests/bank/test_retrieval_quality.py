@@ -99,7 +99,8 @@ def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
                               "expand": True}
     assert m["bank_version"] == 2  # an exprag that predates procedure scoring refuses it, not misreads it
     assert sorted(p.name for p in (new.files / "static").iterdir()) == \
-        ["embeddings.npy", "keys.json", "term_embeddings.npy", "weights.json"]
+        ["embeddings.npy", "keys.json", "postings_keys.npy", "postings_start.npy", "postings_vals.npy",
+         "term_embeddings.npy", "weights.json"]
     again = load_bank(tmp_path / "new")
     assert isinstance(again.index("static"), ProcedureIndex) and again.index("static").dense is not None
     q = test[0].task

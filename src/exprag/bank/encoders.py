@@ -16,12 +16,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from exprag.bank.topk import chunked_top, top_from_scores
 from exprag.errors import BankError
 
 MINILM = "minilm"
 BM25 = "bm25"
 # Banks at least this large get a FAISS index; smaller ones are searched exactly.
 FAISS_MIN_SIZE = 50_000
+EMBEDDINGS = "embeddings.npy"
+FAISS_FILE = "faiss.index"  # the HNSW graph of a large bank (older banks lack it: built on first query)
+BM25_DIR = "bm25"  # the bm25s index (older banks lack it: rebuilt from keys.json on load)
+BM25_VOCAB = "bm25_vocab.json"
 
 
 class Index(Protocol):
@@ -35,7 +40,10 @@ class Index(Protocol):
         """(scores, ids) of the best ``k`` keys per query, best first (may be approximate)."""
         ...
 
-    def save(self, path: Path) -> None: ...
+    def save(self, path: Path, start: int = 0) -> None:
+        """Write the index to ``path``; keys before ``start`` are already in earlier segments (only
+        their bank-wide derived files, such as term weights, cover them)."""
+        ...
 
 
 class Encoder(Protocol):
@@ -43,18 +51,9 @@ class Encoder(Protocol):
 
     def build(self, texts: list[str], progress: bool = False) -> Index: ...
 
-    def load(self, path: Path) -> Index: ...
-
-
-def _top_from_scores(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, s.shape[1])
-    if k <= 0:
-        return np.zeros((s.shape[0], 0), s.dtype), np.zeros((s.shape[0], 0), np.int64)
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    ps = np.take_along_axis(s, part, axis=1)
-    order = np.argsort(-ps, axis=1, kind="stable")
-    ids = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(s, ids, axis=1), ids
+    def load(self, paths: list[Path]) -> Index:
+        """The index over the keys of ``paths`` (segments, in order); bank-wide files are the last's."""
+        ...
 
 
 # ---- dense ---------------------------------------------------------------------------------------
@@ -114,16 +113,20 @@ class DenseIndex:
         q = self.encoder.encode(queries)
         if self.size >= FAISS_MIN_SIZE:
             return self.faiss().search(q, min(k, self.size))
-        return _top_from_scores(q @ self.emb.T, k)
+        return chunked_top(lambda a, b: q @ self.emb[a:b].T, len(q), self.size, k)
 
     def faiss(self):
         if self._faiss is None:
             self._faiss = build_faiss(self.emb)
         return self._faiss
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        np.save(path / "embeddings.npy", self.emb)
+        np.save(path / EMBEDDINGS, np.ascontiguousarray(self.emb[start:]))
+        if self.size >= FAISS_MIN_SIZE:  # built once here, read back by every load
+            import faiss
+
+            faiss.write_index(self.faiss(), str(path / FAISS_FILE))
 
 
 def build_faiss(emb: np.ndarray):
@@ -174,11 +177,21 @@ class DenseEncoder:
     def from_embeddings(self, emb: np.ndarray) -> DenseIndex:
         return DenseIndex(self, np.asarray(emb, dtype=np.float32))
 
-    def load(self, path: Path) -> DenseIndex:
-        f = path / "embeddings.npy"
-        if not f.is_file():
-            raise BankError(f"{f}: missing embeddings file")
-        return DenseIndex(self, np.load(f, allow_pickle=False))
+    def load(self, paths: list[Path]) -> DenseIndex:
+        for f in (p / EMBEDDINGS for p in paths):
+            if not f.is_file():
+                raise BankError(f"{f}: missing embeddings file")
+        # memory-mapped: pages are read as queries touch them (segments are joined in memory)
+        parts = [np.load(p / EMBEDDINGS, mmap_mode="r", allow_pickle=False) for p in paths]
+        index = DenseIndex(self, parts[0] if len(parts) == 1 else np.concatenate(parts))
+        path = paths[-1]
+        if (path / FAISS_FILE).is_file() and index.size >= FAISS_MIN_SIZE:
+            import faiss
+
+            graph = faiss.read_index(str(path / FAISS_FILE))
+            if graph.ntotal == index.size:  # else stale: rebuilt on first use
+                index._faiss = graph
+        return index
 
 
 # ---- lexical -------------------------------------------------------------------------------------
@@ -198,16 +211,11 @@ def lexical_tokens(text: str) -> list[str]:
 class BM25Index:
     texts: list[str]
     _bm25: Any = None
+    _vocab: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
-        import bm25s
-
-        self._bm25 = bm25s.BM25()
-        corpus = [lexical_tokens(t) or ["<empty>"] for t in self.texts]
-        vocab: dict[str, int] = {}
-        ids = [[vocab.setdefault(w, len(vocab)) for w in doc] for doc in corpus]
-        self._vocab = vocab
-        self._bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+        if self._bm25 is None:
+            self._bm25, self._vocab = build_bm25(self.texts)
 
     @property
     def size(self) -> int:
@@ -222,13 +230,44 @@ class BM25Index:
         return out
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return _top_from_scores(self.scores(queries), k)
+        # one query at a time: bm25s scores a query against the whole bank (one row, not queries x bank)
+        rows = [top_from_scores(self.scores([q]), k) for q in queries]
+        if not rows:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+        return np.concatenate([s for s, _ in rows]), np.concatenate([i for _, i in rows])
 
-    def save(self, path: Path) -> None:
-        # The index is rebuilt from the key texts on load: bm25s indexing is fast, and the key
-        # texts are the one source of truth (no second format to keep in sync).
+    def save(self, path: Path, start: int = 0) -> None:
+        # keys.json stays the source of truth (a bank without the bm25s files rebuilds from it)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+        (path / "keys.json").write_text(json.dumps(self.texts[start:], ensure_ascii=False), encoding="utf-8")
+        self._bm25.save(str(path / BM25_DIR), show_progress=False)
+        (path / BM25_VOCAB).write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
+
+
+def build_bm25(texts: list[str]) -> tuple[Any, dict[str, int]]:
+    """A bm25s index over ``texts`` and the vocabulary mapping its tokens to ids."""
+    import bm25s
+
+    bm25 = bm25s.BM25()
+    corpus = [lexical_tokens(t) or ["<empty>"] for t in texts]
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(w, len(vocab)) for w in doc] for doc in corpus]
+    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+    return bm25, vocab
+
+
+def load_bm25(path: Path, size: int) -> tuple[Any, dict[str, int]] | None:
+    """The bm25s index saved with the bank, or None (an older bank, or one that does not match)."""
+    if not (path / BM25_DIR).is_dir() or not (path / BM25_VOCAB).is_file():
+        return None
+    import bm25s
+
+    # read into memory: scoring a memory-mapped bm25s index was 2.5x slower per query at 1M keys
+    bm25 = bm25s.BM25.load(str(path / BM25_DIR), mmap=False, show_progress=False, verbosity=0)
+    vocab = json.loads((path / BM25_VOCAB).read_text(encoding="utf-8"))
+    if bm25.scores.get("num_docs") != size:
+        return None
+    return bm25, vocab
 
 
 class BM25Encoder:
@@ -238,11 +277,14 @@ class BM25Encoder:
     def build(self, texts: list[str], progress: bool = False) -> BM25Index:
         return BM25Index(list(texts))
 
-    def load(self, path: Path) -> BM25Index:
-        f = path / "keys.json"
-        if not f.is_file():
-            raise BankError(f"{f}: missing BM25 keys file")
-        return BM25Index(json.loads(f.read_text(encoding="utf-8")))
+    def load(self, paths: list[Path]) -> BM25Index:
+        texts: list[str] = []
+        for f in (p / "keys.json" for p in paths):
+            if not f.is_file():
+                raise BankError(f"{f}: missing BM25 keys file")
+            texts += json.loads(f.read_text(encoding="utf-8"))
+        saved = load_bm25(paths[-1], len(texts))
+        return BM25Index(texts, *saved) if saved is not None else BM25Index(texts)
 
 
 def make_encoder(spec: str | dict[str, Any]) -> Encoder:

@@ -41,7 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from exprag.bank.encoders import _STOP, _TOKEN, _top_from_scores, lexical_tokens
+from exprag.bank.encoders import _STOP, _TOKEN, lexical_tokens
+from exprag.bank.topk import ScoreBlock, chunked_top
 from exprag.errors import BankError
 
 TOKENIZER = "lower-alnum-stop-v1"
@@ -53,6 +54,8 @@ _DIVERSITY_WINDOW = 64
 EXPAND_MIN_SIM = 0.5
 EXPAND_MARGIN = 0.08
 TERM_EMBEDDINGS = "term_embeddings.npy"
+# the inverted index, saved at build so that a load does not rebuild it (older banks lack it)
+POSTINGS = ("postings_start.npy", "postings_keys.npy", "postings_vals.npy")
 
 
 def procedure_tokens(text: str) -> set[str]:
@@ -185,13 +188,22 @@ class ProcedureIndex:
 
     def lexical(self, queries: list[str]) -> np.ndarray:
         """(n_queries, size) cosine of the weighted term vectors, through the inverted index."""
+        return self._lexical_block(self._query_vectors(queries), 0, self.size)
+
+    def _query_vectors(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self._expanded(queries) if self.expand and self.dense is not None else self.weights.vectors(queries)
+
+    def _lexical_block(self, vecs: list[tuple[np.ndarray, np.ndarray]], a: int, b: int) -> np.ndarray:
+        """The lexical cosine against keys ``[a, b)`` only: (n_queries, b - a)."""
         start, keys, vals = self._postings
-        out = np.zeros((len(queries), self.size), np.float32)
-        vecs = self._expanded(queries) if self.expand and self.dense is not None else self.weights.vectors(queries)
+        out = np.zeros((len(vecs), b - a), np.float32)
+        whole = a == 0 and b == self.size
         for q, (ids, wq) in enumerate(vecs):
             for t, w in zip(ids.tolist(), wq.tolist()):
-                a, b = start[t], start[t + 1]
-                out[q, keys[a:b]] += w * vals[a:b]  # a key holds a term once: no repeated indices
+                lo, hi = int(start[t]), int(start[t + 1])
+                if not whole:  # a term's keys are stored in ascending order: cut to the chunk
+                    lo, hi = lo + np.searchsorted(keys[lo:hi], [a, b]).astype(np.int64)
+                out[q, keys[lo:hi] - a] += w * vals[lo:hi]  # a key holds a term once: no repeated indices
         return out
 
     def term_embeddings(self) -> np.ndarray:
@@ -232,18 +244,28 @@ class ProcedureIndex:
         return out
 
     def scores(self, queries: list[str]) -> np.ndarray:
-        lex = self.lexical(queries)
+        return self._scorer(queries)(0, self.size)
+
+    def _scorer(self, queries: list[str]) -> ScoreBlock:
+        """Fused scores of ``queries`` against any chunk of keys; the queries are encoded once."""
+        vecs = self._query_vectors(queries)
         if self.dense is None or self.dense_weight == 0:
-            return lex
-        return lex + np.float32(self.dense_weight) * self.dense.scores(queries)
+            return lambda a, b: self._lexical_block(vecs, a, b)
+        qv = self.dense.encoder.encode(queries)
+        dw = np.float32(self.dense_weight)
+        return lambda a, b: self._lexical_block(vecs, a, b) + dw * (qv @ self.dense.emb[a:b].T)
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        fused = self.scores(queries)
+        block = self._scorer(queries)
         if not self.diversity:
-            return _top_from_scores(fused, k)
-        _, ids = _top_from_scores(fused, min(self.size, k + _DIVERSITY_WINDOW))
-        order = np.asarray([self._diverse(row)[:k] for row in ids], dtype=np.int64).reshape(len(queries), -1)
-        return np.take_along_axis(fused, order, axis=1), order
+            return chunked_top(block, len(queries), self.size, k)
+        win_s, win_i = chunked_top(block, len(queries), self.size, min(self.size, k + _DIVERSITY_WINDOW))
+        order = np.asarray([self._diverse(row)[:k] for row in win_i], dtype=np.int64).reshape(len(queries), -1)
+        # the chosen keys all come from the window: their scores are there
+        scores = np.asarray([[by_id[i] for i in sel] for by_id, sel in
+                             zip((dict(zip(ids.tolist(), row.tolist())) for ids, row in zip(win_i, win_s)),
+                                 order.tolist())], np.float32)
+        return scores.reshape(order.shape), order
 
     def rank_all(self, query: str) -> np.ndarray:
         """Every key, best first (the retriever's fallback when filters reject the top window)."""
@@ -259,12 +281,14 @@ class ProcedureIndex:
             self._templates = [self.weights.mask(t) for t in self.texts]
         return diverse_order(ids, self.texts, self._templates)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "keys.json").write_text(json.dumps(self.texts, ensure_ascii=False), encoding="utf-8")
+        (path / "keys.json").write_text(json.dumps(self.texts[start:], ensure_ascii=False), encoding="utf-8")
         (path / "weights.json").write_text(json.dumps(self.weights.to_json(), ensure_ascii=False), encoding="utf-8")
+        for name, arr in zip(POSTINGS, self._postings):
+            np.save(path / name, np.ascontiguousarray(arr))
         if self.dense is not None:
-            self.dense.save(path)
+            self.dense.save(path, start)
             if self.expand:
                 np.save(path / TERM_EMBEDDINGS, self.term_embeddings())
 
@@ -278,6 +302,18 @@ def _postings(vectors: list[tuple[np.ndarray, np.ndarray]], n_terms: int) -> tup
     start = np.zeros(n_terms + 1, np.int64)
     np.cumsum(np.bincount(terms, minlength=n_terms), out=start[1:])
     return start, keys[order], vals[order]
+
+
+def _load_postings(path: Path, n_terms: int, n_keys: int) -> tuple[np.ndarray, ...] | None:
+    """The saved inverted index, memory-mapped; None when absent or not of these weights and keys."""
+    if not all((path / name).is_file() for name in POSTINGS):
+        return None
+    start, keys, vals = (np.load(path / name, mmap_mode="r", allow_pickle=False) for name in POSTINGS)
+    n = int(start[-1]) if len(start) else -1
+    if start.shape != (n_terms + 1,) or keys.shape != (n,) or vals.shape != (n,) \
+            or (n and int(keys.max()) >= n_keys):
+        return None
+    return start, keys, vals
 
 
 def diverse_order(ids: Sequence[int], texts: Sequence[str], templates: Sequence[str]) -> list[int]:
@@ -303,19 +339,25 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def load_procedure_index(path: Path, dense_encoder: Any, dense_weight: float, diversity: bool,
+def load_procedure_index(paths: list[Path], dense_encoder: Any, dense_weight: float, diversity: bool,
                          expand: bool = False) -> ProcedureIndex:
-    keys, wfile = path / "keys.json", path / "weights.json"
-    for f in (keys, wfile):
+    """The index over the keys of ``paths`` (segments, in order); weights and postings are the last's."""
+    path = paths[-1]
+    wfile = path / "weights.json"
+    for f in [p / "keys.json" for p in paths] + [wfile]:
         if not f.is_file():
             raise BankError(f"{f}: missing; the bank is incomplete, rebuild it")
+    texts: list[str] = []
     try:
-        texts = json.loads(keys.read_text(encoding="utf-8"))
+        for p in paths:
+            texts += json.loads((p / "keys.json").read_text(encoding="utf-8"))
         wobj = json.loads(wfile.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
-    dense = dense_encoder.load(path) if dense_encoder is not None else None
-    index = ProcedureIndex(texts, TermWeights.from_json(wobj, str(wfile)), dense, dense_weight, diversity, expand)
+    dense = dense_encoder.load(paths) if dense_encoder is not None else None
+    weights = TermWeights.from_json(wobj, str(wfile))
+    index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand,
+                           _postings=_load_postings(path, len(weights.weights), len(texts)))
     temb = path / TERM_EMBEDDINGS
     if expand and dense is not None and temb.is_file():
         emb = np.load(temb)

@@ -103,11 +103,13 @@ def _expand(cfg: ScoringConfig, mode: str) -> bool:
     return cfg.expand and mode == "static"
 
 
-def load_index(cfg: ScoringConfig, encoder: Encoder, path: Path) -> Index:
+def load_index(cfg: ScoringConfig, encoder: Encoder, paths: list[Path]) -> Index:
+    """The index of one mode over the bank's segments ``paths`` (each the mode's directory, in order)."""
     if cfg.scoring != "procedure":
-        return encoder.load(path)
+        return encoder.load(paths)
     # a bank stores each mode's index in a directory named after the mode
-    return load_procedure_index(path, _dense(encoder), cfg.dense_weight, cfg.diversity, _expand(cfg, path.name))
+    return load_procedure_index(paths, _dense(encoder), cfg.dense_weight, cfg.diversity,
+                                _expand(cfg, paths[-1].name))
 
 
 def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],

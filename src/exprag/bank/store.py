@@ -9,9 +9,16 @@ Layout of BANK_DIR::
         trajectories.jsonl   the stored trajectories, in index order
         static/              index over task descriptions (static retrieval keys)
         dynamic/             index over task + action texts (dynamic retrieval keys)
+        seg-000001/ ...      segments added by write-back (manifest ``segments``): each holds its own
+                             trajectories.jsonl, static/ and dynamic/
 
 An index directory holds what its scoring needs: ``embeddings.npy`` (dense), ``keys.json`` (BM25,
-procedure), ``weights.json`` (procedure: term weights learned from the keys' task types at build).
+procedure), ``weights.json`` (procedure: term weights learned from the keys' task types at build),
+and the indexes saved so that a load need not rebuild them: ``postings_*.npy`` (procedure),
+``bm25/`` + ``bm25_vocab.json`` (BM25), ``faiss.index`` (dense banks of FAISS size); banks without
+them rebuild them in memory. Keys and embeddings are per segment (a load joins them in order);
+bank-wide files (weights, postings, bm25s, FAISS) are read from the last segment only: an append
+writes them anew for the whole bank, and hard-links the older segments' files unchanged.
 Banks written by older exprag hold the version's files directly in BANK_DIR (no CURRENT); they load
 as they are, and a rebuild into them switches them to the versioned layout.
 
@@ -49,11 +56,15 @@ from exprag.validate import read_json
 BANK_FORMAT = "exprag-bank"
 # 2: procedure-scored banks (a reader of version 1 would silently score them as plain dense / BM25);
 # banks with plain scoring are still written as 1, so that older exprag reads them.
-BANK_VERSION = 2
+PROCEDURE_BANK_VERSION = 2
+# 3: banks with appended segments (a reader of version 2 would see the first segment only).
+SEGMENTED_BANK_VERSION = 3
+BANK_VERSION = SEGMENTED_BANK_VERSION  # the newest this exprag reads
 MODES = ("static", "dynamic")
 CURRENT = "CURRENT"
 _VERSION = re.compile(r"v-\d{8}T\d{6}-[0-9a-f]{6}")
 _STAGING = ".exprag-build-"
+_SEGMENT = re.compile(r"seg-\d{6}")
 _FLAT_FILES = ("manifest.json", "trajectories.jsonl", "static", "dynamic")  # the pre-versioned layout
 
 
@@ -89,7 +100,8 @@ class Bank:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if mode not in self._indexes:
             try:
-                self._indexes[mode] = load_index(self.retrieval, self.encoder, self.files / mode)
+                self._indexes[mode] = load_index(self.retrieval, self.encoder,
+                                                 [d / mode for d in segment_dirs(self.files, self.manifest)])
             except (OSError, ValueError, EOFError, KeyError, TypeError, RecursionError) as e:
                 # a truncated embeddings.npy, a garbled keys file: numpy / json say so in their own words
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -172,7 +184,7 @@ def build_bank(
             index.save(staging / mode)
         manifest = {
             "format": BANK_FORMAT,
-            "bank_version": BANK_VERSION if cfg.scoring == "procedure" else 1,
+            "bank_version": PROCEDURE_BANK_VERSION if cfg.scoring == "procedure" else 1,
             "exprag_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "encoder": enc.identity,
@@ -190,6 +202,21 @@ def build_bank(
     finally:
         lock.close()
     return Bank(out, manifest, trajs, enc, dict(indexes), data_dir=version)
+
+
+def segment_dirs(files: Path, manifest: dict[str, Any]) -> list[Path]:
+    """The directories of a bank version's segments, in index order: the version itself (what the
+    build wrote), then each append's ``seg-*`` directory named in the manifest's ``segments``."""
+    names = manifest.get("segments", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and _SEGMENT.fullmatch(n) for n in names):
+        raise BankError(f"{files / 'manifest.json'}: field 'segments' must be a list of seg-NNNNNN names")
+    return [files] + [files / n for n in names]
+
+
+def bank_trajectory_files(path: str | Path) -> list[Path]:
+    """The ``trajectories.jsonl`` files of the bank's published version, in index order."""
+    files = bank_files(path)
+    return [d / "trajectories.jsonl" for d in segment_dirs(files, read_manifest(path, files))]
 
 
 # ---- the versioned layout and its swap --------------------------------------------------------------
@@ -340,7 +367,7 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
             f"{files / 'manifest.json'}: field 'encoder' is {identity.get('name')!r} but {encoder!r} was "
             "asked for; query with the bank's encoder or rebuild the bank"
         )
-    trajs = list(iter_jsonl(files / "trajectories.jsonl"))
+    trajs = [t for d in segment_dirs(files, manifest) for t in iter_jsonl(d / "trajectories.jsonl")]
     if len(trajs) != manifest.get("count"):
         raise BankError(
             f"{files / 'manifest.json'}: field 'count' is {manifest.get('count')} but "
@@ -352,7 +379,10 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
 
 
 def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
-    """Write-back memory: a new bank = old + ``new``, encoded incrementally and swapped in atomically."""
+    """Write-back memory: the new trajectories go to a new segment of a new version; the files of the
+    old segments are hard-linked into it, not rewritten. Bank-wide files (procedure term weights and
+    postings, the bm25s index, the FAISS graph) are written for the whole bank into the new segment,
+    which readers take them from. Published atomically, as a build."""
     if not new:
         return bank
     known = {t.id for t in bank.trajectories}
@@ -363,16 +393,22 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     enc = bank.encoder
     cfg = bank.retrieval
     labels, label_check = _scoring_labels(cfg, trajs)
+    old_segments = list(bank.manifest.get("segments", []))
+    segment = f"seg-{len(old_segments) + 1:06d}"
     lock, staging = _begin(bank.path)
     try:
-        write_jsonl(staging / "trajectories.jsonl", trajs)
+        for src in segment_dirs(bank.files, bank.manifest):
+            _link_segment(src, staging / src.relative_to(bank.files))
+        write_jsonl(staging / segment / "trajectories.jsonl", list(new))
         indexes: dict[str, Index] = {}
         for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
             indexes[mode] = extend_index(cfg, enc, bank.index(mode), [key(t) for t in trajs], labels, mode)
-            indexes[mode].save(staging / mode)
+            indexes[mode].save(staging / segment / mode, start=len(bank.trajectories))
         manifest = dict(bank.manifest)
         manifest.update(_summary(trajs))
         manifest.update(label_check)
+        manifest["segments"] = old_segments + [segment]
+        manifest["bank_version"] = SEGMENTED_BANK_VERSION
         manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(staging / "manifest.json", manifest)
         version = _publish(bank.path, staging)
@@ -382,3 +418,15 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     finally:
         lock.close()
     return Bank(bank.path, manifest, trajs, enc, indexes, data_dir=version)
+
+
+def _link_segment(src: Path, dst: Path) -> None:
+    """Hard-link one segment's files (its trajectories and index directories, not the manifest or
+    other segments) into ``dst``: the new version shares them, byte for byte, inode for inode."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("trajectories.jsonl", *MODES):
+        p = src / name
+        if p.is_dir():
+            shutil.copytree(p, dst / name, copy_function=os.link)
+        elif p.is_file():
+            os.link(p, dst / name)

@@ -1,0 +1,133 @@
+"""Banks of any size: chunked scoring equals scoring the whole bank at once."""
+
+import numpy as np
+import pytest
+
+from exprag.bank import build_bank, load_bank
+from exprag.bank import topk
+from exprag.bank.scoring import ScoringConfig
+from exprag.bank.topk import chunked_top, top_from_scores
+
+
+def test_chunked_top_equals_a_stable_sort_of_the_row():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, size=(7, 50)).astype(np.float32)  # many ties
+    for k in (1, 3, 10, 50, 80):
+        want = np.argsort(-s, axis=1, kind="stable")[:, :min(k, 50)]
+        for chunk in (1, 3, 7, 50):
+            sc, ids = chunked_top(lambda a, b: s[:, a:b], 7, 50, k, chunk=chunk)
+            assert (ids == want).all()
+            assert (sc == np.take_along_axis(s, want, axis=1)).all()
+        assert (top_from_scores(s, k)[1] == want).all()
+
+
+@pytest.mark.parametrize("encoder,scoring", [("minilm", "procedure"), ("bm25", "procedure"),
+                                             ("minilm", "dense"), ("bm25", "bm25")])
+def test_chunked_scoring_matches_whole_bank(twx_trajs, tmp_path, monkeypatch, encoder, scoring):
+    train, test = twx_trajs
+    bank = build_bank(train, tmp_path / "b", encoder, retrieval=ScoringConfig(scoring))
+    queries = [t.task for t in test] + ["warm up an apple and put it on the table", "zzz"]
+    for mode in ("static", "dynamic"):
+        index = bank.index(mode)
+        for k in (1, 2, 5):
+            whole = index.top(queries, k)
+            with monkeypatch.context() as m:  # chunks of 3 keys
+                m.setattr(topk, "MAX_BLOCK", 1)
+                m.setattr(topk, "MIN_CHUNK", 3)
+                chunked = index.top(queries, k)
+            np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
+            # the same keys in the same order; only keys of equal score (a repeated task text, whose
+            # dense dot product the BLAS kernel may round differently in another chunk) may swap
+            differ = chunked[1] != whole[1]
+            assert np.allclose(chunked[0][differ], whole[0][differ], rtol=0, atol=1e-6)
+            # and the same keys as a full sort of the scores the retriever's fallback uses
+            if scoring != "procedure":
+                full = index.scores(queries)
+                assert (whole[1] == np.argsort(-full, axis=1, kind="stable")[:, :k]).all()
+
+
+@pytest.mark.parametrize("encoder,scoring", [("minilm", "procedure"), ("bm25", "bm25")])
+def test_load_reads_the_saved_index_without_rebuilding(twx_trajs, tmp_path, monkeypatch, encoder, scoring):
+    import exprag.bank.encoders as encoders
+    import exprag.bank.procedure as procedure
+
+    train, test = twx_trajs
+    built = build_bank(train, tmp_path / "b", encoder, retrieval=ScoringConfig(scoring))
+    queries = [t.task for t in test]
+    want = {mode: built.index(mode).top(queries, 3) for mode in ("static", "dynamic")}
+
+    def no_build(*a, **kw):
+        raise AssertionError("the load rebuilt the index")
+
+    with monkeypatch.context() as m:
+        m.setattr(procedure, "_postings", no_build)
+        m.setattr(encoders, "build_bm25", no_build)
+        m.setattr(procedure.TermWeights, "vectors", no_build)  # the keys' term vectors
+        bank = load_bank(tmp_path / "b")
+        indexes = {mode: bank.index(mode) for mode in ("static", "dynamic")}
+    for mode, index in indexes.items():
+        if scoring == "procedure":
+            assert isinstance(index.dense.emb, np.memmap) and isinstance(index._postings[1], np.memmap)
+        got = index.top(queries, 3)
+        assert (got[1] == want[mode][1]).all()
+        np.testing.assert_allclose(got[0], want[mode][0], rtol=1e-5, atol=1e-6)
+
+    # a bank written before the saved indexes: rebuilt in memory, same results
+    for mode in ("static", "dynamic"):
+        for name in [*procedure.POSTINGS, encoders.BM25_VOCAB]:
+            (bank.files / mode / name).unlink(missing_ok=True)
+    old = load_bank(tmp_path / "b")
+    for mode in ("static", "dynamic"):
+        got = old.index(mode).top(queries, 3)
+        assert (got[1] == want[mode][1]).all()
+
+
+def test_large_dense_bank_saves_its_faiss_graph(tmp_path, monkeypatch):
+    import exprag.bank.encoders as encoders
+
+    monkeypatch.setattr(encoders, "FAISS_MIN_SIZE", 100)
+    enc = encoders.DenseEncoder("minilm")
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    enc.from_embeddings(emb).save(tmp_path)
+    assert (tmp_path / encoders.FAISS_FILE).is_file()
+    monkeypatch.setattr(encoders, "build_faiss", lambda *a: pytest.fail("the load rebuilt the graph"))
+    index = enc.load([tmp_path])
+    assert index.faiss().ntotal == 300
+    _, ids = index.faiss().search(emb[:5], 1)
+    assert (ids[:, 0] == np.arange(5)).all()
+
+
+@pytest.mark.parametrize("encoder,scoring", [("minilm", "procedure"), ("bm25", "bm25"), ("minilm", "dense")])
+def test_write_back_appends_a_segment(twx_trajs, tmp_path, encoder, scoring):
+    from exprag.bank import Retriever, append_to_bank
+    from exprag.bank.store import bank_trajectory_files
+
+    train, test = twx_trajs
+    cfg = ScoringConfig(scoring)
+    bank = build_bank(train, tmp_path / "b", encoder, retrieval=cfg)
+
+    def files(root):
+        return {p.relative_to(root): p.stat() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+
+    before = files(bank.files)
+    grown = append_to_bank(bank, test[:3])
+    grown = append_to_bank(grown, test[3:5])
+    assert grown.manifest["segments"] == ["seg-000001", "seg-000002"]
+    after = files(grown.files)
+    for rel, st in before.items():  # the first segment's files are shared, not rewritten
+        assert (after[rel].st_ino, after[rel].st_mtime_ns) == (st.st_ino, st.st_mtime_ns), rel
+    assert len(bank_trajectory_files(tmp_path / "b")) == 3
+
+    full = build_bank(train + test[:5], tmp_path / "full", encoder, retrieval=cfg)
+    loaded = load_bank(tmp_path / "b")
+    assert [t.id for t in loaded.trajectories] == [t.id for t in full.trajectories]
+    queries = [t.task for t in test]
+    for mode in ("static", "dynamic"):
+        got, want = loaded.index(mode).top(queries, 3), full.index(mode).top(queries, 3)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+        differ = got[1] != want[1]  # only keys of equal score may swap
+        assert np.allclose(got[0][differ], want[0][differ], atol=1e-5)
+    hits = Retriever(loaded).retrieve(test[0].task, k=2)
+    assert [h.trajectory.id for h in hits] == [h.trajectory.id for h in Retriever(full).retrieve(test[0].task, k=2)]
