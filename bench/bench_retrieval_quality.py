@@ -57,7 +57,8 @@ from exprag.bank.store import Bank, build_bank
 from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from headlines import retrieval_quality_headline  # noqa: E402
+from headlines import (PARAPHRASE_BEFORE, PARAPHRASE_OURS, PARAPHRASE_WORD_SPACE,  # noqa: E402
+                       retrieval_quality_headline)
 from runtime import log, offline_one_thread  # noqa: E402
 
 TARGET_TOP1, TARGET_ALL = 0.95, 0.90
@@ -317,9 +318,9 @@ def paraphrase_configs(bank: list[Trajectory], dense: DenseEncoder) -> list[tupl
     default = build_index(ScoringConfig(), dense, texts, labels, "static")
     return [("dense (paper)", build_index(ScoringConfig("dense"), dense, texts, labels, "static")),
             ("bm25", build_index(ScoringConfig("bm25"), BM25Encoder(), texts, labels, "static")),
-            ("procedure, before (dense 0.05, no expansion)", replace(default, dense_weight=0.05, expand=False,
-                                                                    _templates=None)),
-            ("procedure, default (dense 0.5 + word expansion)", default)]
+            (PARAPHRASE_BEFORE, replace(default, dense_weight=0.05, expand=False, _templates=None, _word_emb={})),
+            (PARAPHRASE_WORD_SPACE, replace(default, lexicon=None, _templates=None, _word_emb={})),
+            (PARAPHRASE_OURS, default)]
 
 
 def bench_paraphrases(env_name: str, k: int, dense: DenseEncoder, refresh: bool, log: Callable[[str], None]) -> dict:

@@ -117,6 +117,10 @@ def train_headline(result: dict) -> list[dict]:
 
 
 QUALITY_BASELINE, QUALITY_OURS = "dense (paper)", "procedure + dense + diversity"
+# the paraphrase benchmark's default row (bench_retrieval_quality.paraphrase_configs)
+PARAPHRASE_OURS = "procedure, default (dense 0.5 + WordNet-guided expansion)"
+PARAPHRASE_WORD_SPACE = "procedure, word-space expansion (dense 0.5, no lexicon)"
+PARAPHRASE_BEFORE = "procedure, before (dense 0.05, no expansion)"
 
 
 def retrieval_quality_headline(result: dict) -> list[dict]:
@@ -137,7 +141,7 @@ def retrieval_quality_headline(result: dict) -> list[dict]:
                       "exprag default (procedure)", ours["all_at_k"], True)]
     for env in result.get("paraphrases", []):
         rows = {r["config"]: r for r in env["rows"]}
-        base, ours = rows.get("dense (paper)"), rows.get("procedure, default (dense 0.5 + word expansion)")
+        base, ours = rows.get("dense (paper)"), rows.get(PARAPHRASE_OURS)
         if base and ours:
             what = f"{env['env']} test paraphrases (n={ours['test']['n']})"
             out += [entry(f"{what}: top-1 same-type rate", "dense (paper)", base["test"]["top1"],

@@ -87,7 +87,7 @@ def test_headline_entries(hl):
     rate = lambda t1, a2: {"test": {"n": 72, "top1": t1, "all_at_k": a2}}  # noqa: E731
     para = {"k": 2, "envs": [], "paraphrases": [{"env": "alfworld", "rows": [
         {"config": "dense (paper)", **rate(0.5, 0.4)},
-        {"config": "procedure, default (dense 0.5 + word expansion)", **rate(0.75, 0.6)}]}]}
+        {"config": hl.PARAPHRASE_OURS, **rate(0.75, 0.6)}]}]}
     p = hl.retrieval_quality_headline(para)
     assert [(x["ratio"], x["metric"]) for x in p] == [
         (1.5, "alfworld test paraphrases (n=72): top-1 same-type rate"),

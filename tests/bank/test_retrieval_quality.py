@@ -307,10 +307,13 @@ def test_alfworld_paraphrases_reduced_size():
                     {"static": index})
         got[name] = (evaluate_retrieval(bank, templated, k=2).as_dict()["overall"],
                      evaluate_text_queries(bank, queries, k=2).as_dict()["overall"])
-    before, ours = got["procedure, before (dense 0.05, no expansion)"], got["procedure, default (dense 0.5 + word expansion)"]
+    before, ours = got[bq.PARAPHRASE_BEFORE], got[bq.PARAPHRASE_OURS]
     assert ours[0]["top1"] == 1.0 and ours[0]["all_at_k"] == 1.0, got
-    assert ours[1]["n"] == 72 and ours[1]["top1"] >= 0.65 and ours[1]["all_at_k"] >= 0.6, got
+    assert ours[1]["n"] == 72 and ours[1]["top1"] >= 0.75 and ours[1]["all_at_k"] >= 0.7, got
     assert ours[1]["top1"] >= before[1]["top1"] + 0.15, got
+    # WordNet's relations on top of the word space (measured 0.81 / 0.79 vs 0.71 / 0.69)
+    space = got[bq.PARAPHRASE_WORD_SPACE]
+    assert ours[1]["top1"] >= space[1]["top1"] + 0.05 and ours[1]["all_at_k"] >= space[1]["all_at_k"] + 0.05, got
     assert ours[1]["top1"] > got["dense (paper)"][1]["top1"] and ours[1]["top1"] > got["bm25"][1]["top1"], got
 
 

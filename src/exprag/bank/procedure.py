@@ -53,6 +53,10 @@ _DIVERSITY_WINDOW = 64
 # query-word expansion (chosen on the dev paraphrase sets, see docs/retrieval-quality.md)
 EXPAND_MIN_SIM = 0.5
 EXPAND_MARGIN = 0.08
+# lexicon expansion: a related bank term counts if its weight is >= this fraction of the bank's top weight
+# (object and receptacle names are not what a paraphrase's verb means), at this similarity
+LEXICON_HIT = 0.2
+LEXICON_SIM = 0.7
 TERM_EMBEDDINGS = "term_embeddings.npy"
 # the inverted index, saved at build so that a load does not rebuild it (older banks lack it)
 POSTINGS = ("postings_start.npy", "postings_keys.npy", "postings_vals.npy")
@@ -170,7 +174,8 @@ class ProcedureIndex:
     dense: Any = None  # a DenseIndex over the same raw texts, or None (lexical only)
     dense_weight: float = 0.05
     diversity: bool = True
-    expand: bool = False  # unknown query words borrow their nearest bank terms' weights (needs dense)
+    expand: bool = False  # unknown query words borrow their nearest bank terms' weights
+    lexicon: Any = None  # a WordNet (exprag.bank.lexicon) for the expansion, or None: the word space alone
     _postings: Any = field(default=None, repr=False)  # (term start offsets, key ids, values)
     _templates: list[str] | None = field(default=None, repr=False)  # masked keys, for diversity
     _term_emb: np.ndarray | None = field(default=None, repr=False)  # (n_terms, d) bank-term embeddings
@@ -191,7 +196,9 @@ class ProcedureIndex:
         return self._lexical_block(self._query_vectors(queries), 0, self.size)
 
     def _query_vectors(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return self._expanded(queries) if self.expand and self.dense is not None else self.weights.vectors(queries)
+        if self.expand and (self.dense is not None or self.lexicon is not None):
+            return self._expanded(queries)
+        return self.weights.vectors(queries)
 
     def _lexical_block(self, vecs: list[tuple[np.ndarray, np.ndarray]], a: int, b: int) -> np.ndarray:
         """The lexical cosine against keys ``[a, b)`` only: (n_queries, b - a)."""
@@ -213,28 +220,43 @@ class ProcedureIndex:
         return self._term_emb
 
     def _expanded(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Query term vectors with unknown words mapped onto their nearest bank terms (module docstring)."""
+        """Query term vectors with unknown words mapped onto bank terms (module docstring)."""
         w = self.weights.weights
         toks = [procedure_tokens(q) for q in queries]
-        new = sorted({t for ts in toks for t in ts if t not in w and t not in self._word_emb})
-        if new:
-            self._word_emb.update(zip(new, self.dense.encoder.encode(new)))
         if not w:
             return self.weights.vectors(queries)
-        vocab, emb = self.weights._vocab(), self.term_embeddings()
+        dense = self.dense is not None
+        new = sorted({t for ts in toks for t in ts if t not in w and t not in self._word_emb}) if dense else []
+        if new:
+            self._word_emb.update(zip(new, self.dense.encoder.encode(new)))
+        vocab = self.weights._vocab()
+        emb = self.term_embeddings() if dense else None
         wv = np.fromiter(w.values(), np.float32, len(w))
+        hit_floor = LEXICON_HIT * float(wv.max())
         out = []
         for ts in toks:
             row: dict[int, float] = {vocab[t]: w[t] for t in ts if w.get(t, 0.0) > 0.0}
             for t in ts:
                 if t in w:
                     continue
-                sim = emb @ self._word_emb[t]
-                best = float(sim.max())
-                if best < EXPAND_MIN_SIM:
-                    continue
-                for j in np.flatnonzero(sim >= best - EXPAND_MARGIN).tolist():
-                    val = float(wv[j] * sim[j])
+                rel = self.lexicon.relations(t) if self.lexicon is not None else None
+                cand: dict[int, float] = {}
+                if dense:
+                    sim = emb @ self._word_emb[t]
+                    if rel is not None:  # the word space puts antonyms close ("cold" ~ "hot"): drop them
+                        sim[[vocab[a] for a in rel.antonyms if a in vocab]] = -1.0
+                    best = float(sim.max())
+                    if best >= EXPAND_MIN_SIM:
+                        for j in np.flatnonzero(sim >= best - EXPAND_MARGIN).tolist():
+                            cand[j] = float(wv[j] * sim[j])
+                if rel is not None:  # the nearest ring that names a weighted bank term
+                    for ring in rel.rings:
+                        hits = [vocab[r] for r in ring if r in vocab and w[r] >= hit_floor]
+                        if hits:
+                            for j in hits:
+                                cand[j] = max(cand.get(j, 0.0), float(wv[j]) * LEXICON_SIM)
+                            break
+                for j, val in cand.items():
                     if val > row.get(j, 0.0):
                         row[j] = val
             ids = np.fromiter(sorted(row), np.int64, len(row))
@@ -340,7 +362,7 @@ def _norm(text: str) -> str:
 
 
 def load_procedure_index(paths: list[Path], dense_encoder: Any, dense_weight: float, diversity: bool,
-                         expand: bool = False) -> ProcedureIndex:
+                         expand: bool = False, lexicon: Any = None) -> ProcedureIndex:
     """The index over the keys of ``paths`` (segments, in order); weights and postings are the last's."""
     path = paths[-1]
     wfile = path / "weights.json"
@@ -356,7 +378,7 @@ def load_procedure_index(paths: list[Path], dense_encoder: Any, dense_weight: fl
         raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
     dense = dense_encoder.load(paths) if dense_encoder is not None else None
     weights = TermWeights.from_json(wobj, str(wfile))
-    index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand,
+    index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand, lexicon,
                            _postings=_load_postings(path, len(weights.weights), len(texts)))
     temb = path / TERM_EMBEDDINGS
     if expand and dense is not None and temb.is_file():

