@@ -177,12 +177,12 @@ def test_ray_cell_refuses_a_run_dir_its_node_does_not_see(tmp_path, monkeypatch)
 def _tiny_experiment(out, ray=None):
     return {"name": "cells", "env": "twx", "models": ["smollm2-135m"], "encoder": "bm25", "out": str(out),
             "main_k": 1, "data": {"train_per_type": 1, "val_per_type": 0, "test_per_type": 1},
-            "eval": {"max_steps": 3, "max_new_tokens": 8, "batch_size": 4, "ray": ray},
+            "eval": {"max_steps": 3, "max_new_tokens": 8, "batch_size": 4, "token_budget": 150, "ray": ray},
             "grid": [{"methods": ["no_retrieval", "exprag_frozen"], "groups": ["hard"]}]}
 
 
-def _untimed_rows(out):
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+def _untimed_rows(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:
         r.pop("tokens_per_s", None)
     return rows
@@ -190,25 +190,31 @@ def _untimed_rows(out):
 
 @pytest.mark.slow  # 00 s on 2 cores (one busy): two serial cells, a Ray head, the same two cells as tasks
 def test_experiment_cells_as_ray_tasks_match_serial(tmp_path):
+    """The serial cells are moved aside, then the same experiment directory (data and banks reused)
+    runs them again as two Ray tasks at once."""
     ray = pytest.importorskip("ray")
     from exprag.errors import RunConfigError
     from exprag.experiment import experiment_config_from_dict, run_experiment
 
     t0 = time.perf_counter()
-    serial = run_experiment(experiment_config_from_dict(_tiny_experiment(tmp_path / "serial")), command="pytest")
+    out = tmp_path / "exp"
+    serial = run_experiment(experiment_config_from_dict(_tiny_experiment(out)), command="pytest")
     assert serial.cells_run == 2
+    (out / "cells").rename(tmp_path / "serial-cells")
+    (out / "results.jsonl").rename(tmp_path / "serial-results.jsonl")
+    t1 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        out = tmp_path / "ray"
         cfg = experiment_config_from_dict(_tiny_experiment(out, ray="local"))  # joins the head started above
         seen = []
         res = run_experiment(cfg, command="pytest", on_cell=lambda row: seen.append(row["cell"]))
         assert res.cells_run == 2 and sorted(seen) == sorted(r["cell"] for r in serial.rows)
-        assert _untimed_rows(out) == _untimed_rows(tmp_path / "serial")  # grid order, same episodes
+        expected = _untimed_rows(tmp_path / "serial-results.jsonl")
+        assert _untimed_rows(out / "results.jsonl") == expected  # grid order, the same episodes
         assert all(r["episodes"] and len(r["episodes"]) == r["n"] == 4 for r in res.rows)
         for row in res.rows:
-            _same_eval(tmp_path / "serial" / row["run_dir"], out / row["run_dir"])
-        assert not any(out.glob(".ray-probe*"))
+            _same_eval(tmp_path / "serial-cells" / row["run_dir"].removeprefix("cells/"), out / row["run_dir"])
+        assert not (out / ".ray-probe").exists()
 
         # A failing task names its cell; the other cell stays finished, and a rerun resumes.
         broken = out / res.rows[0]["run_dir"]
@@ -221,7 +227,7 @@ def test_experiment_cells_as_ray_tasks_match_serial(tmp_path):
         (broken / "config.json").write_text(good)
         again = run_experiment(cfg, command="pytest")
         assert (again.cells_run, again.cells_reused) == (1, 1)
-        assert _untimed_rows(out) == _untimed_rows(tmp_path / "serial")
+        assert _untimed_rows(out / "results.jsonl") == expected
     finally:
         ray.shutdown()
-    print(f"experiment cells as Ray tasks: {time.perf_counter() - t0:.1f}s")
+    print(f"experiment cells: serial {t1 - t0:.1f}s, as Ray tasks {time.perf_counter() - t1:.1f}s")

@@ -20,12 +20,14 @@ group) and ``bank`` (the memory source), so that runs written before the names c
 and report (docs/method.md#glossary).
 
 A killed run resumes where it stopped: finished cells are not rerun, a half-finished cell resumes
-episode by episode, an interrupted training resumes from its last checkpoint.
+episode by episode, an interrupted training resumes from its last checkpoint. With ``eval.ray`` the
+unfinished cells run as Ray tasks (exprag.ray_cells) into the same directories.
 
 No ``from __future__ import annotations``: ``exprag.config.from_dict`` reads the nested sections
 (``data:``, ``eval:``) into their dataclasses from the real annotations.
 """
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -587,9 +589,11 @@ def _run_cells_on_ray(cfg: ExperimentConfig, out: Path, cells: list[Cell], ecfgs
     say(f"{len(todo)} cells as Ray tasks on {cfg.eval.ray} ({res.cpus:g} CPU, {res.gpus:g} GPU each)")
 
     def run_all() -> None:
-        for n, (cell, done) in enumerate(run_cells(cfg.eval.ray, out, [(c, ecfgs[c]) for c in todo], res), 1):
-            say(f"[cell {n}/{len(todo)} done] {cell.id}")
-            finish(cell, done)
+        # closing: an exception in finish (on_cell) cancels the tasks still out at once
+        with contextlib.closing(run_cells(cfg.eval.ray, out, [(c, ecfgs[c]) for c in todo], res)) as finished:
+            for n, (cell, done) in enumerate(finished, 1):
+                say(f"[cell {n}/{len(todo)} done] {cell.id}")
+                finish(cell, done)
 
     timed("eval_s", run_all)  # wall-clock time of the parallel cells
     return len(todo), len(cells) - len(todo)
