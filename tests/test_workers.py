@@ -188,7 +188,8 @@ def _untimed_rows(path):
     return rows
 
 
-@pytest.mark.slow  # 00 s on 2 cores (one busy): two serial cells, a Ray head, the same two cells as tasks
+@pytest.mark.slow  # 97 s on 2 shared cores (load 4-5): serial 38 s; Ray head, the 2 cells as tasks, a failing
+#                    rerun and a resume 59 s
 def test_experiment_cells_as_ray_tasks_match_serial(tmp_path):
     """The serial cells are moved aside, then the same experiment directory (data and banks reused)
     runs them again as two Ray tasks at once."""
