@@ -143,6 +143,22 @@ def test_experiment_cell_resources_are_checked():
         experiment_config_from_dict({**grid, "eval": {"cell_cpus": 0}})
 
 
+def test_experiment_command_flags_override_eval_workers(tmp_path, monkeypatch):
+    import exprag.experiment as experiment
+    from exprag.cli import main
+
+    config = tmp_path / "e.yaml"
+    config.write_text("name: w\nenv: twx\neval: {workers: 2, ray: null}\ngrid: [{methods: [no_retrieval]}]\n")
+    got = []
+    monkeypatch.setattr(experiment, "run_experiment",
+                        lambda cfg, **kw: got.append(cfg.eval) or experiment.ExperimentResult(cfg.out_dir, []))
+    out = str(tmp_path / "exp")
+    assert main(["experiment", str(config), "--out", out, "--no-report", "--no-progress"]) == 0
+    assert main(["experiment", str(config), "--out", out, "--no-report", "--no-progress",
+                 "--ray", "local", "--workers", "3"]) == 0
+    assert [(e.workers, e.ray) for e in got] == [(2, None), (3, "local")]
+
+
 def test_ray_cell_refuses_a_run_dir_its_node_does_not_see(tmp_path, monkeypatch):
     """What a cell task checks before any work, run here as a plain function (no Ray): the driver's
     probe file must read back the same at the same path, else the cell directory is not touched."""

@@ -533,9 +533,8 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
         timed("train_s", lambda: _write_training_coverage(cfg, out, data, banks[None]))
 
     rows: dict[Cell, dict[str, Any]] = {}
-    ecfgs = {cell: _cell_eval_config(cfg, out, cell, banks, adapters.get((cell.model, METHODS[cell.method].adapter,
-                                                                          cell.seed)), kept.get(f"test-{cell.group}"))
-             for cell in cells}
+    ecfgs = {c: _cell_eval_config(cfg, out, c, banks, adapters.get((c.model, METHODS[c.method].adapter, c.seed)),
+                                  kept.get(f"test-{c.group}")) for c in cells}
 
     def finish(cell: Cell, done: dict[str, Any]) -> None:
         """The cell's row; results.jsonl / .md rewritten in grid order with every row so far."""
