@@ -20,12 +20,14 @@ group) and ``bank`` (the memory source), so that runs written before the names c
 and report (docs/method.md#glossary).
 
 A killed run resumes where it stopped: finished cells are not rerun, a half-finished cell resumes
-episode by episode, an interrupted training resumes from its last checkpoint.
+episode by episode, an interrupted training resumes from its last checkpoint. With ``eval.ray`` the
+unfinished cells run as Ray tasks (exprag.ray_cells) into the same directories.
 
 No ``from __future__ import annotations``: ``exprag.config.from_dict`` reads the nested sections
 (``data:``, ``eval:``) into their dataclasses from the real annotations.
 """
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -43,6 +45,7 @@ from exprag.errors import DataFormatError, ExpragError
 from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
 from exprag.memory_block import MemorySpec
 from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
+from exprag.validate import FIELD_RULES, NON_NEGATIVE, POSITIVE
 from exprag.workers import WorkerSpec
 
 Log = Callable[[str], None]
@@ -114,9 +117,16 @@ class EvalSettings:
     backend: str = "hf"
     base_url: str | None = None
     # Where the envs of cells and checkpoint selection run (exprag.workers); results do not depend on it.
+    # With ray, each unfinished cell is one Ray task (exprag.ray_cells) asking for these resources, its
+    # envs in the task; data and checkpoint selection keep `workers` Ray actors.
     workers: int = 1
     ray: str | None = None
+    cell_cpus: float = 1.0
+    cell_gpus: float = 0.0  # 1: one cell per GPU
     concurrency: int | None = None  # requests in flight to base_url (backend openai); None = 8
+
+
+FIELD_RULES[EvalSettings] = {"cell_cpus": POSITIVE, "cell_gpus": NON_NEGATIVE}
 
 
 @dataclass
@@ -523,31 +533,69 @@ def _run_experiment(cfg: ExperimentConfig, *, command: str, progress: bool, log:
         timed("train_s", lambda: _write_training_coverage(cfg, out, data, banks[None]))
 
     rows: dict[Cell, dict[str, Any]] = {}
-    run = reused = 0
-    model_key, model_obj = None, None
-    for i, cell in enumerate(cells, 1):
-        adapter = adapters.get((cell.model, METHODS[cell.method].adapter, cell.seed))
-        ecfg = _cell_eval_config(cfg, out, cell, banks, adapter, kept.get(f"test-{cell.group}"))
-        cell_dir = Path(ecfg.out)
-        done = _finished_cell(cell_dir, ecfg)
-        if done is None:
-            if model_key != (cell.model, adapter):
-                model_obj = None
-                gc.collect()
-                model_key, model_obj = (cell.model, adapter), _lazy_model(ecfg)
-            say(f"[cell {i}/{len(cells)}] {cell.id}")
-            done = timed("eval_s", lambda: _run_cell(ecfg, cell, model_obj, progress, _workers(cfg)))
-            run += 1
-        else:
-            reused += 1
-        rows[cell] = _row(cfg, out, cell, ecfg, done, used.get(cell.retriever) if cell.retrieves else None)
+    ecfgs = {c: _cell_eval_config(cfg, out, c, banks, adapters.get((c.model, METHODS[c.method].adapter, c.seed)),
+                                  kept.get(f"test-{c.group}")) for c in cells}
+
+    def finish(cell: Cell, done: dict[str, Any]) -> None:
+        """The cell's row; results.jsonl / .md rewritten in grid order with every row so far."""
+        rows[cell] = _row(cfg, out, cell, ecfgs[cell], done, used.get(cell.retriever) if cell.retrieves else None)
         _write_results(out, [rows[c] for c in cells if c in rows])
         if on_cell:
             on_cell(rows[cell])
+
+    if cfg.eval.ray is not None:
+        run, reused = _run_cells_on_ray(cfg, out, cells, ecfgs, finish, timed, say)
+    else:
+        run = reused = 0
+        model_key, model_obj = None, None
+        for i, cell in enumerate(cells, 1):
+            ecfg = ecfgs[cell]
+            done = _finished_cell(Path(ecfg.out), ecfg)
+            if done is None:
+                if model_key != (cell.model, ecfg.adapter):
+                    model_obj = None
+                    gc.collect()
+                    model_key, model_obj = (cell.model, ecfg.adapter), _lazy_model(ecfg)
+                say(f"[cell {i}/{len(cells)}] {cell.id}")
+                done = timed("eval_s", lambda: _run_cell(ecfg, cell, model_obj, progress, _workers(cfg)))
+                run += 1
+            else:
+                reused += 1
+            finish(cell, done)
     info["finished"] = _now()
     _save_info(out, info, t0)
     say(f"experiment {cfg.name}: {run} cells run, {reused} reused; results: {out / 'results.md'}")
     return ExperimentResult(out, [rows[c] for c in cells], cells_run=run, cells_reused=reused)
+
+
+def _run_cells_on_ray(cfg: ExperimentConfig, out: Path, cells: list[Cell], ecfgs: dict[Cell, EvalConfig],
+                      finish: Callable[[Cell, dict[str, Any]], None], timed: Callable[[str, Callable[[], Any]], Any],
+                      say: Log) -> tuple[int, int]:
+    """The unfinished cells as Ray tasks on ``cfg.eval.ray`` (exprag.ray_cells), finished ones reused;
+    each cell is handed to ``finish`` as it completes. Returns (cells run, cells reused)."""
+    from exprag.ray_cells import CellResources, run_cells
+
+    todo = []
+    for cell in cells:
+        done = _finished_cell(Path(ecfgs[cell].out), ecfgs[cell])
+        if done is None:
+            todo.append(cell)
+        else:
+            finish(cell, done)
+    if not todo:
+        return 0, len(cells)
+    res = CellResources(cfg.eval.cell_cpus, cfg.eval.cell_gpus)
+    say(f"{len(todo)} cells as Ray tasks on {cfg.eval.ray} ({res.cpus:g} CPU, {res.gpus:g} GPU each)")
+
+    def run_all() -> None:
+        # closing: an exception in finish (on_cell) cancels the tasks still out at once
+        with contextlib.closing(run_cells(cfg.eval.ray, out, [(c, ecfgs[c]) for c in todo], res)) as finished:
+            for n, (cell, done) in enumerate(finished, 1):
+                say(f"[cell {n}/{len(todo)} done] {cell.id}")
+                finish(cell, done)
+
+    timed("eval_s", run_all)  # wall-clock time of the parallel cells
+    return len(todo), len(cells) - len(todo)
 
 
 def _lazy_model(ecfg: EvalConfig) -> Any:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exprag.validate import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="run a grid of methods x task groups x memory sources x K (resumable)",
@@ -21,6 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="print the grid's cells and exit")
     p.add_argument("--no-report", action="store_true", help="do not render report.md and plots at the end")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="env workers of expert data, checkpoint selection and (without --ray) the cells; "
+                        "overrides the config's eval.workers")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the unfinished cells as Ray tasks on the cluster at ADDRESS ('local' starts a head "
+                        "here), eval.cell_cpus / eval.cell_gpus each; the experiment directory must be on a "
+                        "filesystem every node sees. Overrides the config's eval.ray")
     p.set_defaults(func=run)
 
 
@@ -31,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_experiment_config(args.config)
     if args.out:
         cfg.out = args.out
+    if args.workers is not None:
+        cfg.eval.workers = args.workers
+    if args.ray is not None:
+        cfg.eval.ray = args.ray
     if args.list:
         cells = expand(cfg)
         for c in cells:
