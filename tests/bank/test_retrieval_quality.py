@@ -96,7 +96,7 @@ def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
     new = build_bank(train, tmp_path / "new", "minilm")
     m = json.loads((new.files / "manifest.json").read_text())
     assert m["retrieval"] == {"scoring": "procedure", "dense_weight": 0.5, "diversity": True, "alpha": None,
-                              "expand": True}
+                              "expand": True, "lexicon": "wordnet-3.0"}
     assert m["bank_version"] == 2  # an exprag that predates procedure scoring refuses it, not misreads it
     assert sorted(p.name for p in (new.files / "static").iterdir()) == \
         ["embeddings.npy", "keys.json", "postings_keys.npy", "postings_start.npy", "postings_vals.npy",
