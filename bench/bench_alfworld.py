@@ -165,11 +165,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {path:14s} {r['steps_per_s']:8.1f} steps/s   x{r['vs_raw']:.2f} vs raw{err}")
         if args.json:
             from headlines import alfworld_headline
+            from runtime import write_json
 
             g.pop("games")
             result = {"generation": g, "stepping": s}
             result["headline"] = alfworld_headline(result)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.json, result)
 
 
 if __name__ == "__main__":

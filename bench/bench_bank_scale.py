@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from headlines import entry  # noqa: E402
-from runtime import log, offline_one_thread  # noqa: E402
+from runtime import log, offline_one_thread, write_json  # noqa: E402
 
 VERBS = ["heat", "cool", "clean", "put", "examine", "find", "take", "boil", "melt", "slice", "two", "look"]
 OBJS = ["egg", "apple", "mug", "knife", "potato", "book", "lamp", "coin", "bowl", "plate", "tomato", "key",
@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(str(r.get(c, r.get("error", "–") if c == "build_s" else "–")) for c in cols) + " |")
     print(f"MiniLM encode per query: p50 {result['encode_minilm_ms']['p50']} ms, "
           f"p99 {result['encode_minilm_ms']['p99']} ms ({len(enc_ms)} queries)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

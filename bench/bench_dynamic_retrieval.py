@@ -25,7 +25,6 @@ variation). Records are cached under ``$EXPRAG_CACHE/dynamic-retrieval/`` (defau
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -44,7 +43,7 @@ from exprag.trajectory import Trajectory, history_text, read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from headlines import dynamic_retrieval_headline  # noqa: E402
-from runtime import log, offline_one_thread  # noqa: E402
+from runtime import log, offline_one_thread, write_json  # noqa: E402
 
 STEPS = (1, 5, 10, 20)
 # (bank train tasks, agent test tasks) per task type
@@ -235,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"k": args.k, "steps": list(STEPS), "envs": results, "seconds": round(time.perf_counter() - t0, 1)}
     out["headline"] = dynamic_retrieval_headline(out)
     print(f"\ntotal {out['seconds']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    write_json(args.json, out)
     return out
 
 

@@ -13,12 +13,10 @@ is not installed (``scripts/serve_vllm.sh --install-only``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
-from runtime import log, offline_one_thread
+from runtime import log, offline_one_thread, write_json
 
 GAMES = ["coin", "mapreader", "twc", "arithmetic"]
 
@@ -65,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "(or set VLLM_PYTHON) to compare engines")
         result["headline"] = []
         print(f"skipped: {result['skipped']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         return result
 
     import torch
@@ -102,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['steps_per_s']} |")
     print(f"vLLM vs transformers: {result['speedup']}x episodes/hour; vLLM start-up {start_s:.0f}s (not counted); "
           f"identical actions: {same}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -10,11 +10,10 @@ Both paths replay identical action sequences in one process and one JVM; the rat
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from headlines import env_step_headline
+from runtime import write_json
 
 # Deterministic worlds with gold sequences of 8-40 steps and a mix of room, device and thermal dynamics.
 BENCH_TYPES = ("boil", "power-component", "chemistry-mix-paint-secondary-color", "use-thermometer",
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  speedup: {r['speedup']:.2f}x")
     if args.json:
         r["headline"] = env_step_headline(r)
-        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        write_json(args.json, r)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ them), the same banks and queries as its table.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dynamic_retrieval import MemoEncoder  # noqa: E402
 from bench_retrieval_quality import load_env_data  # noqa: E402
 from headlines import label_fallback_headline  # noqa: E402
-from runtime import log, offline_one_thread  # noqa: E402
+from runtime import log, offline_one_thread, write_json  # noqa: E402
 
 
 def labellings(true: list[str], seed: int) -> dict[str, list[str]]:
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {r['labels']} | {verdict} | {r['config']} | {r['top1']:.3f} | {r['all_at_k']:.3f} |")
     out = {"k": args.k, "envs": results, "seconds": round(time.perf_counter() - t0, 1)}
     out["headline"] = label_fallback_headline(out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    write_json(args.json, out)
     return out
 
 

@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     from headlines import llm_headline
 
     report["headline"] = llm_headline(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    from runtime import write_json
+
+    write_json(args.json, report)
     return report
 
 

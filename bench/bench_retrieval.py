@@ -26,6 +26,7 @@ from exprag.bank.retriever import Filters, Retriever  # noqa: E402
 from exprag.bank.store import Bank  # noqa: E402
 from exprag.trajectory import Trajectory  # noqa: E402
 from headlines import retrieval_headline  # noqa: E402
+from runtime import write_json  # noqa: E402
 
 VERBS = ["heat", "cool", "clean", "put", "examine", "find", "take", "boil", "melt", "sort"]
 OBJS = ["egg", "apple", "mug", "knife", "potato", "book", "lamp", "coin", "bowl", "plate", "tomato", "key"]
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["scienceworld_stepping"] = sw
             print(f"ScienceWorld stepping: {json.dumps(sw)}")
     result["headline"] = retrieval_headline(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -59,7 +59,7 @@ from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from headlines import (PARAPHRASE_BEFORE, PARAPHRASE_OURS, PARAPHRASE_WORD_SPACE,  # noqa: E402
                        retrieval_quality_headline)
-from runtime import log, offline_one_thread  # noqa: E402
+from runtime import log, offline_one_thread, write_json  # noqa: E402
 
 TARGET_TOP1, TARGET_ALL = 0.95, 0.90
 TWX_PER_GAME = {"train": 10, "test": 5}
@@ -451,8 +451,7 @@ def _finish(out: dict, args: argparse.Namespace, t0: float) -> dict:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["headline"] = retrieval_quality_headline(out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    write_json(args.json, out)
     return out
 
 

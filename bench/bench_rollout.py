@@ -12,10 +12,11 @@ Greedy decoding makes both produce the same actions, so they play identical epis
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from runtime import write_json
 
 
 def run_variant(model, bank, tasks, steps: int, batch: int) -> dict:
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['prompt_tokens_per_step']:.0f} |")
     print(f"speed-up per episode: {result['speedup_per_episode']}x; prefill tokens per step: "
           f"{result['prefill_reduction']}x fewer; identical actions: {same}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from headlines import train_headline
+        from runtime import write_json
 
         out = {
             "model": args.model, "per_type": args.per_type, "k": args.k, "batch": args.batch,
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results, "ratios": ratios,
         }
         out["headline"] = train_headline(out)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return 0
 
 
