@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ def make_run(path, name, models, rows, training=None, main_k=4):
     path.mkdir(parents=True)
     meta = {"name": name, "env": "alfworld", "models": models, "command": f"exprag experiment {name}.yaml",
             "commit": "abc1234", "machine": {"platform": "Linux-x86_64", "cpus": 16, "gpu": "NVIDIA H100",
+                                             "cpu_model": "Xeon 8480", "cpu_vector": ["avx2", "amx_bf16"],
                                              "torch_threads": 8},
             "started": "2025-01-02T03:04:05", "finished": "2025-01-02T05:34:05", "duration_s": 9000.0,
             "stages": {"data_s": 60.0, "banks_s": 30.0, "train_s": 6000.0, "eval_s": 2910.0},
@@ -107,7 +109,7 @@ def test_header_and_main_table(full):
     assert res.report == run / "report.md"
     head = section(md, "## Experiments")
     for text in ("paper-grid", "alfworld", "`exprag experiment paper-grid.yaml`", "abc1234", "NVIDIA H100",
-                 "16 CPUs", "duration (h:mm): 2:30", "2025-01-02T03:04:05", "train per type 8",
+                 "16 CPUs (Xeon 8480; avx2, amx_bf16)", "duration (h:mm): 2:30", "2025-01-02T03:04:05", "train per type 8",
                  "test per type 4", "max steps 30"):
         assert text in head, text
     main_md = section(md, "## Success rate")
@@ -201,6 +203,20 @@ def test_stale_plot_removed(tmp_path):
     (run / "training.json").unlink()
     res = write_report([run], run)
     assert not (run / "training_curves.png").exists() and "training_curves" not in res.report.read_text()
+
+
+def test_conclusion_kept_under_its_own_heading(tmp_path):
+    run = make_run(tmp_path / "r", "x", [M], FULL_ROWS, TRAINING)
+    (run / "conclusion.md").write_text("# Verdict\n\nH1 not supported (p = 0.0625).\n", encoding="utf-8")
+    md = write_report([run], run).report.read_text()
+    head = section(md, "## Experiments")
+    assert "#### Conclusion of x (written after the run, from `conclusion.md`)" in head
+    # its heading is demoted below the report's, and its text comes before the generated tables
+    assert "### Verdict" in head and "\n# Verdict" not in md
+    assert md.index("H1 not supported (p = 0.0625).") < md.index("## Success rate")
+    (run / "conclusion.md").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataFormatError, match=r"conclusion.md: cannot read the conclusion"):
+        write_report([run], run)
 
 
 @pytest.mark.parametrize("mutate, expect", [
@@ -396,3 +412,12 @@ def test_hypotheses_evaluated_and_oracle_kept_apart(tmp_path):
     assert [r[2:] for r in cov[1:]] == [["matched", "hard", "25.0 (10/40)"],
                                          ["oracle (diagnostic)", "hard", "100.0 (30/30)"]]
     assert "oracle" not in section(md, "## Paired comparisons") + section(md, "## Robustness")
+
+
+def test_machine_info_names_the_cpu():
+    from exprag.experiment import machine_info
+
+    info = machine_info()
+    assert info["cpus"] >= 1 and isinstance(info["cpu_vector"], list)
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert info["cpu_model"]

@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterator
 
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
-from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
+from exprag.io import (atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, read_json_object,
+                       run_lock)
 from exprag.memory_block import MemorySpec
 from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
 from exprag.validate import FIELD_RULES, NON_NEGATIVE, POSITIVE
@@ -656,6 +657,44 @@ def _cell_eval_config(cfg: ExperimentConfig, out: Path, cell: Cell, banks: dict[
     )
 
 
+def replay_cell_config(run_dir: str | Path, cell_id: str, task_ids: list[str], out: str | Path,
+                       **changes: Any) -> EvalConfig:
+    """The evaluation a finished experiment ran for one cell (model, adapter checkpoint, bank, memory
+    and agent settings, read from the experiment directory alone), on ``task_ids`` and into ``out``:
+    how committed adapters are replayed (the quickstart). ``changes``: other EvalConfig fields
+    (``env_args``, ``max_steps``, ``batch_size``)."""
+    run_dir = Path(run_dir)
+    meta = _read_json_file(run_dir / "experiment.json", "experiment record")
+    cfg = experiment_config_from_dict(meta.get("config") or {}, str(run_dir / "experiment.json"))
+    cells = {c.id: c for c in expand(cfg)}
+    if cell_id not in cells:
+        raise DataFormatError(f"{run_dir / 'experiment.json'}: no cell {cell_id!r} in its grid "
+                              f"(cells: {', '.join(cells)})")
+    cell = cells[cell_id]
+    specs = retrievers(cfg)
+    banks = {key: {name: bank_dir(run_dir, key, spec, name) for name in ("easy", "hard", "all", *(
+        f"oracle-{g}" for g in GROUPS))} for key, spec in specs.items()}
+    adapter = None
+    if METHODS[cell.method].adapter:
+        adir = adapter_dir(run_dir, cell.model, METHODS[cell.method].adapter, cell.seed)
+        done = _read_json_file(adir / "experiment_done.json", "finished training record")
+        adapter = adir / str(done.get("checkpoint"))
+        if not (adapter / "adapter_config.json").is_file():
+            raise DataFormatError(f"{adir / 'experiment_done.json'}: field 'checkpoint' names {adapter}, "
+                                  "which holds no adapter_config.json")
+    ecfg = _cell_eval_config(cfg, run_dir, cell, banks, adapter, list(task_ids))
+    if ecfg.retrieval.bank and not Path(ecfg.retrieval.bank).is_dir():
+        raise DataFormatError(f"{run_dir}: cell {cell_id} reads the bank {ecfg.retrieval.bank}, which is missing")
+    return dataclasses.replace(ecfg, out=str(out), **changes)
+
+
+def _read_json_file(path: Path, what: str) -> dict[str, Any]:
+    obj = read_json_object(path)
+    if obj is None:
+        raise DataFormatError(f"{path}: missing, unreadable or not a JSON object (the {what})")
+    return obj
+
+
 def _row(cfg: ExperimentConfig, out: Path, cell: Cell, ecfg: EvalConfig, done: dict[str, Any],
          retriever: dict[str, Any] | None) -> dict[str, Any]:
     m = done["metrics"]
@@ -1066,9 +1105,30 @@ def _commit() -> str | None:
         return None
 
 
+_VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "neon", "asimd")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and its vector extensions (from /proc/cpuinfo): CPU timings differ several-fold
+    between an AVX2-only and an AVX-512/AMX machine, so every recorded timing names them."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model is None:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model or platform.processor() or None,
+            "cpu_vector": [f for f in _VECTOR_FLAGS if f in flags]}
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "gpu": None, "torch_threads": None}
+                            "cpus": os.cpu_count(), **cpu_info(), "gpu": None, "torch_threads": None}
     try:
         import torch
 

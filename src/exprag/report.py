@@ -295,7 +295,9 @@ def _header(exp: Experiment) -> list[str]:
         f"- env: {m['env']}; models: {', '.join(m['models'])}",
         f"- command: `{m['command']}`",
         f"- commit: {show(m.get('commit'))}",
-        f"- machine: {show(mach.get('platform'))}, {show(mach.get('cpus'))} CPUs, "
+        f"- machine: {show(mach.get('platform'))}, {show(mach.get('cpus'))} CPUs"
+        + (f" ({mach['cpu_model']}; {', '.join(mach.get('cpu_vector') or []) or 'no AVX'})"
+           if mach.get("cpu_model") else "") + ", "
         f"GPU {mach.get('gpu') or 'none'}, torch threads {show(mach.get('torch_threads'))}",
         f"- duration (h:mm): {_hmm(m.get('duration_s'))}" + (f" ({stages})" if stages else ""),
         *([f"- resumed: {len(m['runs'])} invocations (start, commit): "
@@ -312,6 +314,25 @@ def _header(exp: Experiment) -> list[str]:
         *_ceiling_lines(exp.dir),
         f"- run directory: {exp.dir}", "",
     ]
+
+
+CONCLUSION_FILE = "conclusion.md"
+
+
+def _conclusion_lines(exp: Experiment) -> list[str]:
+    """The experiment directory's hand-written ``conclusion.md`` (analysis written after the run), set under
+    its own heading so that a re-rendered report keeps it and a reader can tell it from the generated tables."""
+    path = exp.dir / CONCLUSION_FILE
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: cannot read the conclusion ({e})") from e
+    # its own headings are demoted below this section's, so the report's outline stays intact
+    body = [("##" + ln) if ln.startswith("#") else ln for ln in text.splitlines()]
+    return [f"#### Conclusion of {exp.meta['name']} (written after the run, from `{CONCLUSION_FILE}`)", "",
+            *body, ""]
 
 
 _SCORING_TEXT = {"dense": "dense dot product", "procedure": "procedure-weighted lexical + dense", "bm25": "BM25"}
@@ -402,7 +423,7 @@ def write_report(run_dirs: list[Path], out: Path) -> ReportResult:
 
     lines = [f"# Report: {', '.join(e.meta['name'] for e in exps)}", "", "## Experiments", ""]
     for e in exps:
-        lines += _header(e)
+        lines += _header(e) + _conclusion_lines(e)
 
     lines += ["## Success rate (%), easy / hard", ""]
     if not cells:
