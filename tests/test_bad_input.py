@@ -137,6 +137,7 @@ CASES = [
     ("alfworld-per-type-0", ["alfworld", "generate", "--per-type", "0", "--out", "{d}/games"],
      "argument --per-type"),
     ("quickstart-per-type-0", ["quickstart", "--per-type", "0", "--out", "{d}/qs"], "argument --per-type"),
+    ("quickstart-games-0", ["quickstart", "--games-per-type", "0", "--out", "{d}/qs"], "argument --games-per-type"),
     ("serve-port", ["serve", "--model", "smollm2-135m", "--port", "70000"], "argument --port"),
     # config files: the same rules, with the file and field named; YAML tags and unknown fields refused
     ("eval-yaml-neg", ["eval", "--config", "{d}/eval-neg.yaml", "--out", "{d}/run"],

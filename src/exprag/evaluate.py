@@ -16,15 +16,14 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from exprag.config import EvalConfig, RetrievalConfig, changed_fields, to_dict
+from exprag.config import EvalConfig, changed_fields, to_dict
 from exprag.errors import RunConfigError
 from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines,
                        pause_for_test, read_json_object, run_lock, truncate_torn_tail)
-from exprag.memory_block import MemorySpec
 from exprag.validate import read_json
 from exprag.workers import WorkerPool, WorkerSpec
 
@@ -261,27 +260,3 @@ class LazyModel:
         """The backend's tokenizer (HF), None for one without (OpenAI-compatible servers): a token
         budget counts with it. Loads the model, which the first step needs anyway."""
         return getattr(self._get(), "tokenizer", None)
-
-
-def run_quickstart_eval(out: Path, env: str, tasks: list, bank_dir: Path, model_spec: str,
-                        max_steps: int) -> str:
-    """The quickstart's comparison: the same model on the same held-out tasks, no bank vs static K=2."""
-    model = LazyModel(model_spec)
-    per_type = max(1, max(sum(t.task_type == tt for t in tasks) for tt in {t.task_type for t in tasks}))
-    base = EvalConfig(env=env, split=tasks[0].split, task_types=",".join(dict.fromkeys(t.task_type for t in tasks)),
-                      per_type=per_type, model=model_spec, max_steps=max_steps, batch_size=len(tasks),
-                      max_new_tokens=16)  # actions are a few words; a 135M model rambles
-    rows = []
-    for name, retrieval in (("no bank", RetrievalConfig()),
-                            ("static k=2", RetrievalConfig(bank=str(bank_dir), memory=MemorySpec(k=2, mode="static")))):
-        cfg = replace(base, retrieval=retrieval, out=str(out / f"eval-{name.replace(' ', '-').replace('=', '')}"))
-        try:
-            res = evaluate(cfg, model=model, progress=True)
-        except RunConfigError:  # a run left by other quickstart settings: a demo run is redone, not refused
-            res = evaluate(cfg, model=model, progress=True, overwrite=True)
-        m = res.metrics
-        rows.append(f"| {name} | {m['successes']}/{m['n']} ({m['success_rate']:.0%}) | {m['mean_steps']} | "
-                    f"{m['tokens_per_s']} | {m.get('valid_action_rate', '–')} | {res.out} |")
-    head = ["| method | success | mean steps | tokens/s | valid actions | run dir |",
-            "|---|---|---|---|---|---|"]
-    return "\n".join(head + rows)

@@ -2,8 +2,10 @@
 
 1. collect expert trajectories (TextWorldExpress, easy + hard train games) and build a MiniLM bank;
 2. retrieve, for held-out test tasks of the hard types, the top-2 trajectories and print them;
-3. run the bundled SmolLM2-135M agent on those held-out hard tasks without a bank and with static
-   K=2 retrieval, and print success, steps and tokens/s (skipped with ``--no-agent``).
+3. what retrieval in training does: replay the committed CPU replication (results/replication-cpu,
+   ALFWorld with cool and heat held out of training) on its first held-out games: the frozen
+   SmolLM2-135M, its LoRA adapter and its ExpRAG-LoRA adapter, each with the evaluation the replication
+   ran, printed beside the replication's 50-game result (skipped with ``--no-agent``).
 
 Everything lands in one run directory; a rerun reuses what is already there.
 """
@@ -25,8 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-type", type=positive_int, default=5, help="expert trajectories per train task type")
     p.add_argument("--test-per-type", type=positive_int, default=1, help="held-out test tasks per hard task type")
     p.add_argument("--encoder", default="minilm")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--max-steps", type=positive_int, default=15, help="agent step cap per episode")
+    p.add_argument("--replication", default=None, metavar="DIR",
+                   help="experiment directory whose adapters step 3 replays (default: results/replication-cpu)")
+    p.add_argument("--games-per-type", type=positive_int, default=3,
+                   help="held-out games per task type that step 3 replays")
+    p.add_argument("--no-contrast", action="store_true",
+                   help="step 3 replays only the first games, without the added game on which the "
+                        "replication's ExpRAG-LoRA and LoRA differed")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="step cap in step 3 (default: the replication's; a lower one is for quick checks "
+                        "and its outcomes are not comparable)")
     p.add_argument("--no-agent", action="store_true", help="stop after retrieval (no model is loaded)")
     p.set_defaults(func=run)
 
@@ -36,13 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from exprag.bank.store import reusable_manifest
     from exprag.envs import make_env
     from exprag.envs.splits import resolve_task_types
-    from exprag.evaluate import run_quickstart_eval
+    from exprag.replay import find_run_dir, format_replay, replay
     from exprag.expert import collect_to_file
     from exprag.trajectory import read_jsonl
     from exprag.validate import check_output
 
     t0 = time.perf_counter()
     out = check_output(args.out, "dir")
+    run_dir = None if args.no_agent else find_run_dir(args.replication)  # before any work: fail fast
     data = out / "data" / "twx-train-easy-hard.jsonl"
     bank_dir = out / "bank"
     env_name = "twx"
@@ -79,8 +90,13 @@ def run(args: argparse.Namespace) -> int:
     if args.no_agent:
         print(f"done in {time.perf_counter() - t0:.0f}s (agent step skipped); run directory: {out}")
         return 0
-    print(f"[3/3] agent: {args.model} on {len(test_tasks)} held-out hard tasks, no bank vs static k=2")
-    table = run_quickstart_eval(out, env_name, test_tasks, bank_dir, args.model, args.max_steps)
-    print(table)
+    print(f"[3/3] what retrieval in training does: the adapters of {run_dir} (ALFWorld; no adapter trained on "
+          f"its held-out types) on its first {args.games_per_type} held-out games per type, each model with "
+          "the evaluation that experiment ran")
+    rep = replay(run_dir, out / "replay", per_type=args.games_per_type, with_contrast=not args.no_contrast,
+                 max_steps=args.max_steps)
+    print(f"      {len(rep.games)} games of {', '.join(rep.task_types)}, {rep.max_steps}-step cap"
+          + (f", {rep.contrast} added for contrast" if rep.contrast else ""))
+    print(format_replay(rep))
     print(f"done in {time.perf_counter() - t0:.0f}s; run directory: {out}")
     return 0
