@@ -92,6 +92,16 @@ def rollout_headline(result: dict) -> list[dict]:
                   "exprag (KV reuse, batched)", b["prefill_tokens_per_step"], False)]
 
 
+def collect_workers_headline(result: dict) -> list[dict]:
+    """``bench_collect_workers``: expert collection, serial vs ``--workers N``, same tasks."""
+    a, b = result.get("serial"), result.get("workers")
+    if not a or not b:
+        return []
+    return [entry(f"{result['env']} {result['split']} expert collection, trajectories/s "
+                  f"({a['trajectories']} tasks)", "serial", a["trajectories_per_s"],
+                  f"--workers {b['workers']}", b["trajectories_per_s"], True)]
+
+
 def engines_headline(result: dict) -> list[dict]:
     """``bench_engines``: episodes/hour through vLLM-CPU vs the transformers backend, same concurrency."""
     a, b = result.get("transformers"), result.get("vllm_cpu")

@@ -75,6 +75,10 @@ def test_headline_entries(hl):
     assert [x["ratio"] for x in hl.llm_headline(LLM)] == [8.0, 30.0, 1.5]
     assert [x["ratio"] for x in hl.rollout_headline(ROLLOUT)] == [4.561, 5.931]
     assert [x["ratio"] for x in hl.train_headline(TRAIN)] == [2.2, 1.333]
+    cw = {"env": "scienceworld", "split": "train", "serial": {"trajectories": 10, "trajectories_per_s": 1.0},
+          "workers": {"workers": 2, "trajectories_per_s": 1.6}}
+    (c,) = hl.collect_workers_headline(cw)
+    assert c["ratio"] == 1.6 and c["higher_is_better"] and "(10 tasks)" in c["metric"]
     q = hl.retrieval_quality_headline(QUALITY)
     assert [(x["baseline_value"], x["ours_value"], x["ratio"]) for x in q] == [(0.8, 1.0, 1.25), (0.0, 1.0, None)]
     assert all(set(x) == {"metric", "baseline", "baseline_value", "ours", "ours_value", "ratio", "higher_is_better"}
