@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from exprag.bank.encoders import SegmentRows, join_rows
 from exprag.bank import build_bank, load_bank
 from exprag.bank import topk
 from exprag.bank.scoring import ScoringConfig
@@ -123,6 +124,12 @@ def test_write_back_appends_a_segment(twx_trajs, tmp_path, encoder, scoring):
     full = build_bank(train + test[:5], tmp_path / "full", encoder, retrieval=cfg)
     loaded = load_bank(tmp_path / "b")
     assert [t.id for t in loaded.trajectories] == [t.id for t in full.trajectories]
+    for mode in ("static", "dynamic"):  # each segment's embeddings stay memory-mapped, never joined
+        index = loaded.index(mode)
+        dense = index if scoring == "dense" else getattr(index, "dense", None)
+        if dense is not None:
+            assert isinstance(dense.emb, SegmentRows) and len(dense.emb.parts) == 3
+            assert all(isinstance(p, np.memmap) for p in dense.emb.parts)
     queries = [t.task for t in test]
     for mode in ("static", "dynamic"):
         got, want = loaded.index(mode).top(queries, 3), full.index(mode).top(queries, 3)
@@ -131,3 +138,19 @@ def test_write_back_appends_a_segment(twx_trajs, tmp_path, encoder, scoring):
         assert np.allclose(got[0][differ], want[0][differ], atol=1e-5)
     hits = Retriever(loaded).retrieve(test[0].task, k=2)
     assert [h.trajectory.id for h in hits] == [h.trajectory.id for h in Retriever(full).retrieve(test[0].task, k=2)]
+
+
+def test_segment_rows_slice_like_the_joined_array():
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 4)).astype(np.float32) for n in (5, 1, 7)]
+    rows, whole = SegmentRows(parts), np.concatenate(parts)
+    assert rows.shape == (13, 4) and len(rows) == 13
+    for a in range(14):
+        for b in range(a, 14):
+            np.testing.assert_array_equal(rows[a:b], whole[a:b])
+    np.testing.assert_array_equal(np.asarray(rows), whole)
+    np.testing.assert_array_equal(rows.T, whole.T)
+    np.testing.assert_array_equal(rows[[0, 12]], whole[[0, 12]])
+    # joining again flattens the parts; one part stays a plain array
+    assert len(join_rows([rows, whole[:2]]).parts) == 4 and join_rows([whole]) is whole
+

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -96,10 +96,59 @@ def _cuda() -> bool:
         return False
 
 
+class SegmentRows:
+    """The rows of a segmented bank's per-segment embedding files, read as one (n, d) array without
+    joining them in memory: each part stays memory-mapped, and a slice ``[a:b]`` copies only its rows
+    (what chunked scoring asks for). ``np.asarray`` joins them, for the few callers that need it all."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [p.parts if isinstance(p, SegmentRows) else [p] for p in parts]
+        self.parts = [q for ps in self.parts for q in ps if len(q)]
+        if not self.parts:
+            raise ValueError("SegmentRows needs at least one non-empty part")
+        dims = {q.shape[1:] for q in self.parts}
+        if len(dims) != 1:
+            raise BankError(f"embedding segments of different widths: {sorted(dims)}")
+        self.ends = np.cumsum([len(q) for q in self.parts])
+        self.shape = (int(self.ends[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not (isinstance(key, slice) and key.step in (None, 1)):
+            return np.asarray(self)[key]
+        a, b, _ = key.indices(self.shape[0])
+        out, lo = [], 0
+        for part, hi in zip(self.parts, self.ends.tolist()):
+            if hi > a and lo < b:
+                out.append(part[max(a - lo, 0): min(b, hi) - lo])
+            lo = hi
+        return np.concatenate(out) if len(out) > 1 else np.array(out[0]) if out else self.parts[0][:0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
+
+    @property
+    def T(self) -> np.ndarray:  # noqa: N802 (numpy's name)
+        return np.asarray(self).T
+
+    def copy(self) -> np.ndarray:
+        return np.asarray(self)
+
+
+def join_rows(parts: Sequence[np.ndarray]) -> np.ndarray | SegmentRows:
+    """One array for one part, else the parts as SegmentRows (never copied into one block)."""
+    parts = [p for p in parts if len(p)] or list(parts[:1])
+    return parts[0] if len(parts) == 1 else SegmentRows(parts)
+
+
 @dataclass
 class DenseIndex:
     encoder: "DenseEncoder"
-    emb: np.ndarray  # (n, d) float32, L2-normalised
+    emb: np.ndarray | SegmentRows  # (n, d) float32, L2-normalised; a segmented bank's parts stay apart
     _faiss: Any = None
 
     @property
@@ -107,7 +156,7 @@ class DenseIndex:
         return int(self.emb.shape[0])
 
     def scores(self, queries: list[str]) -> np.ndarray:
-        return self.encoder.encode(queries) @ self.emb.T
+        return self.encoder.encode(queries) @ self.emb[0:self.size].T
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self.encoder.encode(queries)
@@ -175,15 +224,17 @@ class DenseEncoder:
         return DenseIndex(self, self.encode(texts, progress=progress))
 
     def from_embeddings(self, emb: np.ndarray) -> DenseIndex:
+        if isinstance(emb, SegmentRows):
+            return DenseIndex(self, emb)
         return DenseIndex(self, np.asarray(emb, dtype=np.float32))
 
     def load(self, paths: list[Path]) -> DenseIndex:
         for f in (p / EMBEDDINGS for p in paths):
             if not f.is_file():
                 raise BankError(f"{f}: missing embeddings file")
-        # memory-mapped: pages are read as queries touch them (segments are joined in memory)
+        # memory-mapped, segment by segment: pages are read as queries touch them
         parts = [np.load(p / EMBEDDINGS, mmap_mode="r", allow_pickle=False) for p in paths]
-        index = DenseIndex(self, parts[0] if len(parts) == 1 else np.concatenate(parts))
+        index = DenseIndex(self, join_rows(parts))
         path = paths[-1]
         if (path / FAISS_FILE).is_file() and index.size >= FAISS_MIN_SIZE:
             import faiss
