@@ -113,7 +113,9 @@ def build_summary(benchmarks: dict[str, dict], machine: dict | None = None, star
     m = machine
     lines = ["# Benchmark summary", ""]
     if m:
-        lines += [f"Machine: {m.get('platform', '?')}; processor {m.get('processor') or '?'}; "
+        lines += [f"Machine: {m.get('platform', '?')}; processor {m.get('processor') or '?'}"
+                  + (f" ({m['cpu_model']}; {', '.join(m.get('cpu_vector') or []) or 'no AVX'})"
+                     if m.get("cpu_model") else "") + "; "
                   f"{m.get('cpu_count', '?')} CPUs; torch threads {m.get('torch_threads', '?')} (default; "
                   f"benchmarks may set their own); Python {m.get('python', '?')}.", ""]
     lines += [f"Started {started or '?'}; profile: {profile}. Each ratio compares ours with a baseline measured "
@@ -133,9 +135,15 @@ def machine_info() -> dict:
         threads = torch.get_num_threads()
     except ImportError:
         threads = None
+    try:
+        from exprag.experiment import cpu_info
+
+        cpu = cpu_info()
+    except ImportError:
+        cpu = {}
     return {"python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads}
+            **cpu, "torch_threads": threads}
 
 
 # ---- run ------------------------------------------------------------------------------------------------

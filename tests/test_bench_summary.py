@@ -107,8 +107,10 @@ def test_summary_table_and_json(run_all, hl):
         "train": {"status": "failed (exit 1)", "seconds": 3.0},
         "llm": {"status": "ok", "seconds": 1.0, "result": {"variants": []}},  # ran, but no headline
     }
-    machine = {"platform": "Linux-x", "processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "python": "3.11"}
+    machine = {"platform": "Linux-x", "processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "python": "3.11",
+               "cpu_model": "AMD EPYC", "cpu_vector": ["avx", "avx2"]}
     summary, md = run_all.build_summary(benchmarks, machine, "2025-01-01T00:00:00", "quick")
+    assert "processor x86_64 (AMD EPYC; avx, avx2); 2 CPUs" in md
     lines = md.splitlines()
     head = lines.index("| benchmark | metric | baseline | ours | ratio |")
     assert lines[head + 1] == "|---|---|---|---|---|"
