@@ -98,6 +98,17 @@ def test_large_dense_bank_saves_its_faiss_graph(tmp_path, monkeypatch):
     assert index.faiss().ntotal == 300
     _, ids = index.faiss().search(emb[:5], 1)
     assert (ids[:, 0] == np.arange(5)).all()
+    # write-back: the graph is copied and extended, not rebuilt; the old index keeps its own
+    more = rng.normal(size=(40, 16)).astype(np.float32)
+    more /= np.linalg.norm(more, axis=1, keepdims=True)
+    grown = index.extended(more)
+    assert grown.size == 340 and grown.faiss().ntotal == 340 and index.faiss().ntotal == 300
+    _, ids = grown.faiss().search(more[:5], 1)
+    assert (ids[:, 0] == np.arange(300, 305)).all()
+    grown.save(tmp_path / "seg", start=300)  # the new segment: its own rows, and the whole graph
+    np.testing.assert_array_equal(np.load(tmp_path / "seg" / encoders.EMBEDDINGS), more)
+    loaded = enc.load([tmp_path, tmp_path / "seg"])  # build_faiss still fails the test if called
+    assert loaded.faiss().ntotal == 340 and isinstance(loaded.emb, encoders.SegmentRows)
 
 
 @pytest.mark.parametrize("encoder,scoring", [("minilm", "procedure"), ("bm25", "bm25"), ("minilm", "dense")])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from exprag.bank.encoders import BM25Encoder, DenseEncoder, Encoder, Index, join_rows
+from exprag.bank.encoders import BM25Encoder, DenseEncoder, Encoder, Index
 from exprag.bank.lexicon import LEXICONS, WORDNET, lexicon_available, load_lexicon
 from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, load_procedure_index
 from exprag.errors import BankError
@@ -157,7 +157,7 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
     new = texts[n_old:]
     dense = _dense(encoder)
     if cfg.scoring == "dense" and hasattr(old, "emb") and dense is not None:
-        return dense.from_embeddings(join_rows([old.emb, dense.encode(new)]))
+        return old.extended(dense.encode(new))
     if cfg.scoring != "procedure":
         return encoder.build(texts)
     alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
@@ -165,8 +165,7 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
     dense_index = None
     if dense is not None:
         prev = getattr(old, "dense", None)
-        emb = join_rows([prev.emb, dense.encode(new)]) if prev is not None else dense.encode(texts)
-        dense_index = dense.from_embeddings(emb)
+        dense_index = prev.extended(dense.encode(new)) if prev is not None else dense.build(texts)
     return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
                           _lexicon(cfg, mode))
 
