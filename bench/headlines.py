@@ -92,6 +92,12 @@ def rollout_headline(result: dict) -> list[dict]:
                   "exprag (KV reuse, batched)", b["prefill_tokens_per_step"], False)]
 
 
+def bank_append_headline(result: dict) -> list[dict]:
+    """``bench_bank_append``: appending one key to an N-key procedure index, rebuild vs extend."""
+    return [entry(f"append one key to a {r['size']:,}-key procedure index, s", "rebuild over the bank",
+                  r["rebuild_s"], "extend (kept key terms)", r["extend_s"], False) for r in result.get("runs", [])]
+
+
 def collect_workers_headline(result: dict) -> list[dict]:
     """``bench_collect_workers``: expert collection, serial vs ``--workers N``, same tasks."""
     a, b = result.get("serial"), result.get("workers")

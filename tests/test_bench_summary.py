@@ -77,6 +77,8 @@ def test_headline_entries(hl):
     assert [x["ratio"] for x in hl.train_headline(TRAIN)] == [2.2, 1.333]
     cw = {"env": "scienceworld", "split": "train", "serial": {"trajectories": 10, "trajectories_per_s": 1.0},
           "workers": {"workers": 2, "trajectories_per_s": 1.6}}
+    (ap,) = hl.bank_append_headline({"runs": [{"size": 1000, "rebuild_s": 2.0, "extend_s": 0.1}]})
+    assert ap["ratio"] == 20.0 and not ap["higher_is_better"]
     (c,) = hl.collect_workers_headline(cw)
     assert c["ratio"] == 1.6 and c["higher_is_better"] and "(10 tasks)" in c["metric"]
     q = hl.retrieval_quality_headline(QUALITY)

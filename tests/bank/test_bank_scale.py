@@ -165,3 +165,30 @@ def test_segment_rows_slice_like_the_joined_array():
     # joining again flattens the parts; one part stays a plain array
     assert len(join_rows([rows, whole[:2]]).parts) == 4 and join_rows([whole]) is whole
 
+
+
+def test_extending_the_key_terms_equals_a_full_build(twx_trajs):
+    """Write-back tokenizes only the new keys: the weights, postings and scores it gets are those of an
+    index built over all keys at once (and of the per-text vectors the scores are defined by)."""
+    from exprag.bank.procedure import KeyTerms, TermWeights, _postings, postings_from_terms
+    from exprag.bank.scoring import build_index, extend_index
+    from exprag.bank.encoders import BM25Encoder
+
+    train, test = twx_trajs
+    texts, labels = [t.task for t in train + test], [t.task_type for t in train + test]
+    n = len(train)
+    cfg = ScoringConfig("procedure", dense_weight=0.0)
+    enc = BM25Encoder()
+    full = build_index(cfg, enc, texts, labels, "static")
+    grown = extend_index(cfg, enc, build_index(cfg, enc, texts[:n], labels[:n], "static"), texts, labels, "static")
+    assert grown.weights.weights == full.weights.weights
+    assert grown._terms.n_keys == len(texts)
+    reference = _postings(full.weights.vectors(texts), len(full.weights.weights))
+    for got, want in zip(postings_from_terms(grown._terms, grown.weights), reference):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    queries = [t.task for t in test]
+    np.testing.assert_allclose(grown.scores(queries), full.scores(queries), rtol=1e-5, atol=1e-6)
+    # the old keys' term ids never move
+    base = KeyTerms.of(texts[:n])
+    assert {w: i for w, i in KeyTerms.of(texts[n:], base=base).vocab.items() if w in base.vocab} == base.vocab
+    assert TermWeights.learn(texts, labels, 5.0).weights == TermWeights.from_terms(KeyTerms.of(texts), labels, 5.0).weights

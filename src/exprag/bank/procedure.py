@@ -77,6 +77,41 @@ def default_alpha(n_keys: int, mode: str = "static") -> float:
     return max(5.0, (1.5 if mode == "static" else 0.5) * math.sqrt(max(n_keys, 1)))
 
 
+@dataclass(frozen=True)
+class KeyTerms:
+    """The terms each key holds, as term ids (CSR rows, one per key), and the vocabulary in first-seen
+    order: what term weights and postings are computed from. Kept in memory with an index so that a
+    write-back tokenizes only the new keys (at 1M keys a full re-tokenization took ~20 s per episode)."""
+
+    vocab: dict[str, int]
+    indptr: np.ndarray  # (n_keys + 1,) int64
+    ids: np.ndarray  # (nnz,) int64: the term ids of key r are ids[indptr[r]:indptr[r + 1]]
+
+    @classmethod
+    def of(cls, texts: Sequence[str], base: "KeyTerms | None" = None) -> "KeyTerms":
+        """The terms of ``texts``, after ``base``'s keys when given (its term ids stay as they are)."""
+        vocab = dict(base.vocab) if base is not None else {}
+        ids: list[int] = []
+        lens = np.zeros(len(texts) + 1, np.int64)
+        for r, text in enumerate(texts):
+            row = [vocab.setdefault(w, len(vocab)) for w in procedure_tokens(text)]
+            ids += row
+            lens[r + 1] = len(row)
+        ptr = np.cumsum(lens)
+        new_ids = np.asarray(ids, np.int64)
+        if base is None:
+            return cls(vocab, ptr, new_ids)
+        return cls(vocab, np.concatenate([base.indptr, base.indptr[-1] + ptr[1:]]), np.concatenate([base.ids, new_ids]))
+
+    @property
+    def n_keys(self) -> int:
+        return len(self.indptr) - 1
+
+    def rows(self) -> np.ndarray:
+        """The key of every entry of ``ids``."""
+        return np.repeat(np.arange(self.n_keys, dtype=np.int64), np.diff(self.indptr))
+
+
 @dataclass
 class TermWeights:
     """Per-term weight in [0, 1]: how much a term tells the procedure (task type) apart."""
@@ -90,34 +125,33 @@ class TermWeights:
 
     @classmethod
     def learn(cls, texts: Sequence[str], labels: Sequence[str], alpha: float) -> "TermWeights":
-        if len(texts) != len(labels):
+        return cls.from_terms(KeyTerms.of(texts), labels, alpha)
+
+    @classmethod
+    def from_terms(cls, terms: KeyTerms, labels: Sequence[str], alpha: float) -> "TermWeights":
+        if terms.n_keys != len(labels):
             raise ValueError("one label per key text")
         types = sorted(set(labels))
         tix = {t: i for i, t in enumerate(types)}
-        vocab: dict[str, int] = {}
-        rows, cols = [], []
-        for r, text in enumerate(texts):
-            for w in procedure_tokens(text):
-                rows.append(r)
-                cols.append(vocab.setdefault(w, len(vocab)))
-        terms = list(vocab)
-        if not terms:
-            return cls({}, alpha, "task-type", len(texts), len(types))
-        # df[t, c] = number of keys of type c holding term t
-        df = np.zeros((len(terms), len(types)), np.float64)
-        np.add.at(df, (np.asarray(cols), np.asarray([tix[labels[r]] for r in rows])), 1.0)
+        names = list(terms.vocab)
+        if not names:
+            return cls({}, alpha, "task-type", terms.n_keys, len(types))
         if len(types) < 2:
             # No labels to learn from (one type, or labels the build-time check rejected): every word
             # weighs the same, a cosine of word sets. It beat IDF weights, which favour rare entity
             # names, on ScienceWorld (docs/retrieval-quality.md, "Banks whose labels do not help").
-            return cls(dict.fromkeys(terms, 1.0), alpha, "uniform", len(texts), len(types))
-        n_c = np.bincount([tix[lab] for lab in labels], minlength=len(types)).astype(np.float64)
+            return cls(dict.fromkeys(names, 1.0), alpha, "uniform", terms.n_keys, len(types))
+        key_type = np.fromiter((tix[lab] for lab in labels), np.int64, len(labels))
+        # df[t, c] = number of keys of type c holding term t (a key holds a term once)
+        df = np.bincount(terms.ids * len(types) + key_type[terms.rows()],
+                         minlength=len(names) * len(types)).reshape(len(names), len(types)).astype(np.float64)
+        n_c = np.bincount(key_type, minlength=len(types)).astype(np.float64)
         prior = n_c / n_c.sum()
         p = (df + alpha * prior) / n_c  # P(term | type), smoothed toward the bank-wide rate
         q = p / p.sum(1, keepdims=True)  # P(type | term) under equal type priors
         ent = -(q * np.log(np.clip(q, 1e-300, None))).sum(1)
         w = np.clip(1.0 - ent / math.log(len(types)), 0.0, 1.0)
-        return cls(dict(zip(terms, w.round(6).tolist())), alpha, "task-type", len(texts), len(types))
+        return cls(dict(zip(names, w.round(6).tolist())), alpha, "task-type", terms.n_keys, len(types))
 
     def vectors(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per text, (term ids, weights) of its known terms, L2-normalised; zero weights left out."""
@@ -177,6 +211,7 @@ class ProcedureIndex:
     expand: bool = False  # unknown query words borrow their nearest bank terms' weights
     lexicon: Any = None  # a WordNet (exprag.bank.lexicon) for the expansion, or None: the word space alone
     _postings: Any = field(default=None, repr=False)  # (term start offsets, key ids, values)
+    _terms: KeyTerms | None = field(default=None, repr=False)  # the keys' terms, when this process has them
     _templates: list[str] | None = field(default=None, repr=False)  # masked keys, for diversity
     _term_emb: np.ndarray | None = field(default=None, repr=False)  # (n_terms, d) bank-term embeddings
     _word_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # unknown query words seen
@@ -185,7 +220,10 @@ class ProcedureIndex:
         if self.dense is not None and self.dense.size != len(self.texts):
             raise BankError(f"dense index holds {self.dense.size} keys, the lexical one {len(self.texts)}")
         if self._postings is None:
-            self._postings = _postings(self.weights.vectors(self.texts), len(self.weights.weights))
+            if self._terms is not None and self._terms.n_keys == len(self.texts):
+                self._postings = postings_from_terms(self._terms, self.weights)
+            else:
+                self._postings = _postings(self.weights.vectors(self.texts), len(self.weights.weights))
 
     @property
     def size(self) -> int:
@@ -313,6 +351,25 @@ class ProcedureIndex:
             self.dense.save(path, start)
             if self.expand:
                 np.save(path / TERM_EMBEDDINGS, self.term_embeddings())
+
+
+def postings_from_terms(terms: KeyTerms, weights: TermWeights) -> tuple[np.ndarray, ...]:
+    """The inverted index of ``weights.vectors`` over the keys of ``terms`` without tokenizing again:
+    each key's positive-weight terms, L2-normalised, grouped by term with keys ascending."""
+    names = list(weights.weights)
+    if names[: len(terms.vocab)] != list(terms.vocab):
+        raise ValueError("term weights and key terms disagree on the vocabulary")
+    wv = np.fromiter(weights.weights.values(), np.float32, len(names))
+    rows, ids = terms.rows(), terms.ids
+    keep = wv[ids] > 0.0
+    rows, ids = rows[keep], ids[keep]
+    w = wv[ids]
+    norm = np.sqrt(np.bincount(rows, weights=(w * w).astype(np.float64), minlength=terms.n_keys)).astype(np.float32)
+    vals = w / norm[rows]
+    order = np.argsort(ids, kind="stable")  # entries are in key order: keys stay ascending within a term
+    start = np.zeros(len(names) + 1, np.int64)
+    np.cumsum(np.bincount(ids, minlength=len(names)), out=start[1:])
+    return start, rows[order], vals[order]
 
 
 def _postings(vectors: list[tuple[np.ndarray, np.ndarray]], n_terms: int) -> tuple[np.ndarray, ...]:

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 
 from exprag.bank.encoders import BM25Encoder, DenseEncoder, Encoder, Index
 from exprag.bank.lexicon import LEXICONS, WORDNET, lexicon_available, load_lexicon
-from exprag.bank.procedure import ProcedureIndex, TermWeights, default_alpha, load_procedure_index
+from exprag.bank.procedure import KeyTerms, ProcedureIndex, TermWeights, default_alpha, load_procedure_index
 from exprag.errors import BankError
 
 SCORINGS = ("procedure", "dense", "bm25")
@@ -109,11 +110,12 @@ def build_index(cfg: ScoringConfig, encoder: Encoder, texts: list[str], labels: 
     if cfg.scoring != "procedure":
         return encoder.build(texts, progress=progress)
     alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
-    weights = TermWeights.learn(texts, list(labels), alpha)
+    terms = KeyTerms.of(texts)
+    weights = TermWeights.from_terms(terms, list(labels), alpha)
     dense = _dense(encoder)
     dense_index = dense.build(texts, progress=progress) if dense is not None else None
     return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
-                          _lexicon(cfg, mode))
+                          _lexicon(cfg, mode), _terms=terms)
 
 
 def _expand(cfg: ScoringConfig, mode: str) -> bool:
@@ -161,13 +163,26 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
     if cfg.scoring != "procedure":
         return encoder.build(texts)
     alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
-    weights = TermWeights.learn(texts, list(labels), alpha)
+    # the old keys' terms, tokenized once per process (a loaded bank has not got them yet), then the new
+    prev_terms = getattr(old, "_terms", None)
+    if prev_terms is None or prev_terms.n_keys != n_old:
+        prev_terms = KeyTerms.of(texts[:n_old])
+    terms = KeyTerms.of(new, base=prev_terms)
+    weights = TermWeights.from_terms(terms, list(labels), alpha)
     dense_index = None
     if dense is not None:
         prev = getattr(old, "dense", None)
         dense_index = prev.extended(dense.encode(new)) if prev is not None else dense.build(texts)
-    return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
-                          _lexicon(cfg, mode))
+    index = ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
+                           _lexicon(cfg, mode), _terms=terms)
+    old_emb = getattr(old, "_term_emb", None)
+    names = list(weights.weights)
+    if (index.expand and dense_index is not None and old_emb is not None
+            and list(old.weights.weights)[: len(old_emb)] == names[: len(old_emb)]):
+        # the bank terms kept their order: embed only the words this append brought (the rest is a copy)
+        added = names[len(old_emb):]
+        index._term_emb = np.concatenate([old_emb, dense.encode(added)]) if added else old_emb
+    return index
 
 
 def make_scoring_encoder(encoder: str | Encoder, scoring: str) -> Encoder:
