@@ -120,11 +120,14 @@ class SegmentRows:
         if not (isinstance(key, slice) and key.step in (None, 1)):
             return np.asarray(self)[key]
         a, b, _ = key.indices(self.shape[0])
-        out, lo = [], 0
-        for part, hi in zip(self.parts, self.ends.tolist()):
-            if hi > a and lo < b:
-                out.append(part[max(a - lo, 0): min(b, hi) - lo])
-            lo = hi
+        out = []
+        # a bank written back episode by episode has thousands of segments: start at the one holding a
+        j = int(np.searchsorted(self.ends, a, side="right"))
+        while j < len(self.parts) and b > a:
+            lo = int(self.ends[j - 1]) if j else 0
+            hi = int(self.ends[j])
+            out.append(self.parts[j][a - lo: min(b, hi) - lo])
+            a, j = min(b, hi), j + 1
         return np.concatenate(out) if len(out) > 1 else np.array(out[0]) if out else self.parts[0][:0]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
