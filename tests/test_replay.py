@@ -11,9 +11,9 @@ import pytest
 
 from exprag.config import to_dict
 from exprag.errors import DataFormatError
-from exprag.experiment import replay_cell_config
-from exprag.replay import (ReplayError, _gen_args, _main_cells, contrast_game, find_run_dir, format_replay,
-                           held_out_games)
+from exprag.experiment import read_json_record, replay_cell_config
+from exprag.replay import (ReplayError, _gen_args, _main_cells, _reference, contrast_game, find_run_dir,
+                           format_replay, held_out_games)
 
 RUN = Path(__file__).resolve().parents[1] / "results" / "replication-cpu"
 CELLS = ("no_retrieval-hard-none", "lora-hard-none-s2025", "exprag_lora-hard-matched-k2-static-s2025")
@@ -45,13 +45,14 @@ def test_games_first_in_generation_order_and_the_contrast_game():
     games, types = held_out_games(RUN, 2)
     assert types == ["pick_cool_then_place_in_recep", "pick_heat_then_place_in_recep"]
     assert [g.rsplit("_", 1)[1] for g in games] == ["00001", "00002", "00003", "00004"]
-    cells = _main_cells(RUN)
+    cells = _main_cells(RUN, read_json_record(RUN / "experiment.json"))
     assert {"no_retrieval", "lora", "exprag_lora"} <= set(cells)
     assert cells["exprag_lora"] == "smollm2-135m/exprag_lora-hard-matched-k2-static-s2025"
-    extra = contrast_game(RUN, cells, games)
+    ours, baseline = (_reference(RUN, cells[m]).outcomes for m in ("exprag_lora", "lora"))
+    extra = contrast_game(ours, baseline, games)
     # the first game (by trial index) where the committed ExpRAG-LoRA succeeded and LoRA did not
     assert extra == "pick_heat_then_place_in_recep-Tomato-None-CounterTop-3/trial_gen_s0_00011"
-    assert contrast_game(RUN, cells, games + [extra]) is None
+    assert contrast_game(ours, baseline, games + [extra]) is None
     # generated games are an index prefix: index 11 needs 12 per type, and no more than the run's 40
     assert _gen_args({"gen_per_type": {"train": 16, "test": 40}}, "test", games + [extra]) == {
         "gen_per_type": {"test": 12}}

@@ -42,11 +42,10 @@ from typing import Any, Callable, Iterator
 
 from exprag.config import EvalConfig, RetrievalConfig, from_dict, read_yaml
 from exprag.errors import DataFormatError, ExpragError
-from exprag.io import (atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, read_json_object,
-                       run_lock)
+from exprag.io import atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines, run_lock
 from exprag.memory_block import MemorySpec
 from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
-from exprag.validate import FIELD_RULES, NON_NEGATIVE, POSITIVE
+from exprag.validate import FIELD_RULES, NON_NEGATIVE, POSITIVE, read_json
 from exprag.workers import WorkerSpec
 
 Log = Callable[[str], None]
@@ -664,7 +663,7 @@ def replay_cell_config(run_dir: str | Path, cell_id: str, task_ids: list[str], o
     how committed adapters are replayed (the quickstart). ``changes``: other EvalConfig fields
     (``env_args``, ``max_steps``, ``batch_size``)."""
     run_dir = Path(run_dir)
-    meta = _read_json_file(run_dir / "experiment.json", "experiment record")
+    meta = read_json_record(run_dir / "experiment.json")
     cfg = experiment_config_from_dict(meta.get("config") or {}, str(run_dir / "experiment.json"))
     cells = {c.id: c for c in expand(cfg)}
     if cell_id not in cells:
@@ -677,7 +676,7 @@ def replay_cell_config(run_dir: str | Path, cell_id: str, task_ids: list[str], o
     adapter = None
     if METHODS[cell.method].adapter:
         adir = adapter_dir(run_dir, cell.model, METHODS[cell.method].adapter, cell.seed)
-        done = _read_json_file(adir / "experiment_done.json", "finished training record")
+        done = read_json_record(adir / "experiment_done.json")
         adapter = adir / str(done.get("checkpoint"))
         if not (adapter / "adapter_config.json").is_file():
             raise DataFormatError(f"{adir / 'experiment_done.json'}: field 'checkpoint' names {adapter}, "
@@ -688,10 +687,12 @@ def replay_cell_config(run_dir: str | Path, cell_id: str, task_ids: list[str], o
     return dataclasses.replace(ecfg, out=str(out), **changes)
 
 
-def _read_json_file(path: Path, what: str) -> dict[str, Any]:
-    obj = read_json_object(path)
-    if obj is None:
-        raise DataFormatError(f"{path}: missing, unreadable or not a JSON object (the {what})")
+def read_json_record(path: Path) -> dict[str, Any]:
+    """A record an experiment wrote (experiment.json, experiment_done.json): a JSON object, or an error
+    naming the file."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 

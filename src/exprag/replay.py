@@ -10,7 +10,6 @@ Greedy decoding makes an episode repeatable, so each replayed game also checks t
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exprag.errors import DataFormatError, ExpragError, RunConfigError
+from exprag.validate import read_json
 
 REPLICATION_DIR = "results/replication-cpu"
 # The rows a newcomer compares: what retrieval in training does, on task types no adapter trained on.
@@ -94,39 +94,39 @@ def held_out_games(run_dir: Path, per_type: int) -> tuple[list[str], list[str]]:
     """The first ``per_type`` games of each held-out type that passed the experiment's expert ceiling,
     in generation order (the trial index), and the types in the experiment's order."""
     path = run_dir / "data" / "ceiling.json"
+    if not path.is_file():
+        raise ReplayError(f"{path}: missing (the experiment's held-out games)")
     try:
-        group = json.loads(path.read_text(encoding="utf-8"))["groups"][f"test-{HELD_OUT_GROUP}"]
+        group = read_json(path)["groups"][f"test-{HELD_OUT_GROUP}"]
         kept, games = list(group["kept"]), {g["task_id"]: g["task_type"] for g in group["games"]}
-    except FileNotFoundError:
-        raise ReplayError(f"{path}: missing (the experiment's held-out games)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise DataFormatError(f"{path}: unreadable held-out game list ({type(e).__name__}: {e})") from e
     types = list(dict.fromkeys(games[t] for t in kept if t in games))
     chosen = [t for tt in types for t in sorted((t for t in kept if games.get(t) == tt), key=_trial_index)[:per_type]]
     return chosen, types
 
 
+def _outcomes(results: Path) -> dict[str, tuple[bool, int]]:
+    """task id -> (success, steps) of the episodes in a run's results.jsonl."""
+    from exprag.evaluate import read_results
+
+    return {r["task_id"]: (bool(r["success"]), int(r["steps"])) for r in read_results(results)}
+
+
 def _reference(run_dir: Path, cell_id: str) -> Reference:
     cell = run_dir / "cells" / cell_id
+    m = read_json(cell / "metrics.json")
     try:
-        m = json.loads((cell / "metrics.json").read_text(encoding="utf-8"))
-        outcomes = {}
-        for line in (cell / "results.jsonl").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                outcomes[row["task_id"]] = bool(row["success"])
-        return Reference(int(m["successes"]), int(m["n"]), tuple(m["ci95"]), m.get("valid_action_rate"), outcomes)
-    except FileNotFoundError as e:
-        raise ReplayError(f"{cell}: the experiment's cell is not there ({e.filename} missing)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Reference(int(m["successes"]), int(m["n"]), tuple(m["ci95"]), m.get("valid_action_rate"),
+                         {t: ok for t, (ok, _) in _outcomes(cell / "results.jsonl").items()})
+    except (KeyError, TypeError, ValueError) as e:
         raise DataFormatError(f"{cell}: unreadable cell record ({type(e).__name__}: {e})") from e
 
 
-def _main_cells(run_dir: Path) -> dict[str, str]:
+def _main_cells(run_dir: Path, meta: dict[str, Any]) -> dict[str, str]:
     """method -> id of its main-table cell on the held-out group (matched bank or none, main K, static)."""
     from exprag.experiment import experiment_config_from_dict, expand
 
-    meta = json.loads((run_dir / "experiment.json").read_text(encoding="utf-8"))
     cfg = experiment_config_from_dict(meta.get("config") or {}, str(run_dir / "experiment.json"))
     found: dict[str, str] = {}
     for c in expand(cfg):
@@ -140,12 +140,11 @@ def _main_cells(run_dir: Path) -> dict[str, str]:
     return found
 
 
-def contrast_game(run_dir: Path, cells: dict[str, str], games: list[str]) -> str | None:
-    """The first game (generation order) on which the experiment's ExpRAG-LoRA and LoRA episodes differed,
-    when none of ``games`` is one: replayed so that a newcomer sees a difference happen, and said so."""
-    a = _reference(run_dir, cells["exprag_lora"]).outcomes
-    b = _reference(run_dir, cells["lora"]).outcomes
-    differ = sorted((t for t in a if t in b and a[t] != b[t]), key=_trial_index)
+def contrast_game(ours: dict[str, bool], baseline: dict[str, bool], games: list[str]) -> str | None:
+    """The first game (generation order) on which the experiment's ExpRAG-LoRA (``ours``) and LoRA
+    (``baseline``) episodes differed, when none of ``games`` is one: replayed so that a newcomer sees a
+    difference happen, and said so."""
+    differ = sorted((t for t in ours if t in baseline and ours[t] != baseline[t]), key=_trial_index)
     if not differ or any(t in differ for t in games):
         return None
     return differ[0]
@@ -169,21 +168,22 @@ def replay(run_dir: str | Path, out: str | Path, *, per_type: int = 3, with_cont
     ``with_contrast``) the first game on which its ExpRAG-LoRA and LoRA differed, into ``out``.
     ``max_steps`` below the experiment's cap is for quick checks only (outcomes then differ)."""
     from exprag.evaluate import evaluate
-    from exprag.experiment import replay_cell_config
+    from exprag.experiment import read_json_record, replay_cell_config
     from exprag.report import mcnemar_p
 
     run_dir = Path(run_dir)
     games, types = held_out_games(run_dir, per_type)
     if not games:
         raise ReplayError(f"{run_dir / 'data' / 'ceiling.json'}: no held-out games to replay")
-    cells = _main_cells(run_dir)
-    contrast = contrast_game(run_dir, cells, games) if with_contrast else None
+    meta = read_json_record(run_dir / "experiment.json")
+    cells = _main_cells(run_dir, meta)
+    refs = {method: _reference(run_dir, cells[method]) for _, method in ARMS}
+    ours, baseline = refs["exprag_lora"].outcomes, refs["lora"].outcomes
+    contrast = contrast_game(ours, baseline, games) if with_contrast else None
     games = games + ([contrast] if contrast else [])
-    meta = json.loads((run_dir / "experiment.json").read_text(encoding="utf-8"))
     rows, cap = [], None
     for label, method in ARMS:
-        cell_id = cells[method]
-        ref = _reference(run_dir, cell_id)
+        cell_id, ref = cells[method], refs[method]
         ecfg = replay_cell_config(run_dir, cell_id, games, Path(out) / cell_id.replace("/", "-"))
         ecfg = replace(ecfg, env_args=_gen_args(ecfg.env_args, ecfg.split, games),
                        batch_size=min(ecfg.batch_size, len(games)),
@@ -195,21 +195,15 @@ def replay(run_dir: str | Path, out: str | Path, *, per_type: int = 3, with_cont
         except RunConfigError:  # a replay left by other settings: a demo run is redone, not refused
             res = evaluate(ecfg, progress=progress, overwrite=True)
         seconds = time.perf_counter() - t0
-        got = {}
-        for line in (Path(ecfg.out) / "results.jsonl").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                got[r["task_id"]] = (bool(r["success"]), int(r["steps"]))
+        got = _outcomes(res.out / "results.jsonl")
         m = res.metrics
         rows.append(ReplayRow(label, cell_id, ecfg.adapter, m["successes"], m["n"], m.get("valid_action_rate"),
                               m["mean_steps"], sum(ok == ref.outcomes.get(t) for t, (ok, _) in got.items()),
                               got, seconds, str(ecfg.out), ref))
-    by_method = {method: row for (_, method), row in zip(ARMS, rows)}
-    a, b = by_method["exprag_lora"].reference.outcomes, by_method["lora"].reference.outcomes
-    pairs = [t for t in a if t in b]
+    pairs = [t for t in ours if t in baseline]
     h1 = None
     if pairs:
-        bb, cc = sum(a[t] and not b[t] for t in pairs), sum(b[t] and not a[t] for t in pairs)
+        bb, cc = sum(ours[t] and not baseline[t] for t in pairs), sum(baseline[t] and not ours[t] for t in pairs)
         h1 = (bb, cc, mcnemar_p(bb, cc))
     return Replay(run_dir, meta.get("commit"), meta.get("command"), games, types, contrast, cap or 0, rows, h1)
 
