@@ -37,8 +37,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from exprag.envs.alfworld import DEFAULT_GEN_PER_TYPE, default_generated_dir
     from exprag.envs.splits import resolve_task_types
     from exprag.io import LOCK_FILE, check_output_dir
-    from exprag.progress import bar
-
     from exprag.validate import check_output
 
     types = resolve_task_types("alfworld", args.task_types)
@@ -50,19 +48,9 @@ def run_generate(args: argparse.Namespace) -> int:
     # Games go to OUT/json_2.1.1/...: OUT may hold that and nothing else (another data set stays untouched).
     check_output_dir(out, "ALFWorld games directory",
                      lambda p: {e.name for e in p.iterdir()} <= {gen.DATA_DIR, LOCK_FILE})
-    pbar = bar(total=args.per_type * len(types), desc=f"alfworld generate {args.split}", unit="game")
-    dropped = 0
-
-    def progress(task_type: str, solvable: bool) -> None:
-        nonlocal dropped
-        if solvable:
-            pbar.update(1)
-        else:
-            dropped += 1
-            pbar.set_postfix(dropped=dropped)
-
+    pbar = gen.GenerationBar(args.per_type * len(types), f"alfworld generate {args.split}")
     report = gen.generate(out, split=args.split, per_type=args.per_type, seed=args.seed, task_types=types,
-                          max_expert_steps=args.max_expert_steps, progress=progress)
+                          max_expert_steps=args.max_expert_steps, progress=pbar)
     pbar.close()
     width = max(len(t) for t in types)
     print(f"{'task type':<{width}}  games  dropped  built  s/game  (dropped: reasons)")

@@ -273,19 +273,12 @@ class ALFWorldEnv(EnvBase):
     def _ensure_generated(self, split: str, types: list[str]) -> list[Path]:
         n = self.gen_per_type.get(split, 0)
         out_dir = self.root.parent
-        progress, pbar = self.on_generate, None
-        if progress is None:  # a bar appears only once a game is really built (a cached set returns at once)
-            def progress(task_type: str, solvable: bool) -> None:
-                nonlocal pbar
-                if pbar is None:
-                    from exprag.progress import bar
-
-                    pbar = bar(total=n * len(types), desc=f"generating ALFWorld {split} games", unit="game")
-                if solvable:
-                    pbar.update(1)
+        pbar = None
+        if self.on_generate is None:
+            pbar = gen.GenerationBar(n * len(types), f"generating ALFWorld {split} games", lazy=True)
         try:
             report = gen.generate(out_dir, split=split, per_type=n, seed=self.gen_seed, task_types=types,
-                                  progress=progress, build=self.generate)
+                                  progress=self.on_generate or pbar, build=self.generate)
         finally:
             if pbar is not None:
                 pbar.close()

@@ -400,6 +400,35 @@ def manifest_path(out: str | Path, split: str, seed: int) -> Path:
     return data_root(out) / SPLIT_DIRS[split] / f"exprag_generation_s{seed}.json"
 
 
+class GenerationBar:
+    """A progress bar fed by ``generate``'s per-candidate callback: solvable games count, dropped ones
+    show in the postfix. With ``lazy`` it appears at the first candidate only, so a set that is already
+    built (``generate`` then calls nothing) shows no bar."""
+
+    def __init__(self, total: int, desc: str, *, lazy: bool = False) -> None:
+        self.total, self.desc, self.dropped, self._bar = total, desc, 0, None
+        if not lazy:
+            self._open()
+
+    def _open(self) -> None:
+        from exprag.progress import bar
+
+        self._bar = bar(total=self.total, desc=self.desc, unit="game")
+
+    def __call__(self, task_type: str, solvable: bool) -> None:
+        if self._bar is None:
+            self._open()
+        if solvable:
+            self._bar.update(1)
+        else:
+            self.dropped += 1
+            self._bar.set_postfix(dropped=self.dropped)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def generate(
     out: str | Path,
     *,
