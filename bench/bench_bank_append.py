@@ -1,7 +1,7 @@
 """Write-back cost of the procedure index: appending one trajectory to a bank of N keys.
 
-baseline: the index rebuilt over the whole bank (term weights learned again and the postings made from
-each key's term vector: every key tokenized again), as write-back did before the keys' terms were kept;
+baseline: the index rebuilt over the whole bank (term weights learned again and the postings made again:
+every key tokenized again), as write-back did before the keys' terms were kept;
 ours: ``extend_index`` (only the new key tokenized; weights and postings recomputed with numpy from the
 kept term ids). Both give the same weights and scores (tests/bank/test_bank_scale.py). Synthetic
 templated keys as in bench_bank_scale.py, lexical part only (no encoder time).
@@ -32,7 +32,7 @@ def measure(size: int) -> dict:
 
     t = time.perf_counter()
     weights = TermWeights.learn(texts, labels, default_alpha(len(texts), "static"))
-    rebuilt = ProcedureIndex(list(texts), weights, None, 0.0, cfg.diversity)  # postings from per-key vectors
+    rebuilt = ProcedureIndex(list(texts), weights, None, 0.0, cfg.diversity)  # postings over every key
     rebuild_s = time.perf_counter() - t
 
     t = time.perf_counter()

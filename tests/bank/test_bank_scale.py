@@ -61,7 +61,7 @@ def test_load_reads_the_saved_index_without_rebuilding(twx_trajs, tmp_path, monk
         raise AssertionError("the load rebuilt the index")
 
     with monkeypatch.context() as m:
-        m.setattr(procedure, "_postings", no_build)
+        m.setattr(procedure, "postings_from_terms", no_build)
         m.setattr(encoders, "build_bm25", no_build)
         m.setattr(procedure.TermWeights, "vectors", no_build)  # the keys' term vectors
         bank = load_bank(tmp_path / "b")
@@ -170,7 +170,7 @@ def test_segment_rows_slice_like_the_joined_array():
 def test_extending_the_key_terms_equals_a_full_build(twx_trajs):
     """Write-back tokenizes only the new keys: the weights, postings and scores it gets are those of an
     index built over all keys at once (and of the per-text vectors the scores are defined by)."""
-    from exprag.bank.procedure import KeyTerms, TermWeights, _postings, postings_from_terms
+    from exprag.bank.procedure import KeyTerms, TermWeights, postings_from_terms
     from exprag.bank.scoring import build_index, extend_index
     from exprag.bank.encoders import BM25Encoder
 
@@ -183,7 +183,13 @@ def test_extending_the_key_terms_equals_a_full_build(twx_trajs):
     grown = extend_index(cfg, enc, build_index(cfg, enc, texts[:n], labels[:n], "static"), texts, labels, "static")
     assert grown.weights.weights == full.weights.weights
     assert grown._terms.n_keys == len(texts)
-    reference = _postings(full.weights.vectors(texts), len(full.weights.weights))
+    # the reference: each text's own weighted, L2-normalised term vector, regrouped by term
+    vectors = full.weights.vectors(texts)
+    ids = np.concatenate([i for i, _ in vectors])
+    order = np.argsort(ids, kind="stable")
+    keys = np.repeat(np.arange(len(vectors)), [len(i) for i, _ in vectors])
+    reference = (np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=len(full.weights.weights)))]),
+                 keys[order], np.concatenate([v for _, v in vectors])[order])
     for got, want in zip(postings_from_terms(grown._terms, grown.weights), reference):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     queries = [t.task for t in test]

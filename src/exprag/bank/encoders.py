@@ -102,8 +102,7 @@ class SegmentRows:
     (what chunked scoring asks for). ``np.asarray`` joins them, for the few callers that need it all."""
 
     def __init__(self, parts: Sequence[np.ndarray]) -> None:
-        self.parts = [p.parts if isinstance(p, SegmentRows) else [p] for p in parts]
-        self.parts = [q for ps in self.parts for q in ps if len(q)]
+        self.parts = [q for p in parts for q in (p.parts if isinstance(p, SegmentRows) else [p]) if len(q)]
         if not self.parts:
             raise ValueError("SegmentRows needs at least one non-empty part")
         dims = {q.shape[1:] for q in self.parts}
@@ -240,8 +239,6 @@ class DenseEncoder:
         return DenseIndex(self, self.encode(texts, progress=progress))
 
     def from_embeddings(self, emb: np.ndarray) -> DenseIndex:
-        if isinstance(emb, SegmentRows):
-            return DenseIndex(self, emb)
         return DenseIndex(self, np.asarray(emb, dtype=np.float32))
 
     def load(self, paths: list[Path]) -> DenseIndex:

@@ -103,6 +103,12 @@ class KeyTerms:
             return cls(vocab, ptr, new_ids)
         return cls(vocab, np.concatenate([base.indptr, base.indptr[-1] + ptr[1:]]), np.concatenate([base.ids, new_ids]))
 
+    @classmethod
+    def vocabulary(cls, weights: "TermWeights") -> "KeyTerms":
+        """No keys, and term ids fixed in the order of ``weights`` (a saved bank's): keys tokenized on
+        top of it give postings and term embeddings that line up with those weights."""
+        return cls(dict(weights._vocab()), np.zeros(1, np.int64), np.zeros(0, np.int64))
+
     @property
     def n_keys(self) -> int:
         return len(self.indptr) - 1
@@ -220,10 +226,9 @@ class ProcedureIndex:
         if self.dense is not None and self.dense.size != len(self.texts):
             raise BankError(f"dense index holds {self.dense.size} keys, the lexical one {len(self.texts)}")
         if self._postings is None:
-            if self._terms is not None and self._terms.n_keys == len(self.texts):
-                self._postings = postings_from_terms(self._terms, self.weights)
-            else:
-                self._postings = _postings(self.weights.vectors(self.texts), len(self.weights.weights))
+            if self._terms is None or self._terms.n_keys != len(self.texts):
+                self._terms = KeyTerms.of(self.texts, base=KeyTerms.vocabulary(self.weights))
+            self._postings = postings_from_terms(self._terms, self.weights)
 
     @property
     def size(self) -> int:
@@ -356,10 +361,12 @@ class ProcedureIndex:
 def postings_from_terms(terms: KeyTerms, weights: TermWeights) -> tuple[np.ndarray, ...]:
     """The inverted index of ``weights.vectors`` over the keys of ``terms`` without tokenizing again:
     each key's positive-weight terms, L2-normalised, grouped by term with keys ascending."""
-    names = list(weights.weights)
-    if names[: len(terms.vocab)] != list(terms.vocab):
+    names, vocab = list(weights.weights), list(terms.vocab)
+    if names[: len(vocab)] != vocab[: len(names)]:
         raise ValueError("term weights and key terms disagree on the vocabulary")
-    wv = np.fromiter(weights.weights.values(), np.float32, len(names))
+    # a key word the weights lack weighs 0, as in ``vectors``
+    wv = np.zeros(max(len(names), len(vocab)), np.float32)
+    wv[: len(names)] = np.fromiter(weights.weights.values(), np.float32, len(names))
     rows, ids = terms.rows(), terms.ids
     keep = wv[ids] > 0.0
     rows, ids = rows[keep], ids[keep]
@@ -370,17 +377,6 @@ def postings_from_terms(terms: KeyTerms, weights: TermWeights) -> tuple[np.ndarr
     start = np.zeros(len(names) + 1, np.int64)
     np.cumsum(np.bincount(ids, minlength=len(names)), out=start[1:])
     return start, rows[order], vals[order]
-
-
-def _postings(vectors: list[tuple[np.ndarray, np.ndarray]], n_terms: int) -> tuple[np.ndarray, ...]:
-    """Key vectors regrouped by term: keys[start[t]:start[t+1]] hold term t, with its values."""
-    terms = np.concatenate([ids for ids, _ in vectors] or [np.zeros(0, np.int64)])
-    keys = np.repeat(np.arange(len(vectors), dtype=np.int64), [len(ids) for ids, _ in vectors])
-    vals = np.concatenate([v for _, v in vectors] or [np.zeros(0, np.float32)])
-    order = np.argsort(terms, kind="stable")
-    start = np.zeros(n_terms + 1, np.int64)
-    np.cumsum(np.bincount(terms, minlength=n_terms), out=start[1:])
-    return start, keys[order], vals[order]
 
 
 def _load_postings(path: Path, n_terms: int, n_keys: int) -> tuple[np.ndarray, ...] | None:

@@ -163,10 +163,11 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
     if cfg.scoring != "procedure":
         return encoder.build(texts)
     alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
-    # the old keys' terms, tokenized once per process (a loaded bank has not got them yet), then the new
+    # the old keys' terms, tokenized once per process (a loaded bank has not got them yet) with the
+    # ids of its saved weights, then the new keys'
     prev_terms = getattr(old, "_terms", None)
     if prev_terms is None or prev_terms.n_keys != n_old:
-        prev_terms = KeyTerms.of(texts[:n_old])
+        prev_terms = KeyTerms.of(texts[:n_old], base=KeyTerms.vocabulary(old.weights))
     terms = KeyTerms.of(new, base=prev_terms)
     weights = TermWeights.from_terms(terms, list(labels), alpha)
     dense_index = None
