@@ -57,7 +57,7 @@ from exprag.bank.store import Bank, build_bank
 from exprag.trajectory import Trajectory, read_jsonl, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from headlines import (PARAPHRASE_BEFORE, PARAPHRASE_OURS, PARAPHRASE_WORD_SPACE,  # noqa: E402
+from headlines import (PARAPHRASE_BEFORE, PARAPHRASE_LEXICON, PARAPHRASE_OURS, PARAPHRASE_WORD_SPACE,  # noqa: E402
                        retrieval_quality_headline)
 from runtime import log, offline_one_thread, write_json  # noqa: E402
 
@@ -277,7 +277,7 @@ def configs(bank_trajs: list[Trajectory], dense: DenseEncoder, log: Callable[[st
     plain_dense = build_index(ScoringConfig("dense"), dense, texts, labels, "static")
     bm25 = build_index(ScoringConfig("bm25"), BM25Encoder(), texts, labels, "static")
     lexical = replace(default, dense=None, diversity=False)
-    no_div = replace(default, diversity=False)
+    no_div = replace(default, diversity=False, template_weight=0.0, _template_emb={})
     return [
         ("dense (paper)", "MiniLM dot product on raw task texts", plain_dense),
         ("bm25", "plain BM25", bm25),
@@ -285,8 +285,8 @@ def configs(bank_trajs: list[Trajectory], dense: DenseEncoder, log: Callable[[st
         ("masked dense", "MiniLM on keys and queries with entity-like words masked", MaskedDenseIndex(default, dense)),
         ("rerank dense→procedure", "MiniLM top-32 reranked by procedure-weighted lexical", RerankIndex(plain_dense, lexical)),
         ("procedure lexical", "learned term weights, cosine; no dense, no diversity", lexical),
-        ("procedure + dense", "+ 0.5 x MiniLM dot product, word expansion; no diversity", no_div),
-        ("procedure + dense + diversity", "exprag default (--scoring procedure)", default),
+        ("procedure + dense", "+ 0.5 x MiniLM dot product, word expansion; no template term, no diversity", no_div),
+        ("procedure + dense + diversity", "exprag default (--scoring procedure): + template term, diversity", default),
     ]
 
 
@@ -318,8 +318,12 @@ def paraphrase_configs(bank: list[Trajectory], dense: DenseEncoder) -> list[tupl
     default = build_index(ScoringConfig(), dense, texts, labels, "static")
     return [("dense (paper)", build_index(ScoringConfig("dense"), dense, texts, labels, "static")),
             ("bm25", build_index(ScoringConfig("bm25"), BM25Encoder(), texts, labels, "static")),
-            (PARAPHRASE_BEFORE, replace(default, dense_weight=0.05, expand=False, _templates=None, _word_emb={})),
-            (PARAPHRASE_WORD_SPACE, replace(default, lexicon=None, _templates=None, _word_emb={})),
+            (PARAPHRASE_BEFORE, replace(default, dense_weight=0.05, expand=False, template_weight=0.0,
+                                        _templates=None, _word_emb={}, _template_emb={})),
+            (PARAPHRASE_WORD_SPACE, replace(default, lexicon=None, template_weight=0.0, _templates=None, _word_emb={},
+                                            _template_emb={})),
+            (PARAPHRASE_LEXICON, replace(default, template_weight=0.0, _templates=None, _word_emb={},
+                                         _template_emb={})),
             (PARAPHRASE_OURS, default)]
 
 

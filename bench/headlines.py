@@ -134,7 +134,8 @@ def train_headline(result: dict) -> list[dict]:
 
 QUALITY_BASELINE, QUALITY_OURS = "dense (paper)", "procedure + dense + diversity"
 # the paraphrase benchmark's default row (bench_retrieval_quality.paraphrase_configs)
-PARAPHRASE_OURS = "procedure, default (dense 0.5 + WordNet-guided expansion)"
+PARAPHRASE_OURS = "procedure, default (dense 0.5 + WordNet-guided expansion + template term 0.5)"
+PARAPHRASE_LEXICON = "procedure, WordNet-guided expansion, no template term (dense 0.5)"
 PARAPHRASE_WORD_SPACE = "procedure, word-space expansion (dense 0.5, no lexicon)"
 PARAPHRASE_BEFORE = "procedure, before (dense 0.05, no expansion)"
 

@@ -96,7 +96,7 @@ def test_manifest_records_scoring_and_old_banks_load_plain(tmp_path, twx_trajs):
     new = build_bank(train, tmp_path / "new", "minilm")
     m = json.loads((new.files / "manifest.json").read_text())
     assert m["retrieval"] == {"scoring": "procedure", "dense_weight": 0.5, "diversity": True, "alpha": None,
-                              "expand": True, "lexicon": "wordnet-3.0"}
+                              "expand": True, "lexicon": "wordnet-3.0", "template_weight": 0.5}
     assert m["bank_version"] == 2  # an exprag that predates procedure scoring refuses it, not misreads it
     assert sorted(p.name for p in (new.files / "static").iterdir()) == \
         ["embeddings.npy", "keys.json", "postings_keys.npy", "postings_start.npy", "postings_vals.npy",
@@ -272,7 +272,7 @@ def test_paraphrase_sets_are_shipped_and_dev_is_separate_from_test():
 def test_unknown_words_borrow_the_weight_of_their_nearest_bank_terms(tmp_path):
     bank = build_bank(alfworld_like(12, "train"), tmp_path / "b", "minilm")
     old = build_bank(alfworld_like(12, "train"), tmp_path / "old", "minilm",
-                     retrieval=ScoringConfig(dense_weight=0.05, expand=False))
+                     retrieval=ScoringConfig(dense_weight=0.05, expand=False, template_weight=0.0))
     new_r, old_r = Retriever(bank), Retriever(old)
     queries = {"warm up an egg and set it on the desk": "heat", "rinse the mug, then leave it on the shelf": "clean",
                "I need a heated potato on the countertop": "heat", "wash a knife and store it in the cabinet": "clean"}
@@ -289,6 +289,39 @@ def test_unknown_words_borrow_the_weight_of_their_nearest_bank_terms(tmp_path):
     cfg = ScoringConfig.from_manifest({"retrieval": {"scoring": "procedure", "dense_weight": 0.05,
                                                        "diversity": True, "alpha": None}})
     assert cfg.expand is False and cfg.dense_weight == 0.05
+
+
+def test_template_term_reranks_the_window_by_masked_query_and_key_templates(tmp_path):
+    bank = build_bank(alfworld_like(6, "train"), tmp_path / "b", "minilm")
+    idx = bank.index("static")
+    assert idx.reranks and idx.template_weight == 0.5
+    q = "get the tomato nice and cold, then leave it on the shelf"
+    scores, ids = idx.top([q], 3)
+    # the query's entity-like known words are masked, the words the bank lacks are kept
+    masked = idx.weights.mask(q, keep_unknown=True)
+    assert "tomato" not in masked and "shelf" not in masked and "cold" in masked and "nice" in masked
+    enc = idx.dense.encoder
+    qv = enc.encode([masked])[0]
+    base = idx.scores([q])[0]
+    for s, i in zip(scores[0], ids[0]):
+        tpl = idx.weights.mask(idx.texts[i])  # the key's template: "cool some something and ..."
+        assert s == pytest.approx(base[i] + 0.5 * float(enc.encode([tpl])[0] @ qv), abs=1e-4)
+    assert list(scores[0]) == sorted(scores[0], reverse=True)
+    # the retriever's full-scan fallback puts the same keys first
+    assert list(idx.rank_all(q)[:3]) == list(ids[0])
+    # templated queries keep their results
+    rep = evaluate_retrieval(bank, alfworld_like(3, "test", offset=5), k=2).as_dict()
+    assert rep["overall"]["top1"] == 1.0 and rep["overall"]["all_at_k"] == 1.0
+    # off: dynamic keys, weights without labels (nothing is masked), and banks built before the term
+    assert bank.index("dynamic").template_weight == 0.0
+    one = build_bank([rec(i, f"heat some {o} and put it in desk.", "heat") for i, o in enumerate(OBJS[:4])],
+                     tmp_path / "one", "minilm")
+    assert not one.index("static").reranks
+    old = {"scoring": "procedure", "dense_weight": 0.5, "diversity": True, "alpha": None, "expand": True,
+           "lexicon": "wordnet-3.0"}
+    assert ScoringConfig.from_manifest({"retrieval": old}).template_weight == 0.0
+    with pytest.raises(BankError, match="template_weight must be >= 0"):
+        ScoringConfig(template_weight=-1)
 
 
 def test_alfworld_paraphrases_reduced_size():
@@ -322,11 +355,13 @@ def test_eval_retrieval_reads_text_queries(tmp_path, capsys):
 
     data, bank, out = tmp_path / "bank.jsonl", tmp_path / "bank", tmp_path / "q"
     write_jsonl(data, alfworld_like(6, "train"))
-    assert main(["bank", "build", "--trajectories", str(data), "--out", str(bank), "--encoder", "bm25"]) == 0
+    assert main(["bank", "build", "--trajectories", str(data), "--out", str(bank), "--encoder", "bm25",
+                 "--template-weight", "0"]) == 0
+    assert load_bank(bank).describe()["retrieval"]["template_weight"] == 0.0
     qfile = paraphrase_file("alfworld", "dev")
     assert main(["bank", "eval-retrieval", str(bank), "--queries", str(qfile), "--out", str(out)]) == 0
     d = json.loads((tmp_path / "q.json").read_text())
-    assert d["overall"]["n"] == 36 and d["mode"] == "static" and "pick_heat_then_place_in_recep" in d["per_type"]
+    assert d["overall"]["n"] == 72 and d["mode"] == "static" and "pick_heat_then_place_in_recep" in d["per_type"]
     capsys.readouterr()
     assert main(["bank", "eval-retrieval", str(bank), "--queries", str(qfile), "--mode", "dynamic"]) == 2
     assert "use --mode static" in capsys.readouterr().err

@@ -29,6 +29,14 @@ text repeats one ranked above it, the best-ranked key of the same template with 
 slot, and the copy moves one place down; so the K slots show different tasks of the same procedure.
 A copy is only ever replaced by a key of its own template, so diversity does not trade a
 same-procedure slot for variety.
+
+Template term (``template_weight``, static keys): a second stage over the same window. The query with
+its entity-like known words masked — words the bank never used are kept, they are what a paraphrase
+names the procedure with ("get the something nice and cold") — is embedded by the dense encoder and
+compared with each candidate key's template; ``template_weight`` x that similarity is added to the
+candidate's score. The encoder reads the paraphrase's procedure words in context, where the word-by-word
+expansion cannot (docs/retrieval-quality.md, "Paraphrases"). Template embeddings are computed on first
+use and kept in memory (a bank has few templates: 14 in generated ALFWorld, 123 in ScienceWorld).
 """
 
 from __future__ import annotations
@@ -182,12 +190,14 @@ class TermWeights:
         """Weights below this mark entity-like words (weights shrink with the prior, so relative)."""
         return MASK_FRACTION * max(self.weights.values(), default=0.0)
 
-    def mask(self, text: str, threshold: float | None = None, placeholder: str = "something") -> str:
+    def mask(self, text: str, threshold: float | None = None, placeholder: str = "something",
+             keep_unknown: bool = False) -> str:
         """The text with entity-like words (weight below ``threshold``, default ``mask_threshold``,
-        or unknown to the bank) replaced by ``placeholder``: a hard mask."""
+        or unknown to the bank unless ``keep_unknown``) replaced by ``placeholder``: a hard mask."""
         thr = self.mask_threshold if threshold is None else threshold
-        return " ".join(w if self.weights.get(w, 0.0) >= thr or w in _STOP else placeholder
-                        for w in _TOKEN.findall(text.lower()))
+        w = self.weights
+        return " ".join(t if t in _STOP or w.get(t, 0.0) >= thr or (keep_unknown and t not in w) else placeholder
+                        for t in _TOKEN.findall(text.lower()))
 
     def to_json(self) -> dict[str, Any]:
         return {"tokenizer": TOKENIZER, "alpha": self.alpha, "source": self.source, "n_keys": self.n_keys,
@@ -216,11 +226,13 @@ class ProcedureIndex:
     diversity: bool = True
     expand: bool = False  # unknown query words borrow their nearest bank terms' weights
     lexicon: Any = None  # a WordNet (exprag.bank.lexicon) for the expansion, or None: the word space alone
+    template_weight: float = 0.0  # second stage: + this x dense similarity of masked query and key template
     _postings: Any = field(default=None, repr=False)  # (term start offsets, key ids, values)
     _terms: KeyTerms | None = field(default=None, repr=False)  # the keys' terms, when this process has them
     _templates: list[str] | None = field(default=None, repr=False)  # masked keys, for diversity
     _term_emb: np.ndarray | None = field(default=None, repr=False)  # (n_terms, d) bank-term embeddings
     _word_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # unknown query words seen
+    _template_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # key templates seen
 
     def __post_init__(self) -> None:
         if self.dense is not None and self.dense.size != len(self.texts):
@@ -322,9 +334,13 @@ class ProcedureIndex:
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         block = self._scorer(queries)
-        if not self.diversity:
+        if not self.diversity and not self.reranks:
             return chunked_top(block, len(queries), self.size, k)
         win_s, win_i = chunked_top(block, len(queries), self.size, min(self.size, k + _DIVERSITY_WINDOW))
+        if self.reranks:
+            win_s, win_i = self._rerank(queries, win_s, win_i)
+        if not self.diversity:
+            return win_s[:, :k], win_i[:, :k]
         order = np.asarray([self._diverse(row)[:k] for row in win_i], dtype=np.int64).reshape(len(queries), -1)
         # the chosen keys all come from the window: their scores are there
         scores = np.asarray([[by_id[i] for i in sel] for by_id, sel in
@@ -332,19 +348,47 @@ class ProcedureIndex:
                                  order.tolist())], np.float32)
         return scores.reshape(order.shape), order
 
+    @property
+    def reranks(self) -> bool:
+        """Whether the template term applies: it needs the dense encoder, and templates need learned
+        weights (uniform weights mask nothing)."""
+        return self.template_weight > 0 and self.dense is not None and self.weights.source == "task-type"
+
+    def _rerank(self, queries: list[str], scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Window ``ids`` (best first, per query) rescored with the template term, best first again."""
+        enc = self.dense.encoder
+        q = enc.encode([self.weights.mask(t, keep_unknown=True) for t in queries])
+        temps = self._key_templates()
+        new = sorted({temps[j] for j in ids.ravel().tolist()} - self._template_emb.keys())
+        if new:
+            self._template_emb.update(zip(new, enc.encode(new)))
+        tw = np.float32(self.template_weight)
+        scores = np.stack([row_s + tw * (np.stack([self._template_emb[temps[j]] for j in row]) @ qv)
+                           for row_s, row, qv in zip(scores, ids.tolist(), q)]).astype(np.float32)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
     def rank_all(self, query: str) -> np.ndarray:
         """Every key, best first (the retriever's fallback when filters reject the top window)."""
         s = self.scores([query])[0]
         order = np.argsort(-s, kind="stable")
-        if not self.diversity:
+        if not self.diversity and not self.reranks:
             return order
-        head = 4 * _DIVERSITY_WINDOW  # diversity reorders the head only: copies far down do not matter
-        return np.concatenate([np.asarray(self._diverse(order[:head]), dtype=np.int64), order[head:]])
+        head = 4 * _DIVERSITY_WINDOW  # the second stage and diversity reorder the head only
+        top = order[:head]
+        if self.reranks:
+            top = self._rerank([query], s[top][None, :], top[None, :])[1][0]
+        if self.diversity:
+            top = np.asarray(self._diverse(top), dtype=np.int64)
+        return np.concatenate([top, order[head:]])
 
-    def _diverse(self, ids: Sequence[int]) -> list[int]:
+    def _key_templates(self) -> list[str]:
         if self._templates is None:
             self._templates = [self.weights.mask(t) for t in self.texts]
-        return diverse_order(ids, self.texts, self._templates)
+        return self._templates
+
+    def _diverse(self, ids: Sequence[int]) -> list[int]:
+        return diverse_order(ids, self.texts, self._key_templates())
 
     def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -415,7 +459,7 @@ def _norm(text: str) -> str:
 
 
 def load_procedure_index(paths: list[Path], dense_encoder: Any, dense_weight: float, diversity: bool,
-                         expand: bool = False, lexicon: Any = None) -> ProcedureIndex:
+                         expand: bool = False, lexicon: Any = None, template_weight: float = 0.0) -> ProcedureIndex:
     """The index over the keys of ``paths`` (segments, in order); weights and postings are the last's."""
     path = paths[-1]
     wfile = path / "weights.json"
@@ -431,7 +475,7 @@ def load_procedure_index(paths: list[Path], dense_encoder: Any, dense_weight: fl
         raise BankError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
     dense = dense_encoder.load(paths) if dense_encoder is not None else None
     weights = TermWeights.from_json(wobj, str(wfile))
-    index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand, lexicon,
+    index = ProcedureIndex(texts, weights, dense, dense_weight, diversity, expand, lexicon, template_weight,
                            _postings=_load_postings(path, len(weights.weights), len(texts)))
     temb = path / TERM_EMBEDDINGS
     if expand and dense is not None and temb.is_file():

@@ -30,6 +30,9 @@ DEFAULT_SCORING = "procedure"
 # 0.5, up from 0.05: the dense term carries paraphrases whose words the bank lacks; templated queries
 # keep 1.000 up to 0.5 (docs/retrieval-quality.md)
 DEFAULT_DENSE_WEIGHT = 0.5
+# second stage over the top window: + this x the dense similarity of the masked query and key template;
+# chosen on the dev paraphrase sets (docs/retrieval-quality.md, "Paraphrases")
+DEFAULT_TEMPLATE_WEIGHT = 0.5
 # WordNet guides the word expansion: synonyms and definitions name the procedure, antonyms are kept
 # out (docs/retrieval-quality.md, "Paraphrases")
 DEFAULT_LEXICON = WORDNET
@@ -48,12 +51,16 @@ class ScoringConfig:
     # procedure only: word relations that guide the expansion (exprag.bank.lexicon); None: the dense
     # encoder's word space alone
     lexicon: str | None = DEFAULT_LEXICON
+    # procedure only (static keys, with a dense encoder): weight of the template term (exprag.bank.procedure)
+    template_weight: float = DEFAULT_TEMPLATE_WEIGHT
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise BankError(f"unknown scoring {self.scoring!r} (choose one of: {', '.join(SCORINGS)})")
         if self.dense_weight < 0:
             raise BankError(f"dense_weight must be >= 0, got {self.dense_weight}")
+        if self.template_weight < 0:
+            raise BankError(f"template_weight must be >= 0, got {self.template_weight}")
         if self.alpha is not None and self.alpha <= 0:
             raise BankError(f"alpha must be > 0, got {self.alpha}")
         if self.lexicon is not None and self.lexicon not in LEXICONS:
@@ -79,13 +86,14 @@ class ScoringConfig:
             return cls(scoring="bm25" if kind == "bm25" else "dense")
         if not isinstance(block, dict):
             raise BankError(f"{where}: field 'retrieval' must be an object")
-        known = {"scoring", "dense_weight", "diversity", "alpha", "expand", "lexicon"}
+        known = {"scoring", "dense_weight", "diversity", "alpha", "expand", "lexicon", "template_weight"}
         fields = {k: v for k, v in block.items() if k in known}
         if fields.get("scoring", DEFAULT_SCORING) == "procedure":
             # banks built before these options keep the scoring they were built with
             fields.setdefault("dense_weight", 0.05)
             fields.setdefault("expand", False)
             fields.setdefault("lexicon", None)
+            fields.setdefault("template_weight", 0.0)
         try:
             return cls(**fields)
         except (TypeError, BankError) as e:
@@ -115,12 +123,17 @@ def build_index(cfg: ScoringConfig, encoder: Encoder, texts: list[str], labels: 
     dense = _dense(encoder)
     dense_index = dense.build(texts, progress=progress) if dense is not None else None
     return ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
-                          _lexicon(cfg, mode), _terms=terms)
+                          _lexicon(cfg, mode), _template_weight(cfg, mode), _terms=terms)
 
 
 def _expand(cfg: ScoringConfig, mode: str) -> bool:
     """Static keys only: a dynamic query's history is mostly words of observations, not of the task."""
     return cfg.expand and mode == "static"
+
+
+def _template_weight(cfg: ScoringConfig, mode: str) -> float:
+    """Static keys only, as the expansion: a dynamic key's template would be its actions' words."""
+    return cfg.template_weight if mode == "static" else 0.0
 
 
 def _lexicon(cfg: ScoringConfig, mode: str) -> Any:
@@ -147,7 +160,7 @@ def load_index(cfg: ScoringConfig, encoder: Encoder, paths: list[Path]) -> Index
     # a bank stores each mode's index in a directory named after the mode
     mode = paths[-1].name
     return load_procedure_index(paths, _dense(encoder), cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
-                                _lexicon(cfg, mode))
+                                _lexicon(cfg, mode), _template_weight(cfg, mode))
 
 
 def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[str], labels: Sequence[str],
@@ -175,7 +188,7 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
         prev = getattr(old, "dense", None)
         dense_index = prev.extended(dense.encode(new)) if prev is not None else dense.build(texts)
     index = ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
-                           _lexicon(cfg, mode), _terms=terms)
+                           _lexicon(cfg, mode), _template_weight(cfg, mode), _terms=terms)
     old_emb = getattr(old, "_term_emb", None)
     names = list(weights.weights)
     if (index.expand and dense_index is not None and old_emb is not None

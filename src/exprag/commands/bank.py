@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--dense-weight", type=non_negative_float, default=None, metavar="W",
                    help="procedure: weight of the dense dot product added to the lexical cosine (default 0.5; "
                         "0 = lexical only)")
+    b.add_argument("--template-weight", type=non_negative_float, default=None, metavar="W",
+                   help="procedure: weight of the template term, a second stage that compares the query with "
+                        "its entity words masked to the candidates' masked keys in the dense encoder's space "
+                        "(default 0.5; 0 = off)")
     b.add_argument("--no-expand", action="store_true",
                    help="procedure: query words unknown to the bank weigh 0 (default: they borrow the weight of "
                         "their nearest bank terms in the dense encoder's word space)")
@@ -91,11 +95,14 @@ def run_build(args: argparse.Namespace) -> int:
     if not trajs:  # name the input, which is what the user must fix
         what = "successful trajectories" if args.only_success else "trajectories"
         raise DataFormatError(f"{', '.join(args.trajectories)}: no {what} to build a bank from")
-    from exprag.bank.scoring import DEFAULT_DENSE_WEIGHT, DEFAULT_LEXICON, LEXICON_INSTALL, ScoringConfig
+    from exprag.bank.scoring import (DEFAULT_DENSE_WEIGHT, DEFAULT_LEXICON, DEFAULT_TEMPLATE_WEIGHT, LEXICON_INSTALL,
+                                     ScoringConfig)
 
     cfg = ScoringConfig(scoring=args.scoring, alpha=args.alpha, diversity=not args.no_diversity,
                         expand=not args.no_expand, lexicon=None if args.no_lexicon else DEFAULT_LEXICON,
-                        dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight)
+                        dense_weight=DEFAULT_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight,
+                        template_weight=DEFAULT_TEMPLATE_WEIGHT if args.template_weight is None
+                        else args.template_weight)
     bank = build_bank(trajs, args.out, args.encoder, sources=args.trajectories, progress=sys.stderr.isatty(),
                       retrieval=cfg)
     d = bank.describe()
