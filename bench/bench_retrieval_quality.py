@@ -30,8 +30,12 @@ per query (1 thread). ALFWorld's bank here is the templated task text of each ge
 generator's own sampling, no game is built: seconds); ScienceWorld's the reset-only records above.
 ``--no-templated`` skips the main table.
 
+``--small-banks`` adds ALFWorld banks of 30, 60, 120 and 300 random reset-only records of the 432
+generated games (the rest, less exact-text twins, as queries; 20 random splits each): the default with
+and without the template term (minutes: every split builds and queries its own index).
+
     python bench/bench_retrieval_quality.py [--envs twx scienceworld alfworld] [-k 2] [--dynamic]
-                                            [--paraphrases [--no-templated]] [--json OUT]
+                                            [--paraphrases [--no-templated]] [--small-banks] [--json OUT]
 """
 
 from __future__ import annotations
@@ -410,6 +414,51 @@ def table(results: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+# ---- small banks ----------------------------------------------------------------------------------------
+SMALL_SIZES = (30, 60, 120, 300)
+
+
+def bench_small_banks(k: int, dense: DenseEncoder, refresh: bool, log: Callable[[str], None],
+                      sizes: tuple[int, ...] = SMALL_SIZES, splits: int = 20) -> dict:
+    """The default with and without the template term on random small ALFWorld banks: mean and worst
+    same-type top-1 / all@k over ``splits`` random banks of each size."""
+    import random
+
+    data = load_env_data("alfworld", refresh, log)
+    recs = data["train"] + data["test"]
+    configs = {"default": ScoringConfig(), "no template term": ScoringConfig(template_weight=0.0)}
+    rows = []
+    for n in sizes:
+        got: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
+        for split in range(splits):
+            chosen = set(random.Random(split).sample(range(len(recs)), n))
+            bank = [recs[i] for i in sorted(chosen)]
+            keys = {" ".join(t.task.lower().split()) for t in bank}
+            queries = [t for i, t in enumerate(recs) if i not in chosen and " ".join(t.task.lower().split()) not in keys]
+            want = np.asarray([t.task_type for t in queries])
+            for name, cfg in configs.items():
+                index = build_index(cfg, dense, [t.task for t in bank], [t.task_type for t in bank], "static")
+                _, ids = index.top([t.task for t in queries], k)
+                types = np.asarray([t.task_type for t in bank])[ids]
+                got[name].append((float(np.mean(types[:, 0] == want)), float(np.mean((types == want[:, None]).all(1)))))
+        for name, vals in got.items():
+            a = np.asarray(vals)
+            rows.append({"size": n, "config": name, "top1": round(float(a[:, 0].mean()), 3),
+                         "top1_worst": round(float(a[:, 0].min()), 3), "all_at_k": round(float(a[:, 1].mean()), 3),
+                         "all_at_k_worst": round(float(a[:, 1].min()), 3)})
+            log(f"  small banks n={n}, {name}: top-1 {rows[-1]['top1']} (worst {rows[-1]['top1_worst']}), "
+                f"all@{k} {rows[-1]['all_at_k']} (worst {rows[-1]['all_at_k_worst']})")
+    return {"records": len(recs), "splits": splits, "rows": rows}
+
+
+def small_banks_table(res: dict, k: int) -> str:
+    lines = [f"| bank size n | configuration | top-1 (worst split) | all@{k} (worst split) |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['size']} | {r['config']} | {r['top1']:.3f} ({r['top1_worst']:.2f}) | "
+                     f"{r['all_at_k']:.3f} ({r['all_at_k_worst']:.2f}) |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=["twx", "scienceworld", "alfworld"],
@@ -421,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--paraphrases", action="store_true",
                     help="also the paraphrase benchmark (alfworld, scienceworld among --envs)")
     ap.add_argument("--no-templated", action="store_true", help="skip the templated before/after table")
+    ap.add_argument("--small-banks", action="store_true",
+                    help="also random small ALFWorld banks (30-300 keys, 20 splits): the template term's effect")
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     offline_one_thread()
@@ -436,6 +487,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"targets top-1 ≥ 0.90 and all@{args.k} ≥ 0.85 on the test paraphrases:\n")
         print(paraphrase_table(para, args.k) + "\n")
         out["paraphrases"] = para
+    if args.small_banks:
+        small = bench_small_banks(args.k, dense, args.refresh, log)
+        print(f"Small ALFWorld banks ({small['splits']} random splits of {small['records']} reset-only records; "
+              f"queries: the rest without an exact-text twin), static, k={args.k}:\n")
+        print(small_banks_table(small, args.k) + "\n")
+        out["small_banks"] = small
     if not results:
         return _finish(out, args, t0)
     print(f"Static retrieval, same task type, k={args.k}, no type filter; banks and queries are reset-only "
