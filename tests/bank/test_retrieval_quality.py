@@ -309,6 +309,7 @@ def test_template_term_reranks_the_window_by_masked_query_and_key_templates(tmp_
     assert list(scores[0]) == sorted(scores[0], reverse=True)
     # the retriever's full-scan fallback puts the same keys first
     assert list(idx.rank_all(q)[:3]) == list(ids[0])
+    assert idx.top([], 3)[1].shape == (0, 3)
     # templated queries keep their results
     rep = evaluate_retrieval(bank, alfworld_like(3, "test", offset=5), k=2).as_dict()
     assert rep["overall"]["top1"] == 1.0 and rep["overall"]["all_at_k"] == 1.0

@@ -333,6 +333,8 @@ class ProcedureIndex:
         return lambda a, b: self._lexical_block(vecs, a, b) + dw * (qv @ self.dense.emb[a:b].T)
 
     def top(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not queries:
+            return np.zeros((0, min(k, self.size)), np.float32), np.zeros((0, min(k, self.size)), np.int64)
         block = self._scorer(queries)
         if not self.diversity and not self.reranks:
             return chunked_top(block, len(queries), self.size, k)
@@ -356,6 +358,8 @@ class ProcedureIndex:
 
     def _rerank(self, queries: list[str], scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Window ``ids`` (best first, per query) rescored with the template term, best first again."""
+        if not ids.shape[1]:
+            return scores, ids
         enc = self.dense.encoder
         q = enc.encode([self.weights.mask(t, keep_unknown=True) for t in queries])
         temps = self._key_templates()
