@@ -58,6 +58,8 @@ TOKENIZER = "lower-alnum-stop-v1"
 MASK_FRACTION = 0.5
 # extra candidates looked at beyond k so that diversity has copies to skip
 _DIVERSITY_WINDOW = 64
+# key-template embeddings kept in memory (384 floats each with MiniLM: 150 MB at the cap)
+_TEMPLATE_CACHE = 100_000
 # query-word expansion (chosen on the dev paraphrase sets, see docs/retrieval-quality.md)
 EXPAND_MIN_SIM = 0.5
 EXPAND_MARGIN = 0.08
@@ -365,6 +367,8 @@ class ProcedureIndex:
         temps = self._key_templates()
         new = sorted({temps[j] for j in ids.ravel().tolist()} - self._template_emb.keys())
         if new:
+            if len(self._template_emb) + len(new) > _TEMPLATE_CACHE:  # a bank of mostly distinct templates
+                self._template_emb.clear()
             self._template_emb.update(zip(new, enc.encode(new)))
         tw = np.float32(self.template_weight)
         scores = np.stack([row_s + tw * (np.stack([self._template_emb[temps[j]] for j in row]) @ qv)
