@@ -5,8 +5,11 @@ default (ScienceWorld: 3592 variations), and reports wall time, trajectories per
 peak RSS of each, the speedup, and that both runs collected the same tasks with the same success. The
 CPU model and vector extensions are recorded with the timings.
 
-    python bench/bench_collect_workers.py [--env scienceworld] [--split train] [--per-type N] [--limit N]
-        [--workers 2] [--json OUT]
+    python bench/bench_collect_workers.py [--env scienceworld] [--split train] [--per-type N [--sample]]
+        [--limit N] [--workers 2] [--json OUT]
+
+``--sample`` takes a seeded random ``--per-type`` of each type instead of the first ones (the first
+variations of a type can be easier than the rest).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def collect(args: argparse.Namespace, out: Path, workers: int) -> dict:
            args.task_types, "--out", str(out), "--keep-failures"]
     if args.per_type:
         cmd += ["--per-type", str(args.per_type)]
+    if args.sample:
+        cmd += ["--sample"]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     if workers > 1:
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split", default="train")
     ap.add_argument("--task-types", default="all")
     ap.add_argument("--per-type", type=int, default=None, help="at most N tasks per type (default: all)")
+    ap.add_argument("--sample", action="store_true", help="a seeded random --per-type of each type, not the first")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     same_tasks = serial["task_ids"] == parallel["task_ids"]
     result = {
         "env": args.env, "split": args.split, "task_types": args.task_types, "per_type": args.per_type,
-        "limit": args.limit, "cpus": os.cpu_count(), **cpu_info(),
+        "sample": args.sample, "limit": args.limit, "cpus": os.cpu_count(), **cpu_info(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "serial": {k: v for k, v in serial.items() if k != "task_ids"},
         "workers": {k: v for k, v in parallel.items() if k != "task_ids"},
