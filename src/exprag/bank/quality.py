@@ -204,7 +204,7 @@ def evaluate_retrieval(bank: Bank, queries: list[Trajectory], *, k: int = 2, mod
                 report.exact_duplicates += 1
             else:
                 report.twinless.add(types, q.task_type)
-            texts = [" ".join(h.trajectory.task.lower().split()) for h in hs]
+            texts = [_norm(h.trajectory.task) for h in hs]
             report.copies += len(set(texts)) < len(texts)
     return report
 
