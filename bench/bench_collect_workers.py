@@ -6,7 +6,7 @@ peak RSS of each, the speedup, and that both runs collected the same tasks with 
 CPU model and vector extensions are recorded with the timings.
 
     python bench/bench_collect_workers.py [--env scienceworld] [--split train] [--per-type N [--sample]]
-        [--limit N] [--workers 2] [--json OUT]
+        [--limit N] [--workers 2] [--only serial|workers] [--json OUT]
 
 ``--sample`` takes a seeded random ``--per-type`` of each type instead of the first ones (the first
 variations of a type can be easier than the rest).
@@ -73,21 +73,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sample", action="store_true", help="a seeded random --per-type of each type, not the first")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", choices=("serial", "workers"), default=None,
+                    help="one of the two runs (a split too long to time both in one sitting); no speedup is computed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from exprag.experiment import cpu_info
 
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-collect-") as tmp:
-        serial = collect(args, Path(tmp) / "serial.jsonl", 1)
-        log(f"serial: {serial['trajectories']} trajectories in {serial['wall_s']} s")
-        parallel = collect(args, Path(tmp) / "workers.jsonl", args.workers)
-        log(f"--workers {args.workers}: {parallel['trajectories']} trajectories in {parallel['wall_s']} s")
+        for name, workers in (("serial", 1), ("workers", args.workers)):
+            if args.only in (None, name):
+                runs[name] = collect(args, Path(tmp) / f"{name}.jsonl", workers)
+                log(f"{name}: {runs[name]['trajectories']} trajectories in {runs[name]['wall_s']} s")
+    base = {"env": args.env, "split": args.split, "task_types": args.task_types, "per_type": args.per_type,
+            "sample": args.sample, "limit": args.limit, "cpus": os.cpu_count(), **cpu_info(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    if args.only:
+        run = runs[args.only]
+        result = {**base, "only": args.only, args.only: {k: v for k, v in run.items() if k != "task_ids"}}
+        print(f"{args.env} {args.split}: {args.only} only, {run['trajectories']} trajectories in {run['wall_s']} s "
+              f"({run['successes']} successes); CPU {result['cpu_model']} ({', '.join(result['cpu_vector'])})")
+        write_json(args.json, result)
+        return result
+    serial, parallel = runs["serial"], runs["workers"]
     same_tasks = serial["task_ids"] == parallel["task_ids"]
     result = {
-        "env": args.env, "split": args.split, "task_types": args.task_types, "per_type": args.per_type,
-        "sample": args.sample, "limit": args.limit, "cpus": os.cpu_count(), **cpu_info(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        **base,
         "serial": {k: v for k, v in serial.items() if k != "task_ids"},
         "workers": {k: v for k, v in parallel.items() if k != "task_ids"},
         "speedup": round(serial["wall_s"] / parallel["wall_s"], 3) if parallel["wall_s"] else None,
