@@ -54,7 +54,7 @@ import numpy as np
 
 from exprag.bank.encoders import BM25Encoder, DenseEncoder, Index
 from exprag.bank.topk import top_from_scores
-from exprag.bank.procedure import ProcedureIndex
+from exprag.bank.procedure import ProcedureIndex, text_key
 from exprag.bank.quality import evaluate_retrieval
 from exprag.bank.scoring import ScoringConfig, build_index
 from exprag.bank.store import Bank, build_bank
@@ -433,8 +433,8 @@ def bench_small_banks(k: int, dense: DenseEncoder, refresh: bool, log: Callable[
         for split in range(splits):
             chosen = set(random.Random(split).sample(range(len(recs)), n))
             bank = [recs[i] for i in sorted(chosen)]
-            keys = {" ".join(t.task.lower().split()) for t in bank}
-            queries = [t for i, t in enumerate(recs) if i not in chosen and " ".join(t.task.lower().split()) not in keys]
+            keys = {text_key(t.task) for t in bank}
+            queries = [t for i, t in enumerate(recs) if i not in chosen and text_key(t.task) not in keys]
             want = np.asarray([t.task_type for t in queries])
             for name, cfg in configs.items():
                 index = build_index(cfg, dense, [t.task for t in bank], [t.task_type for t in bank], "static")

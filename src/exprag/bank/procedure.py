@@ -451,18 +451,19 @@ def diverse_order(ids: Sequence[int], texts: Sequence[str], templates: Sequence[
     seen: set[str] = set()
     while pending:
         i = pending.pop(0)
-        if _norm(texts[i]) in seen:
-            j = next((j for j in pending if templates[j] == templates[i] and _norm(texts[j]) not in seen), None)
+        if text_key(texts[i]) in seen:
+            j = next((j for j in pending if templates[j] == templates[i] and text_key(texts[j]) not in seen), None)
             if j is not None:
                 pending.remove(j)
                 pending.insert(0, i)
                 i = j
         out.append(i)
-        seen.add(_norm(texts[i]))
+        seen.add(text_key(texts[i]))
     return out
 
 
-def _norm(text: str) -> str:
+def text_key(text: str) -> str:
+    """The form in which two task texts count as the same (a copy, a twin): lower case, whitespace collapsed."""
     return " ".join(text.lower().split())
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exprag.bank.procedure import text_key
 from exprag.bank.retriever import Filters, Retriever
 from exprag.bank.store import Bank, static_key
 from exprag.errors import DataFormatError
@@ -204,7 +205,7 @@ def evaluate_retrieval(bank: Bank, queries: list[Trajectory], *, k: int = 2, mod
                 report.exact_duplicates += 1
             else:
                 report.twinless.add(types, q.task_type)
-            texts = [_norm(h.trajectory.task) for h in hs]
+            texts = [text_key(h.trajectory.task) for h in hs]
             report.copies += len(set(texts)) < len(texts)
     return report
 
@@ -215,7 +216,7 @@ def evaluate_text_queries(bank: Bank, queries: list[TextQuery], *, k: int = 2,
     equal to a bank key counts as an exact duplicate)."""
     report = QualityReport(k=k, mode="static", encoder=bank.manifest.get("encoder", {}),
                            retrieval=bank.retrieval.to_manifest())
-    bank_keys = {_norm(t.task) for t in bank.trajectories}
+    bank_keys = {text_key(t.task) for t in bank.trajectories}
     retriever = Retriever(bank)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
@@ -223,17 +224,13 @@ def evaluate_text_queries(bank: Bank, queries: list[TextQuery], *, k: int = 2,
         for q, hs in zip(chunk, hits):
             types = [h.trajectory.task_type for h in hs]
             report.all.add(types, q.task_type)
-            if _norm(q.text) in bank_keys:
+            if text_key(q.text) in bank_keys:
                 report.exact_duplicates += 1
             else:
                 report.twinless.add(types, q.task_type)
-            texts = [_norm(h.trajectory.task) for h in hs]
+            texts = [text_key(h.trajectory.task) for h in hs]
             report.copies += len(set(texts)) < len(texts)
     return report
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def _history(q: Trajectory, steps: int = 2) -> list[dict[str, str]]:
