@@ -447,18 +447,19 @@ def diverse_order(ids: Sequence[int], texts: Sequence[str], templates: Sequence[
     """``ids`` (best first) reordered so that a key whose text repeats an earlier one gives its slot
     to the best later key of the same template with a new text, if the window holds one."""
     pending = [int(i) for i in ids]
+    key = {i: text_key(texts[i]) for i in pending}  # once per key, not once per comparison
     out: list[int] = []
     seen: set[str] = set()
     while pending:
         i = pending.pop(0)
-        if text_key(texts[i]) in seen:
-            j = next((j for j in pending if templates[j] == templates[i] and text_key(texts[j]) not in seen), None)
+        if key[i] in seen:
+            j = next((j for j in pending if templates[j] == templates[i] and key[j] not in seen), None)
             if j is not None:
                 pending.remove(j)
                 pending.insert(0, i)
                 i = j
         out.append(i)
-        seen.add(text_key(texts[i]))
+        seen.add(key[i])
     return out
 
 
