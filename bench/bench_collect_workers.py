@@ -64,6 +64,11 @@ def collect(args: argparse.Namespace, out: Path, workers: int) -> dict:
     }
 
 
+def _reported(run: dict) -> dict:
+    """A run as the result file keeps it: without the full task list (compared, not stored)."""
+    return {k: v for k, v in run.items() if k != "task_ids"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", default="scienceworld")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     if args.only:
         run = runs[args.only]
-        result = {**base, "only": args.only, args.only: {k: v for k, v in run.items() if k != "task_ids"}}
+        result = {**base, "only": args.only, args.only: _reported(run)}
         print(f"{args.env} {args.split}: {args.only} only, {run['trajectories']} trajectories in {run['wall_s']} s "
               f"({run['successes']} successes); CPU {result['cpu_model']} ({', '.join(result['cpu_vector'])})")
         write_json(args.json, result)
@@ -100,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     same_tasks = serial["task_ids"] == parallel["task_ids"]
     result = {
         **base,
-        "serial": {k: v for k, v in serial.items() if k != "task_ids"},
-        "workers": {k: v for k, v in parallel.items() if k != "task_ids"},
+        "serial": _reported(serial),
+        "workers": _reported(parallel),
         "speedup": round(serial["wall_s"] / parallel["wall_s"], 3) if parallel["wall_s"] else None,
         "same_tasks": same_tasks,
     }
