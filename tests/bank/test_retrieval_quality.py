@@ -74,6 +74,36 @@ def test_diverse_order_swaps_copies_within_a_template_only():
     assert diverse_order([1, 2, 0], texts, templates) == [1, 2, 0]
 
 
+def _diverse_order_reference(ids, keys, templates):
+    """The rule written as stated (quadratic): a copy in front pulls the best pending key of its
+    template with a new text ahead of itself, until its template has none."""
+    pending, out, seen = list(ids), [], set()
+    while pending:
+        i = pending.pop(0)
+        if keys[i] in seen:
+            j = next((j for j in pending if templates[j] == templates[i] and keys[j] not in seen), None)
+            if j is not None:
+                pending.remove(j)
+                pending.insert(0, i)
+                i = j
+        out.append(i)
+        seen.add(keys[i])
+    return out
+
+
+def test_diverse_order_matches_the_rule_on_random_windows():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        templates = [f"t{int(x)}" for x in rng.integers(0, 4, n)]
+        keys = [f"{templates[i]}-{int(rng.integers(0, 3))}" for i in range(n)]  # many copies per template
+        ids = rng.permutation(n)[: int(rng.integers(1, n + 1))].tolist()
+        want = _diverse_order_reference(ids, keys, templates)
+        assert diverse_order(ids, keys, templates) == want
+        limit = int(rng.integers(0, len(ids) + 2))
+        assert diverse_order(ids, keys, templates, limit) == want[:limit]
+
+
 def test_diversity_never_costs_a_same_type_slot(tmp_path):
     # three exact copies of the query's best match, and other heat keys further down
     bank = [rec(i, "put a hot apple in desk.", "heat") for i in range(3)]
@@ -307,8 +337,10 @@ def test_template_term_reranks_the_window_by_masked_query_and_key_templates(tmp_
         tpl = idx.weights.mask(idx.texts[i])  # the key's template: "cool some something and ..."
         assert s == pytest.approx(base[i] + 0.5 * float(enc.encode([tpl])[0] @ qv), abs=1e-4)
     assert list(scores[0]) == sorted(scores[0], reverse=True)
-    # the retriever's full-scan fallback puts the same keys first
-    assert list(idx.rank_all(q)[:3]) == list(ids[0])
+    # the retriever's full-scan fallback puts the same keys first, with the same scores
+    all_s, all_i = idx.rank_all(q)
+    assert list(all_i[:3]) == list(ids[0]) and np.allclose(all_s[:3], scores[0])
+    assert sorted(all_i.tolist()) == list(range(idx.size))
     assert idx.top([], 3)[1].shape == (0, 3)
     # templated queries keep their results
     rep = evaluate_retrieval(bank, alfworld_like(3, "test", offset=5), k=2).as_dict()
@@ -323,6 +355,34 @@ def test_template_term_reranks_the_window_by_masked_query_and_key_templates(tmp_
     assert ScoringConfig.from_manifest({"retrieval": old}).template_weight == 0.0
     with pytest.raises(BankError, match="template_weight must be >= 0"):
         ScoringConfig(template_weight=-1)
+
+
+def test_first_hits_do_not_depend_on_k(tmp_path):
+    """The second stage and diversity reorder a head of fixed size: asking for more hits appends to
+    the list, it does not change the first ones (a k-sweep compares the same first memories)."""
+    from exprag.bank.procedure import HEAD, HEAD_MARGIN
+
+    # 300 keys; 100 copies of one text: a head of k + 64 would hold nothing but copies of it for
+    # small k, and diversity would find another text of its template only for larger k
+    trajs = alfworld_like(50, "train") + [rec(5000 + i, "put a hot apple in desk.", "heat") for i in range(100)]
+    bank = build_bank(trajs, tmp_path / "b", "minilm")
+    idx = bank.index("static")
+    assert idx.size > HEAD and idx.reranks and idx.diversity
+    queries = ["get the tomato nice and cold, then leave it on the shelf", "put a hot apple in desk.",
+               "rinse a mug and set it on the countertop"]
+    s8, i8 = idx.top(queries, 8)
+    assert len({idx.texts[i] for i in i8[1, :2]}) == 2  # the copy's slot went to another hot-something key
+    for k in (1, 2, 5):
+        s, i = idx.top(queries, k)
+        assert (i == i8[:, :k]).all() and np.allclose(s, s8[:, :k])
+    big = HEAD - HEAD_MARGIN
+    assert (idx.top(queries, big)[1][:, :8] == i8).all()
+    # the filtered path (over-fetch, then the full-scan fallback) keeps the unfiltered order
+    from exprag.bank import Filters
+
+    r = Retriever(bank)
+    hits = r.retrieve(queries[1], k=8, filters=Filters(exclude_ids={trajs[i].id for i in i8[1, :2]}))
+    assert [h.position for h in hits][:6] == i8[1, 2:].tolist()
 
 
 def test_alfworld_paraphrases_reduced_size():

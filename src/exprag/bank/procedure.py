@@ -30,7 +30,8 @@ slot, and the copy moves one place down; so the K slots show different tasks of 
 A copy is only ever replaced by a key of its own template, so diversity does not trade a
 same-procedure slot for variety.
 
-Template term (``template_weight``, static keys): a second stage over the same window. The query with
+Template term (``template_weight``, static keys): a second stage over the head of the ranking (the
+best ``head_size(k)`` keys, a fixed number for any usual k, diversity's window too). The query with
 its entity-like known words masked — words the bank never used are kept, they are what a paraphrase
 names the procedure with ("get the something nice and cold") — is embedded by the dense encoder and
 compared with each candidate key's template; ``template_weight`` x that similarity is added to the
@@ -56,8 +57,12 @@ from exprag.errors import BankError
 TOKENIZER = "lower-alnum-stop-v1"
 # procedure words: weight >= this fraction of the bank's top weight (the rest is masked as entities)
 MASK_FRACTION = 0.5
-# extra candidates looked at beyond k so that diversity has copies to skip
-_DIVERSITY_WINDOW = 64
+# The second stage (template term) and diversity reorder a head of the ranking: the best
+# max(HEAD, k + HEAD_MARGIN) keys. A head that does not depend on k keeps the first hits the same
+# whatever k is asked (k <= HEAD - HEAD_MARGIN), and the retriever's full-scan fallback uses the
+# same head. 256 was chosen on the dev paraphrases (k + 64 lost one ScienceWorld dev query).
+HEAD = 256
+HEAD_MARGIN = 64  # beyond k, so that diversity has copies to skip
 # key-template embeddings kept in memory (384 floats each with MiniLM: 150 MB at the cap)
 _TEMPLATE_CACHE = 100_000
 # query-word expansion (chosen on the dev paraphrase sets, see docs/retrieval-quality.md)
@@ -232,6 +237,7 @@ class ProcedureIndex:
     _postings: Any = field(default=None, repr=False)  # (term start offsets, key ids, values)
     _terms: KeyTerms | None = field(default=None, repr=False)  # the keys' terms, when this process has them
     _templates: list[str] | None = field(default=None, repr=False)  # masked keys, for diversity
+    _text_keys: list[str] | None = field(default=None, repr=False)  # text_key of each key, for diversity
     _term_emb: np.ndarray | None = field(default=None, repr=False)  # (n_terms, d) bank-term embeddings
     _word_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # unknown query words seen
     _template_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # key templates seen
@@ -340,12 +346,12 @@ class ProcedureIndex:
         block = self._scorer(queries)
         if not self.diversity and not self.reranks:
             return chunked_top(block, len(queries), self.size, k)
-        win_s, win_i = chunked_top(block, len(queries), self.size, min(self.size, k + _DIVERSITY_WINDOW))
+        win_s, win_i = chunked_top(block, len(queries), self.size, min(self.size, head_size(k)))
         if self.reranks:
             win_s, win_i = self._rerank(queries, win_s, win_i)
         if not self.diversity:
             return win_s[:, :k], win_i[:, :k]
-        order = np.asarray([self._diverse(row)[:k] for row in win_i], dtype=np.int64).reshape(len(queries), -1)
+        order = np.asarray([self._diverse(row, k) for row in win_i], dtype=np.int64).reshape(len(queries), -1)
         # the chosen keys all come from the window: their scores are there
         scores = np.asarray([[by_id[i] for i in sel] for by_id, sel in
                              zip((dict(zip(ids.tolist(), row.tolist())) for ids, row in zip(win_i, win_s)),
@@ -376,27 +382,32 @@ class ProcedureIndex:
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
-    def rank_all(self, query: str) -> np.ndarray:
-        """Every key, best first (the retriever's fallback when filters reject the top window)."""
+    def rank_all(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every key, best first, with its score (the retriever's fallback when filters reject the
+        top window): the head is ordered and scored as ``top`` orders and scores it."""
         s = self.scores([query])[0]
         order = np.argsort(-s, kind="stable")
         if not self.diversity and not self.reranks:
-            return order
-        head = 4 * _DIVERSITY_WINDOW  # the second stage and diversity reorder the head only
-        top = order[:head]
+            return s[order], order
+        head = HEAD  # the second stage and diversity reorder the head only, as in ``top`` for k <= HEAD - HEAD_MARGIN
+        top, top_s = order[:head], s[order[:head]]
         if self.reranks:
-            top = self._rerank([query], s[top][None, :], top[None, :])[1][0]
+            top_s, top = (a[0] for a in self._rerank([query], top_s[None, :], top[None, :]))
         if self.diversity:
+            by_id = dict(zip(top.tolist(), top_s.tolist()))
             top = np.asarray(self._diverse(top), dtype=np.int64)
-        return np.concatenate([top, order[head:]])
+            top_s = np.asarray([by_id[i] for i in top.tolist()], np.float32)
+        return np.concatenate([top_s, s[order[head:]]]), np.concatenate([top, order[head:]])
 
     def _key_templates(self) -> list[str]:
         if self._templates is None:
             self._templates = [self.weights.mask(t) for t in self.texts]
         return self._templates
 
-    def _diverse(self, ids: Sequence[int]) -> list[int]:
-        return diverse_order(ids, self.texts, self._key_templates())
+    def _diverse(self, ids: Sequence[int], limit: int | None = None) -> list[int]:
+        if self._text_keys is None or len(self._text_keys) != len(self.texts):
+            self._text_keys = [text_key(t) for t in self.texts]
+        return diverse_order(ids, self._text_keys, self._key_templates(), limit)
 
     def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -443,23 +454,53 @@ def _load_postings(path: Path, n_terms: int, n_keys: int) -> tuple[np.ndarray, .
     return start, keys, vals
 
 
-def diverse_order(ids: Sequence[int], texts: Sequence[str], templates: Sequence[str]) -> list[int]:
+def head_size(k: int) -> int:
+    """How many of the best keys the second stage and diversity reorder when k are asked."""
+    return max(HEAD, k + HEAD_MARGIN)
+
+
+def diverse_order(ids: Sequence[int], keys: Sequence[str], templates: Sequence[str],
+                  limit: int | None = None) -> list[int]:
     """``ids`` (best first) reordered so that a key whose text repeats an earlier one gives its slot
-    to the best later key of the same template with a new text, if the window holds one."""
-    pending = [int(i) for i in ids]
-    key = {i: text_key(texts[i]) for i in pending}  # once per key, not once per comparison
-    out: list[int] = []
+    to the best later key of the same template with a new text, if the window holds one; the first
+    ``limit`` of that order (all by default).
+
+    ``keys[i]`` is key i's ``text_key`` (the form in which two texts are the same). A copy stays in
+    front while its template has keys with unseen texts left: they move ahead of it, best first.
+    Linear in the window: each template's keys are walked once (a key skipped for a seen text stays
+    skipped, since texts are only ever added to ``seen``), and grouped only once a copy shows up."""
+    ids = [int(i) for i in ids]
+    limit = len(ids) if limit is None else min(limit, len(ids))
+    by_template: dict[str, list[int]] | None = None
+    cursor: dict[str, int] = {}
+    taken = [False] * len(ids)
     seen: set[str] = set()
-    while pending:
-        i = pending.pop(0)
-        if key[i] in seen:
-            j = next((j for j in pending if templates[j] == templates[i] and key[j] not in seen), None)
-            if j is not None:
-                pending.remove(j)
-                pending.insert(0, i)
-                i = j
+    out: list[int] = []
+    pos = 0
+    while len(out) < limit:
+        if taken[pos]:
+            pos += 1
+            continue
+        i = ids[pos]
+        if keys[i] in seen:  # a copy: the best untaken key of its template with a new text goes first
+            if by_template is None:
+                by_template = {}
+                for p, j in enumerate(ids):
+                    by_template.setdefault(templates[j], []).append(p)
+            tpl = templates[i]
+            run, c = by_template[tpl], cursor.get(tpl, 0)
+            while c < len(run) and (taken[run[c]] or keys[ids[run[c]]] in seen):
+                c += 1
+            cursor[tpl] = c
+            if c < len(run):
+                taken[run[c]] = True
+                out.append(ids[run[c]])
+                seen.add(keys[ids[run[c]]])
+                continue
+        taken[pos] = True
         out.append(i)
-        seen.add(key[i])
+        seen.add(keys[i])
+        pos += 1
     return out
 
 

@@ -135,16 +135,23 @@ class Retriever:
         for qi, f in enumerate(filters):
             hits = self._select(top_scores[qi], top_ids[qi], f, k)
             if len(hits) < k and fetch < len(trajs):
-                s = index.scores([texts[qi]])[0]
-                # an index with its own ordering (diversity) ranks the whole bank itself
-                rank_all = getattr(index, "rank_all", None)
-                order = rank_all(texts[qi]) if rank_all is not None else np.argsort(-s, kind="stable")
-                hits = self._select(s[order], order, f, k)
+                hits = self._select(*self._rank_all(index, texts[qi]), f, k)
             if token_budget is not None:
                 cuts = fit_budget([h.trajectory for h in hits], token_budget, cost)
                 hits = [Hit(h.trajectory, h.score, h.position, c) for h, c in zip(hits, cuts)]
             out.append(hits)
         return out
+
+    @staticmethod
+    def _rank_all(index, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every key's score and id, best first: an index with its own ordering (a second stage,
+        diversity) ranks the whole bank itself, with the scores its ``top`` gives."""
+        rank_all = getattr(index, "rank_all", None)
+        if rank_all is not None:
+            return rank_all(text)
+        s = index.scores([text])[0]
+        order = np.argsort(-s, kind="stable")
+        return s[order], order
 
     def _select(self, scores, ids, f: Filters | None, k: int) -> list[Hit]:
         hits: list[Hit] = []
