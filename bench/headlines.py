@@ -98,6 +98,13 @@ def bank_append_headline(result: dict) -> list[dict]:
                   r["rebuild_s"], "extend (kept key terms)", r["extend_s"], False) for r in result.get("runs", [])]
 
 
+def topk_headline(result: dict) -> list[dict]:
+    """``bench_topk``: top-k selection over one query's N-key score row, the previous selection vs ours."""
+    return [entry(f"top-{r['k']} selection over a {r['size']:,}-key score row, ms per query",
+                  "partition + cumulative tie count", r["baseline_ms"], "exprag.bank.topk", r["ours_ms"], False)
+            for r in result.get("runs", [])]
+
+
 def collect_workers_headline(result: dict) -> list[dict]:
     """``bench_collect_workers``: expert collection, serial vs ``--workers N``, same tasks."""
     a, b = result.get("serial"), result.get("workers")

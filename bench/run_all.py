@@ -58,6 +58,7 @@ BENCHES: dict[str, Bench] = {
     # 10 variations per ScienceWorld type (300); the full train split (3592) is its default: docs/README row.
     "collect_workers": Bench("bench_collect_workers.py", ["--per-type", "10"], ["--env", "twx", "--per-type", "2"]),
     "bank_scale": Bench("bench_bank_scale.py", [], ["--sizes", "20000", "--queries", "30", "--batch", "64"]),
+    "topk": Bench("bench_topk.py", [], ["--sizes", "20000", "100000"]),
 }
 
 

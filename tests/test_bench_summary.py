@@ -79,6 +79,8 @@ def test_headline_entries(hl):
           "workers": {"workers": 2, "trajectories_per_s": 1.6}}
     (ap,) = hl.bank_append_headline({"runs": [{"size": 1000, "rebuild_s": 2.0, "extend_s": 0.1}]})
     assert ap["ratio"] == 20.0 and not ap["higher_is_better"]
+    (tk,) = hl.topk_headline({"runs": [{"size": 1000, "k": 5, "baseline_ms": 2.0, "ours_ms": 0.5}]})
+    assert tk["ratio"] == 4.0 and not tk["higher_is_better"] and "1,000-key" in tk["metric"]
     (c,) = hl.collect_workers_headline(cw)
     assert c["ratio"] == 1.6 and c["higher_is_better"] and "(10 tasks)" in c["metric"]
     q = hl.retrieval_quality_headline(QUALITY)

@@ -26,18 +26,21 @@ def chunk_keys(n_queries: int) -> int:
 
 
 def _chunk_top(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best columns of each row of ``s`` (ties: lower column first), unordered scores/columns."""
+    """The ``k`` best columns of each row of ``s`` (ties: lower column first), unordered scores/columns.
+
+    Few temporaries the size of the row (a 1M-key row is 4 MB; each fresh one costs page faults):
+    one partitioned copy and two masks per row, where a cumulative count of ties took 8 bytes a key."""
     n = s.shape[1]
     if k >= n:
         return s, np.broadcast_to(np.arange(n, dtype=np.int64), s.shape)
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1:k]  # the k-th best score of each row
+    kth = np.partition(s, n - k, axis=1)[:, n - k:n - k + 1]  # the k-th best score of each row
     above = s > kth
-    ties = s == kth
-    need = k - above.sum(1, keepdims=True)  # how many of the tied columns to keep, lowest first
-    keep = above | (ties & (np.cumsum(ties, axis=1) <= need))
-    rows, cols = np.nonzero(keep)  # exactly k per row, in row-major order
-    cols = cols.reshape(s.shape[0], k)
-    return np.take_along_axis(s, cols, axis=1), cols.astype(np.int64)
+    need = k - above.sum(1)  # how many of the tied columns to keep, lowest first
+    cols = np.empty((s.shape[0], k), np.int64)
+    for r in range(s.shape[0]):
+        ties = np.flatnonzero(s[r] == kth[r, 0])[:need[r]]  # need >= 1: the k-th best is a tie of itself
+        cols[r] = np.sort(np.concatenate([np.flatnonzero(above[r]), ties]))
+    return np.take_along_axis(s, cols, axis=1), cols
 
 
 def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
