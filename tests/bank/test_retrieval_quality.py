@@ -377,6 +377,11 @@ def test_first_hits_do_not_depend_on_k(tmp_path):
         assert (i == i8[:, :k]).all() and np.allclose(s, s8[:, :k])
     big = HEAD - HEAD_MARGIN
     assert (idx.top(queries, big)[1][:, :8] == i8).all()
+    # the full-scan fallback orders and scores the head as top(q, k) does, for any k
+    for k in (2, big, HEAD + 10):
+        want_s, want_i = idx.top(queries[:1], k)
+        all_s, all_i = idx.rank_all(queries[0], k)
+        assert (all_i[:k] == want_i[0]).all() and np.allclose(all_s[:k], want_s[0])
     # the filtered path (over-fetch, then the full-scan fallback) keeps the unfiltered order
     from exprag.bank import Filters
 

@@ -382,14 +382,14 @@ class ProcedureIndex:
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
-    def rank_all(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+    def rank_all(self, query: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Every key, best first, with its score (the retriever's fallback when filters reject the
-        top window): the head is ordered and scored as ``top`` orders and scores it."""
+        top window): the head is ordered and scored as ``top(query, k)`` orders and scores it."""
         s = self.scores([query])[0]
         order = np.argsort(-s, kind="stable")
         if not self.diversity and not self.reranks:
             return s[order], order
-        head = HEAD  # the second stage and diversity reorder the head only, as in ``top`` for k <= HEAD - HEAD_MARGIN
+        head = head_size(k)  # the second stage and diversity reorder the head only, as in ``top``
         top, top_s = order[:head], s[order[:head]]
         if self.reranks:
             top_s, top = (a[0] for a in self._rerank([query], top_s[None, :], top[None, :]))

@@ -135,7 +135,7 @@ class Retriever:
         for qi, f in enumerate(filters):
             hits = self._select(top_scores[qi], top_ids[qi], f, k)
             if len(hits) < k and fetch < len(trajs):
-                hits = self._select(*self._rank_all(index, texts[qi]), f, k)
+                hits = self._select(*self._rank_all(index, texts[qi], fetch), f, k)
             if token_budget is not None:
                 cuts = fit_budget([h.trajectory for h in hits], token_budget, cost)
                 hits = [Hit(h.trajectory, h.score, h.position, c) for h, c in zip(hits, cuts)]
@@ -143,12 +143,12 @@ class Retriever:
         return out
 
     @staticmethod
-    def _rank_all(index, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _rank_all(index, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Every key's score and id, best first: an index with its own ordering (a second stage,
-        diversity) ranks the whole bank itself, with the scores its ``top`` gives."""
+        diversity) ranks the whole bank itself, with the order and scores its ``top(text, k)`` gives."""
         rank_all = getattr(index, "rank_all", None)
         if rank_all is not None:
-            return rank_all(text)
+            return rank_all(text, k)
         s = index.scores([text])[0]
         order = np.argsort(-s, kind="stable")
         return s[order], order
