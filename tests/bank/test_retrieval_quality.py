@@ -357,6 +357,22 @@ def test_template_term_reranks_the_window_by_masked_query_and_key_templates(tmp_
         ScoringConfig(template_weight=-1)
 
 
+def test_template_cache_overflow_keeps_the_scores(tmp_path, monkeypatch):
+    """Past its cap, the template-embedding cache starts again from the head's templates: scores
+    stay the same (a bank of mostly distinct templates)."""
+    import exprag.bank.procedure as procedure
+
+    idx = build_bank(alfworld_like(6, "train"), tmp_path / "b", "minilm").index("static")
+    queries = ["get the tomato nice and cold, then leave it on the shelf", "put a hot apple in desk."]
+    want_s, want_i = idx.top(queries, 3)
+    stale = next(iter(idx._template_emb.values()))
+    idx._template_emb = {"an old template": stale, "another one": stale}
+    monkeypatch.setattr(procedure, "_TEMPLATE_CACHE", 3)
+    got_s, got_i = idx.top(queries, 3)
+    assert (got_i == want_i).all() and np.allclose(got_s, want_s)
+    assert "an old template" not in idx._template_emb
+
+
 def test_first_hits_do_not_depend_on_k(tmp_path):
     """The second stage and diversity reorder a head of fixed size: asking for more hits appends to
     the list, it does not change the first ones (a k-sweep compares the same first memories)."""

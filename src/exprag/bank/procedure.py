@@ -371,14 +371,19 @@ class ProcedureIndex:
         enc = self.dense.encoder
         q = enc.encode([self.weights.mask(t, keep_unknown=True) for t in queries])
         temps = self._key_templates()
-        new = sorted({temps[j] for j in ids.ravel().tolist()} - self._template_emb.keys())
+        names = [temps[j] for j in ids.ravel().tolist()]
+        distinct = list(dict.fromkeys(names))  # a head holds few templates: embed and score each once
+        new = [t for t in distinct if t not in self._template_emb]
+        if len(self._template_emb) + len(new) > _TEMPLATE_CACHE:  # a bank of mostly distinct templates
+            self._template_emb.clear()  # and this head's templates all embedded again, not only the new
+            new = distinct
         if new:
-            if len(self._template_emb) + len(new) > _TEMPLATE_CACHE:  # a bank of mostly distinct templates
-                self._template_emb.clear()
             self._template_emb.update(zip(new, enc.encode(new)))
+        where = {t: i for i, t in enumerate(distinct)}
+        col = np.fromiter((where[t] for t in names), np.int64, len(names)).reshape(ids.shape)
+        sim = np.asarray(q, np.float32) @ np.stack([self._template_emb[t] for t in distinct]).T  # queries x templates
         tw = np.float32(self.template_weight)
-        scores = np.stack([row_s + tw * (np.stack([self._template_emb[temps[j]] for j in row]) @ qv)
-                           for row_s, row, qv in zip(scores, ids.tolist(), q)]).astype(np.float32)
+        scores = (scores + tw * np.take_along_axis(sim, col, 1)).astype(np.float32)
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
