@@ -358,8 +358,8 @@ def test_template_term_reranks_the_window_by_masked_query_and_key_templates(tmp_
 
 
 def test_template_cache_overflow_keeps_the_scores(tmp_path, monkeypatch):
-    """Past its cap, the template-embedding cache starts again from the head's templates: scores
-    stay the same (a bank of mostly distinct templates)."""
+    """Past its cap, the template-embedding cache starts again from the heads' templates, and the
+    heads are scored in blocks of queries: scores stay the same (a bank of mostly distinct templates)."""
     import exprag.bank.procedure as procedure
 
     idx = build_bank(alfworld_like(6, "train"), tmp_path / "b", "minilm").index("static")
@@ -368,6 +368,7 @@ def test_template_cache_overflow_keeps_the_scores(tmp_path, monkeypatch):
     stale = next(iter(idx._template_emb.values()))
     idx._template_emb = {"an old template": stale, "another one": stale}
     monkeypatch.setattr(procedure, "_TEMPLATE_CACHE", 3)
+    monkeypatch.setattr(procedure, "_RERANK_BLOCK", 1)  # one query's head at a time: the same scores
     got_s, got_i = idx.top(queries, 3)
     assert (got_i == want_i).all() and np.allclose(got_s, want_s)
     assert "an old template" not in idx._template_emb

@@ -65,6 +65,8 @@ HEAD = 256
 HEAD_MARGIN = 64  # beyond k, so that diversity has copies to skip
 # key-template embeddings kept in memory (384 floats each with MiniLM: 150 MB at the cap)
 _TEMPLATE_CACHE = 100_000
+# queries whose heads the template term scores at once (block x head templates at most)
+_RERANK_BLOCK = 64
 # query-word expansion (chosen on the dev paraphrase sets, see docs/retrieval-quality.md)
 EXPAND_MIN_SIM = 0.5
 EXPAND_MARGIN = 0.08
@@ -370,20 +372,27 @@ class ProcedureIndex:
             return scores, ids
         enc = self.dense.encoder
         q = enc.encode([self.weights.mask(t, keep_unknown=True) for t in queries])
+        q = np.asarray(q, np.float32)
         temps = self._key_templates()
-        names = [temps[j] for j in ids.ravel().tolist()]
-        distinct = list(dict.fromkeys(names))  # a head holds few templates: embed and score each once
-        new = [t for t in distinct if t not in self._template_emb]
-        if len(self._template_emb) + len(new) > _TEMPLATE_CACHE:  # a bank of mostly distinct templates
-            self._template_emb.clear()  # and this head's templates all embedded again, not only the new
-            new = distinct
-        if new:
-            self._template_emb.update(zip(new, enc.encode(new)))
-        where = {t: i for i, t in enumerate(distinct)}
-        col = np.fromiter((where[t] for t in names), np.int64, len(names)).reshape(ids.shape)
-        sim = np.asarray(q, np.float32) @ np.stack([self._template_emb[t] for t in distinct]).T  # queries x templates
         tw = np.float32(self.template_weight)
-        scores = (scores + tw * np.take_along_axis(sim, col, 1)).astype(np.float32)
+        out = np.empty(scores.shape, np.float32)
+        # in blocks of queries: a block's heads hold at most block x head templates, so the
+        # queries x templates product stays bounded on banks of mostly distinct templates
+        for a in range(0, len(queries), _RERANK_BLOCK):
+            b = min(len(queries), a + _RERANK_BLOCK)
+            names = [temps[j] for j in ids[a:b].ravel().tolist()]
+            distinct = list(dict.fromkeys(names))  # a head holds few templates: embed and score each once
+            new = [t for t in distinct if t not in self._template_emb]
+            if len(self._template_emb) + len(new) > _TEMPLATE_CACHE:  # a bank of mostly distinct templates
+                self._template_emb.clear()  # and these heads' templates all embedded again, not only the new
+                new = distinct
+            if new:
+                self._template_emb.update(zip(new, enc.encode(new)))
+            where = {t: i for i, t in enumerate(distinct)}
+            col = np.fromiter((where[t] for t in names), np.int64, len(names)).reshape(b - a, -1)
+            sim = q[a:b] @ np.stack([self._template_emb[t] for t in distinct]).T  # block x templates
+            out[a:b] = scores[a:b] + tw * np.take_along_axis(sim, col, 1)
+        scores = out
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
