@@ -349,16 +349,24 @@ class ProcedureIndex:
         if not self.diversity and not self.reranks:
             return chunked_top(block, len(queries), self.size, k)
         win_s, win_i = chunked_top(block, len(queries), self.size, min(self.size, head_size(k)))
+        return self._reorder_head(queries, win_s, win_i, k)
+
+    def _reorder_head(self, queries: list[str], scores: np.ndarray, ids: np.ndarray,
+                      limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A head (per query, best first) after the template term and diversity, cut to ``limit``:
+        what ``top`` returns and what ``rank_all`` puts before the rest of the bank."""
         if self.reranks:
-            win_s, win_i = self._rerank(queries, win_s, win_i)
+            scores, ids = self._rerank(queries, scores, ids)
         if not self.diversity:
-            return win_s[:, :k], win_i[:, :k]
-        order = np.asarray([self._diverse(row, k) for row in win_i], dtype=np.int64).reshape(len(queries), -1)
-        # the chosen keys all come from the window: their scores are there
-        scores = np.asarray([[by_id[i] for i in sel] for by_id, sel in
-                             zip((dict(zip(ids.tolist(), row.tolist())) for ids, row in zip(win_i, win_s)),
-                                 order.tolist())], np.float32)
-        return scores.reshape(order.shape), order
+            return scores[:, :limit], ids[:, :limit]
+        order, kept = [], []
+        for row_s, row_i in zip(scores, ids):
+            by_id = dict(zip(row_i.tolist(), row_s.tolist()))  # the chosen keys all come from the head
+            sel = self._diverse(row_i, limit)
+            order.append(sel)
+            kept.append([by_id[i] for i in sel])
+        n = len(queries)
+        return np.asarray(kept, np.float32).reshape(n, -1), np.asarray(order, np.int64).reshape(n, -1)
 
     @property
     def reranks(self) -> bool:
@@ -403,15 +411,9 @@ class ProcedureIndex:
         order = np.argsort(-s, kind="stable")
         if not self.diversity and not self.reranks:
             return s[order], order
-        head = head_size(k)  # the second stage and diversity reorder the head only, as in ``top``
-        top, top_s = order[:head], s[order[:head]]
-        if self.reranks:
-            top_s, top = (a[0] for a in self._rerank([query], top_s[None, :], top[None, :]))
-        if self.diversity:
-            by_id = dict(zip(top.tolist(), top_s.tolist()))
-            top = np.asarray(self._diverse(top), dtype=np.int64)
-            top_s = np.asarray([by_id[i] for i in top.tolist()], np.float32)
-        return np.concatenate([top_s, s[order[head:]]]), np.concatenate([top, order[head:]])
+        head = order[:head_size(k)]  # the second stage and diversity reorder the head only, as in ``top``
+        top_s, top = self._reorder_head([query], s[head][None, :], head[None, :])
+        return np.concatenate([top_s[0], s[order[len(head):]]]), np.concatenate([top[0], order[len(head):]])
 
     def _key_templates(self) -> list[str]:
         if self._templates is None:
