@@ -15,14 +15,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from exprag.bank.retriever import Filters, Retriever
 from exprag.envs.base import EnvRestarted, TaskSpec, TextEnv, parse_action
+from exprag.envs.registry import NOTHING_HAPPENS  # our answer to a reply we cannot parse at all
 from exprag.expert import EpisodeRecorder, trajectory_id
 from exprag.llm.base import ChatModel
 from exprag.memory_block import MemorySpec, approx_tokens, memory_block, token_counter
 from exprag.prompt import system_prompt
 from exprag.trajectory import Trajectory
 
-# What an env answers to an action it cannot parse; used for replies we cannot parse at all.
-NOTHING_HAPPENS = "Nothing happens."
 
 @dataclass
 class AgentConfig:

@@ -124,6 +124,21 @@ class Trajectory:
         )
 
 
+def carried_out(messages: Sequence[dict[str, str]], rejections: Sequence[str]) -> list[dict[str, str]]:
+    """The actions (assistant messages) of an episode that the env carried out: those whose answer
+    does not start with one of ``rejections`` (``exprag.envs.registry.rejections``)."""
+    prefixes = tuple(rejections)
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        answer = messages[i + 1] if i + 1 < len(messages) else None
+        if answer is not None and answer["role"] == "user" and answer["content"].lstrip().startswith(prefixes):
+            continue
+        out.append(m)
+    return out
+
+
 def history_text(task: str, messages: Iterable[dict[str, str]]) -> str:
     """Plain-text rendering of a (partial) episode, shared by dynamic keys and dynamic queries."""
     lines = [f"Task: {task}"]

@@ -42,6 +42,42 @@ def test_static_and_dynamic_retrieval(bank, twx_trajs):
         assert len(dyn) == 3
 
 
+def test_dynamic_retrieval_skips_actions_the_env_rejected(bank, twx_trajs, tmp_path, monkeypatch):
+    """A weak agent's non-actions ("Unknown action: ..." in TWX) are left out of the dynamic query,
+    as they are of the dynamic keys of a written-back episode; the last carried-out actions stay."""
+    from dataclasses import replace
+
+    from exprag.bank.retriever import query_text
+    from exprag.bank.store import dynamic_key
+    from exprag.envs import env_spec
+
+    _, test = twx_trajs
+    q = test[0]
+    msgs = q.episode_messages()
+    reject = env_spec("twx").rejections[0] + " I'm not sure what you mean."
+    noise = [{"role": "assistant", "content": "Task Description:"}, {"role": "user", "content": reject}] * 4
+    history = msgs[:3] + noise
+    assert query_text(q.task, history, "dynamic") == query_text(q.task, msgs[:3], "dynamic")
+    assert "Task Description" not in query_text(q.task, noise, "dynamic")
+    r = Retriever(bank)
+    ids = lambda h: [x.trajectory.id for x in r.retrieve(q.task, h, k=3, mode="dynamic")]  # noqa: E731
+    assert ids(history) == ids(msgs[:3])
+    # an assistant message with no answer yet, or answered otherwise, is an action like any other
+    assert "Action: open door" in query_text(q.task, [{"role": "assistant", "content": "open door"}], "dynamic")
+    # keys: a written-back trajectory's rejected actions leave its key, and appending keeps the
+    # stored keys of the trajectories already in the bank
+    wrote = replace(q, id=q.id + ":agent", messages=list(q.messages[:2]) + noise)
+    assert "Task Description" not in dynamic_key(wrote)
+    import exprag.bank.store as store
+
+    train, _ = twx_trajs
+    small = build_bank(train[:4], tmp_path / "small", "bm25")
+    built = list(small.index("dynamic").texts)
+    monkeypatch.setattr(store, "dynamic_key", lambda t: f"Task: {t.task} (a changed key rule)")
+    grown = append_to_bank(load_bank(small.path), [wrote])
+    assert list(grown.index("dynamic").texts) == built + [f"Task: {wrote.task} (a changed key rule)"]
+
+
 def test_filters_exclusions_budget(bank, twx_trajs):
     train, test = twx_trajs
     r = Retriever(bank)

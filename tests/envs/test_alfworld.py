@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from exprag.envs import alfworld_gen as gen
+from exprag.envs import env_spec
 from exprag.envs.alfworld import MAX_STEPS, ALFWorldEnv, action_templates, normalize_action
 from exprag.envs.base import TaskSpec
 from exprag.errors import EnvError, UnknownTaskTypeError
@@ -154,6 +155,7 @@ def test_step_normalises_and_survives_bad_actions(env):
     argv = list(sys.argv)
     bad = env.step("dance wildly")
     assert bad.observation == "Nothing happens." and not bad.info["recognized"] and not bad.done
+    assert bad.observation.startswith(env_spec("alfworld").rejections)  # dynamic retrieval skips it
     assert env.step("").observation == "Nothing happens."
     while True:  # follow the expert, but say its final move the old way
         action = env.expert_action()

@@ -79,7 +79,8 @@ TOYENV = textwrap.dedent('''
         return ["inc  (add one to the counter)", "wait"]
 
 
-    SPEC = EnvSpec("toyenv", CounterEnv, templates, splits={"easy": ["short"], "hard": ["long"]})
+    SPEC = EnvSpec("toyenv", CounterEnv, templates, splits={"easy": ["short"], "hard": ["long"]},
+                   rejections=("The counter does not know that.",))
 ''')
 
 
@@ -168,6 +169,31 @@ def test_an_env_from_an_entry_point_collects_and_evaluates(plugin_path, tmp_path
     assert len(rows) == 1 and rows[0]["task_id"] == "long/test0"
     traj = json.loads((run / "trajectories.jsonl").read_text().splitlines()[0])
     assert traj["env"] == "toyenv" and traj["meta"]["agent"]["invalid_actions"] >= 0  # cheap_admissible
+
+
+def test_a_plugins_rejections_join_the_builtins_once_it_is_loaded(plugin_path, monkeypatch):
+    """Dynamic retrieval leaves out actions an env rejected: a plugin env's rejections count as soon
+    as this process has loaded its spec."""
+    from exprag.envs import registry
+    from exprag.trajectory import carried_out
+
+    monkeypatch.syspath_prepend(plugin_path)
+    monkeypatch.setattr(registry, "_loaded", {})
+    registry._entry_points.cache_clear()
+    registry._plugin.cache_clear()
+    try:
+        before = registry.rejections()
+        assert {"Nothing happens.", "No known action matches that input.", "Unknown action:"} <= set(before)
+        assert "The counter does not know that." not in before
+        registry.env_spec("toyenv")
+        assert "The counter does not know that." in registry.rejections()
+        msgs = [{"role": "user", "content": "The counter shows 0."}, {"role": "assistant", "content": "dance"},
+                {"role": "user", "content": "The counter does not know that."},
+                {"role": "assistant", "content": "inc"}, {"role": "user", "content": "The counter shows 1."}]
+        assert [m["content"] for m in carried_out(msgs, registry.rejections())] == ["inc"]
+    finally:
+        registry._entry_points.cache_clear()
+        registry._plugin.cache_clear()
 
 
 def test_the_recorded_syntax_maps_back_to_the_templates_the_env_showed():

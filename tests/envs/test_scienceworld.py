@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("scienceworld")
 
-from exprag.envs import make_env
+from exprag.envs import env_spec, make_env
 from exprag.envs.base import TaskSpec, TextEnv
 from exprag.envs.scienceworld import (
     ACTION_TEMPLATES,
@@ -129,6 +129,7 @@ def test_bad_actions_and_failure(env):
     first_gold = env.expert_action()
     step = env.step("dance with the moon")
     assert step.observation == "No known action matches that input."
+    assert step.observation.startswith(env_spec("scienceworld").rejections)  # dynamic retrieval skips it
     assert not step.done and not step.won
     assert env.expert_action() == first_gold  # the gold cursor moves only when the gold action is played
     assert env.step("").observation  # empty input does not crash either

@@ -1,4 +1,4 @@
-from exprag.envs import make_env
+from exprag.envs import env_spec, make_env
 from exprag.envs.splits import all_types
 from exprag.errors import EnvError, UnknownTaskTypeError
 
@@ -33,6 +33,7 @@ def test_bad_action_and_task():
         env.reset(task)
         step = env.step("dance wildly")
         assert not step.won and isinstance(step.observation, str)
+        assert step.observation.startswith(env_spec("twx").rejections)  # dynamic retrieval skips it
         assert env.admissible_actions()
         with pytest.raises(EnvError, match="not of the form"):
             env.reset(type(task)("twx", "train", "coin", "coin-7"))

@@ -18,8 +18,9 @@ import numpy as np
 
 from exprag.bank.store import MODES, Bank
 from exprag.envs import leakage_group
+from exprag.envs.registry import rejections
 from exprag.errors import BankError
-from exprag.trajectory import Trajectory, history_text
+from exprag.trajectory import Trajectory, carried_out, history_text
 
 
 # Tokens of the memory block that ``trajectories`` render to, the i-th shortened to ``steps[i]`` actions
@@ -72,12 +73,12 @@ DYNAMIC_QUERY_ACTIONS = 3
 
 
 def query_text(task: str, history: Sequence[dict[str, str]] | None, mode: str) -> str:
-    """Static: the task. Dynamic: the task and the last ``DYNAMIC_QUERY_ACTIONS`` actions of the
-    episode so far, in the form of the dynamic keys (``store.dynamic_key``: task + actions)."""
+    """Static: the task. Dynamic: the task and the last ``DYNAMIC_QUERY_ACTIONS`` actions the env
+    carried out (its rejections of non-actions left out), in the form of the dynamic keys
+    (``store.dynamic_key``: task + actions)."""
     if mode == "static":
         return task
-    actions = [m for m in (history or []) if m["role"] == "assistant"]
-    return history_text(task, actions[-DYNAMIC_QUERY_ACTIONS:])
+    return history_text(task, carried_out(history or [], rejections())[-DYNAMIC_QUERY_ACTIONS:])
 
 
 class Retriever:

@@ -50,7 +50,9 @@ from exprag.bank.scoring import ScoringConfig, build_index, extend_index, load_i
 from exprag.errors import BankError, DataFormatError
 from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir,
                        pause_for_test, read_json_object, run_lock, sha256_file)
-from exprag.trajectory import Trajectory, check_unique_ids, history_text, iter_jsonl, read_jsonl, write_jsonl
+from exprag.envs.registry import rejections
+from exprag.trajectory import (Trajectory, carried_out, check_unique_ids, history_text, iter_jsonl, read_jsonl,
+                               write_jsonl)
 from exprag.validate import read_json
 
 BANK_FORMAT = "exprag-bank"
@@ -73,10 +75,11 @@ def static_key(t: Trajectory) -> str:
 
 
 def dynamic_key(t: Trajectory) -> str:
-    """The task and the trajectory's actions. Observations are left out: the first one (welcome
+    """The task and the actions the env carried out. Observations are left out: the first one (welcome
     banner, room listing) and the room descriptions that follow are mostly text every trajectory of
-    the env shares, and they outweighed the task in the key (docs/retrieval-quality.md)."""
-    return history_text(t.task, [m for m in t.episode_messages() if m["role"] == "assistant"])
+    the env shares, and they outweighed the task in the key (docs/retrieval-quality.md); so are
+    actions the env rejected (a weak agent's non-actions, in a written-back trajectory)."""
+    return history_text(t.task, carried_out(t.episode_messages(), rejections()))
 
 
 @dataclass
@@ -403,7 +406,12 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
         write_jsonl(staging / segment / "trajectories.jsonl", list(new))
         indexes: dict[str, Index] = {}
         for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
-            indexes[mode] = extend_index(cfg, enc, bank.index(mode), [key(t) for t in trajs], labels, mode)
+            prev = bank.index(mode)
+            # the stored keys stay as they were built (the key rule may have changed since)
+            kept = getattr(prev, "texts", None)
+            keys = (list(kept) if kept is not None and len(kept) == len(bank.trajectories)
+                    else [key(t) for t in bank.trajectories]) + [key(t) for t in new]
+            indexes[mode] = extend_index(cfg, enc, prev, keys, labels, mode)
             indexes[mode].save(staging / segment / mode, start=len(bank.trajectories))
         manifest = dict(bank.manifest)
         manifest.update(_summary(trajs))

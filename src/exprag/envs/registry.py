@@ -48,6 +48,10 @@ class EnvSpec:
     # Constructing the env starts nothing (it only checks its options and data), so a run's
     # preflight constructs one to refuse a bad option before its run directory exists.
     cheap_construct: bool = False
+    # Observations (prefixes) with which the env answers an action it did not carry out. Dynamic
+    # retrieval leaves such actions out of its queries and keys: a weak agent's non-actions say
+    # nothing of the procedure under way (docs/retrieval-quality.md).
+    rejections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.splits is not None and sorted(self.splits) != sorted(SPLITS):
@@ -75,17 +79,22 @@ def _load(ref: Ref) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attr)
 
 
+# The agent's own answer to a reply it cannot parse as an action (and ALFWorld's to an action it
+# does not know or cannot do).
+NOTHING_HAPPENS = "Nothing happens."
+
 _BUILTINS = {spec.name: spec for spec in (
     EnvSpec("alfworld", "exprag.envs.alfworld:ALFWorldEnv", "exprag.envs.alfworld:action_templates",
             leakage_group="exprag.envs.alfworld:leakage_group", agent_defaults={"expert": None},
-            cheap_construct=True),
+            cheap_construct=True, rejections=(NOTHING_HAPPENS,)),
     EnvSpec("scienceworld", "exprag.envs.scienceworld:ScienceWorldEnv",
             "exprag.envs.scienceworld:action_templates", leakage_group="exprag.envs.scienceworld:leakage_group",
             # its gold agent plays mendelian tasks for ~10 s on a scratch world
-            agent_defaults={"gold": False}),
+            agent_defaults={"gold": False}, rejections=("No known action matches that input.",)),
     EnvSpec("twx", "exprag.envs.twx:TWXEnv", "exprag.envs.twx:action_templates",
-            leakage_group="exprag.envs.twx:leakage_group"),
+            leakage_group="exprag.envs.twx:leakage_group", rejections=("Unknown action:",)),
 )}
+_loaded: dict[str, EnvSpec] = {}  # the plugin specs this process has loaded
 
 
 @lru_cache(maxsize=1)
@@ -107,12 +116,22 @@ def _plugin(name: str) -> EnvSpec:
         raise EnvError(f"env {name!r}: {where} names its env {spec.name!r}")
     if spec.splits is None:
         raise EnvError(f"env {name!r}: {where} has no splits (give EnvSpec(splits={{'easy': [...], 'hard': [...]}}))")
+    _loaded[name] = spec
     return spec
 
 
 def known_envs() -> list[str]:
     """The built-ins, then the envs installed packages declare (without loading them)."""
     return list(_BUILTINS) + sorted(_entry_points())
+
+
+def rejections() -> tuple[str, ...]:
+    """Every observation prefix meaning "that action was not carried out": the built-in envs', those
+    of the env plugins loaded in this process, and the agent's answer to an unparsable reply."""
+    found = {NOTHING_HAPPENS}
+    for spec in (*_BUILTINS.values(), *_loaded.values()):
+        found.update(spec.rejections)
+    return tuple(sorted(found))
 
 
 def env_spec(name: str) -> EnvSpec:
