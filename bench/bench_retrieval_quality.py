@@ -30,12 +30,15 @@ per query (1 thread). ALFWorld's bank here is the templated task text of each ge
 generator's own sampling, no game is built: seconds); ScienceWorld's the reset-only records above.
 ``--no-templated`` skips the main table.
 
+``--encoder PATH`` runs every configuration with another sentence encoder (a local
+sentence-transformers directory) instead of the bundled MiniLM: your own model on the same sets.
+
 ``--small-banks`` adds ALFWorld banks of 30, 60, 120 and 300 random reset-only records of the 432
 generated games (the rest, less exact-text twins, as queries; 20 random splits each): the default with
 and without the template term (minutes: every split builds and queries its own index).
 
     python bench/bench_retrieval_quality.py [--envs twx scienceworld alfworld] [-k 2] [--dynamic]
-                                            [--paraphrases [--no-templated]] [--small-banks] [--json OUT]
+                                            [--paraphrases [--no-templated]] [--small-banks] [--encoder PATH] [--json OUT]
 """
 
 from __future__ import annotations
@@ -472,14 +475,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-templated", action="store_true", help="skip the templated before/after table")
     ap.add_argument("--small-banks", action="store_true",
                     help="also random small ALFWorld banks (30-300 keys, 20 splits): the template term's effect")
+    ap.add_argument("--encoder", default="minilm", metavar="NAME_OR_PATH",
+                    help="the sentence encoder of every configuration (default: the bundled all-MiniLM-L6-v2); "
+                         "a local sentence-transformers directory measures your own model on the same sets")
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     offline_one_thread()
 
     t0 = time.perf_counter()
-    dense = DenseEncoder("minilm")
+    dense = DenseEncoder(args.encoder)
     results = [] if args.no_templated else [bench_env(e, args.k, dense, args.refresh, log) for e in args.envs]
-    out: dict[str, Any] = {"k": args.k, "targets": {"top1": TARGET_TOP1, f"all_at_{args.k}": TARGET_ALL},
+    out: dict[str, Any] = {"k": args.k, "encoder": args.encoder, "targets": {"top1": TARGET_TOP1, f"all_at_{args.k}": TARGET_ALL},
                            "envs": results}
     if args.paraphrases:
         para = [bench_paraphrases(e, args.k, dense, args.refresh, log) for e in args.envs if e != "twx"]
