@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from exprag.bank.procedure import text_key
-from exprag.bank.retriever import Filters, Retriever
+from exprag.bank.retriever import Filters, Hit, Retriever
 from exprag.bank.store import Bank, static_key
 from exprag.errors import DataFormatError
 from exprag.trajectory import Trajectory
@@ -113,6 +113,18 @@ class QualityReport:
     copies: int = 0
     skipped_in_bank: int = 0
 
+    def add(self, task_type: str, hits: Sequence[Hit], twin: bool) -> None:
+        """One query's hits, counted on all queries and, unless the query has an exact-text ``twin``
+        in the bank, on the twinless ones; two hits of the same task text count as a copy."""
+        types = [h.trajectory.task_type for h in hits]
+        self.all.add(types, task_type)
+        if twin:
+            self.exact_duplicates += 1
+        else:
+            self.twinless.add(types, task_type)
+        texts = [text_key(h.trajectory.task) for h in hits]
+        self.copies += len(set(texts)) < len(texts)
+
     def as_dict(self) -> dict[str, Any]:
         n = self.all.rates.n
         return {
@@ -199,14 +211,7 @@ def evaluate_retrieval(bank: Bank, queries: list[Trajectory], *, k: int = 2, mod
             filters=[Filters(exclude_task_ids={q.task_id}) for q in chunk],
         )
         for q, hs in zip(chunk, hits):
-            types = [h.trajectory.task_type for h in hs]
-            report.all.add(types, q.task_type)
-            if static_key(q) in bank_keys:
-                report.exact_duplicates += 1
-            else:
-                report.twinless.add(types, q.task_type)
-            texts = [text_key(h.trajectory.task) for h in hs]
-            report.copies += len(set(texts)) < len(texts)
+            report.add(q.task_type, hs, twin=static_key(q) in bank_keys)
     return report
 
 
@@ -222,14 +227,7 @@ def evaluate_text_queries(bank: Bank, queries: list[TextQuery], *, k: int = 2,
         chunk = queries[start:start + batch_size]
         hits = retriever.retrieve_batch([(q.text, None) for q in chunk], k=k, mode="static")
         for q, hs in zip(chunk, hits):
-            types = [h.trajectory.task_type for h in hs]
-            report.all.add(types, q.task_type)
-            if text_key(q.text) in bank_keys:
-                report.exact_duplicates += 1
-            else:
-                report.twinless.add(types, q.task_type)
-            texts = [text_key(h.trajectory.task) for h in hs]
-            report.copies += len(set(texts)) < len(texts)
+            report.add(q.task_type, hs, twin=text_key(q.text) in bank_keys)
     return report
 
 
