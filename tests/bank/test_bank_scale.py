@@ -149,6 +149,16 @@ def test_write_back_appends_a_segment(twx_trajs, tmp_path, encoder, scoring):
         assert np.allclose(got[0][differ], want[0][differ], atol=1e-5)
     hits = Retriever(loaded).retrieve(test[0].task, k=2)
     assert [h.trajectory.id for h in hits] == [h.trajectory.id for h in Retriever(full).retrieve(test[0].task, k=2)]
+    # an appended key whose text the bank held takes that key's stored row, bit for bit: equal texts
+    # tie exactly, however the keys were batched when encoded (the tie then falls to key id)
+    index = loaded.index("static")
+    dense = index if scoring == "dense" else getattr(index, "dense", None)
+    if dense is not None:
+        texts = [t.task for t in train]
+        same = [(texts.index(t.task), len(train) + j) for j, t in enumerate(test[:5]) if t.task in texts]
+        assert same, "the fixture should hold test tasks with the text of a train task"
+        for i, j in same:
+            np.testing.assert_array_equal(np.asarray(dense.emb[i]), np.asarray(dense.emb[j]))
 
 
 def test_segment_rows_slice_like_the_joined_array():

@@ -172,7 +172,7 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
     new = texts[n_old:]
     dense = _dense(encoder)
     if cfg.scoring == "dense" and hasattr(old, "emb") and dense is not None:
-        return old.extended(dense.encode(new))
+        return old.extended(_encode_new(dense, texts[:n_old], old.emb, new))
     if cfg.scoring != "procedure":
         return encoder.build(texts)
     alpha = cfg.alpha if cfg.alpha is not None else default_alpha(len(texts), mode)
@@ -186,7 +186,8 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
     dense_index = None
     if dense is not None:
         prev = getattr(old, "dense", None)
-        dense_index = prev.extended(dense.encode(new)) if prev is not None else dense.build(texts)
+        dense_index = (prev.extended(_encode_new(dense, texts[:n_old], prev.emb, new)) if prev is not None
+                       else dense.build(texts))
     index = ProcedureIndex(list(texts), weights, dense_index, cfg.dense_weight, cfg.diversity, _expand(cfg, mode),
                            _lexicon(cfg, mode), _template_weight(cfg, mode), _terms=terms)
     old_emb = getattr(old, "_term_emb", None)
@@ -197,6 +198,21 @@ def extend_index(cfg: ScoringConfig, encoder: Encoder, old: Index, texts: list[s
         added = names[len(old_emb):]
         index._term_emb = np.concatenate([old_emb, dense.encode(added)]) if added else old_emb
     return index
+
+
+def _encode_new(dense: DenseEncoder, old_texts: Sequence[str], old_emb: Any, new: list[str]) -> np.ndarray:
+    """Embeddings of the keys a write-back appends. A key whose text the bank already holds takes that
+    key's stored row instead of a fresh encoding: an encoder's output depends, in the last float bits,
+    on the batch it ran in, so equal texts encoded apart would not tie, and an appended copy of a
+    task could outrank the built one. With one row per text, equal texts score exactly equal and the
+    tie falls to key id (lower first), as in a bank built in one go."""
+    first: dict[str, int] = {}
+    for i, t in enumerate(old_texts):
+        first.setdefault(t, i)
+    fresh = sorted({t for t in new if t not in first})
+    enc = dict(zip(fresh, dense.encode(fresh))) if fresh else {}
+    rows = [np.asarray(old_emb[first[t]]) if t in first else enc[t] for t in new]
+    return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, dense.dim), np.float32)
 
 
 def make_scoring_encoder(encoder: str | Encoder, scoring: str) -> Encoder:
