@@ -96,3 +96,107 @@ def test_write_back_grows_bank(tmp_path, tiny, twx_trajs):
     bank = load_bank(tmp_path / "bank")
     assert len(bank) == n0 + 3
     assert sum(t.source != "expert" for t in bank.trajectories) == 3
+
+
+def _bank_ids(path):
+    from exprag.bank import load_bank
+
+    return [t.id for t in load_bank(path).trajectories]
+
+
+def _run_ids(run):
+    from exprag.trajectory import read_jsonl
+
+    return [t.id for t in read_jsonl(run / "trajectories.jsonl")]
+
+
+def test_write_back_survives_a_rebuild_by_another_process(tmp_path, tiny, twx_trajs):
+    """Another process rebuilds the bank mid-run: the next append extends the rebuilt version and
+    brings back this run's earlier episodes; the bank stays loadable and holds each episode once."""
+    from exprag.bank import build_bank
+    from exprag.trajectory import write_jsonl
+    from tests.test_io import exprag
+
+    path, model = tiny
+    train = twx_trajs[0]
+    build_bank(train, tmp_path / "bank", "bm25")
+    write_jsonl(tmp_path / "train.jsonl", train)
+    cfg = _cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(tmp_path / "bank")), write_back=True, limit=3)
+
+    def rebuild_after_first(row):
+        if row is not None and not (tmp_path / "rebuilt").exists():
+            res = exprag("bank", "build", "--trajectories", str(tmp_path / "train.jsonl"),
+                         "--out", str(tmp_path / "bank"), "--encoder", "bm25")
+            assert res.returncode == 0, res.stderr
+            (tmp_path / "rebuilt").touch()
+
+    evaluate(cfg, model=model, on_episode=rebuild_after_first)
+    ids = _bank_ids(tmp_path / "bank")
+    tag = json.loads((tmp_path / "run" / "write-back.json").read_text())["run"]
+    episodes = [f"{i}@{tag}" for i in _run_ids(tmp_path / "run")]
+    assert len(episodes) == 3 and sorted(ids) == sorted([t.id for t in train] + episodes)
+
+
+def test_a_failed_write_back_is_redone_on_resume(tmp_path, tiny, twx_trajs, monkeypatch):
+    import exprag.bank as bank_api
+    from exprag.bank import build_bank
+
+    path, model = tiny
+    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
+    cfg = _cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(tmp_path / "bank")), write_back=True, limit=2)
+    real = bank_api.append_to_bank
+
+    def disk_full(bank, new, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bank_api, "append_to_bank", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(cfg, model=model)
+    assert len(read_results(tmp_path / "run" / "results.jsonl")) == 1  # the row is written, the append not
+    assert len(_bank_ids(tmp_path / "bank")) == len(twx_trajs[0])
+    monkeypatch.setattr(bank_api, "append_to_bank", real)
+    res = evaluate(cfg, model=model)
+    assert res.new_episodes == 1 and res.skipped == 1
+    tag = json.loads((tmp_path / "run" / "write-back.json").read_text())["run"]
+    assert _bank_ids(tmp_path / "bank")[len(twx_trajs[0]):] == [f"{i}@{tag}" for i in _run_ids(tmp_path / "run")]
+    again = evaluate(cfg, model=model)  # nothing to do, nothing appended twice
+    assert again.new_episodes == 0 and len(_bank_ids(tmp_path / "bank")) == len(twx_trajs[0]) + 2
+
+
+def test_a_second_run_writes_back_into_the_same_bank(tmp_path, tiny, twx_trajs):
+    from exprag.bank import build_bank
+
+    path, model = tiny
+    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
+    n0 = len(twx_trajs[0])
+    retrieval = RetrievalConfig(bank=str(tmp_path / "bank"))
+    first = _cfg(tmp_path, path, retrieval=retrieval, write_back=True, limit=2)
+    evaluate(first, model=model)
+    second = EvalConfig(**{**first.__dict__, "out": str(tmp_path / "run2")})
+    evaluate(second, model=model)  # the same games and model: the same episode ids, other tags
+    evaluate(first, model=model, overwrite=True)  # a run started anew is a new run too
+    ids = _bank_ids(tmp_path / "bank")
+    assert len(ids) == n0 + 6 and len(set(ids)) == len(ids)
+    assert {i.split("@")[0] for i in ids[n0:]} == set(_run_ids(tmp_path / "run"))
+
+
+def test_write_back_checks_the_bank_before_the_model_runs(tmp_path, tiny, twx_trajs, monkeypatch):
+    """A bank the process cannot write to is refused before any episode. Permission bits do not stop
+    root (these machines run as root), and a read-only mount cannot be made in a test: os.access is
+    answered as a read-only file system would answer it (a stand-in, named as such)."""
+    import os
+
+    from exprag.bank import build_bank
+    from exprag.errors import OutputPathError
+
+    path, model = tiny
+    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path / "bank")
+                        and mode & os.W_OK else real_access(p, mode, **kw))
+    cfg = _cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(tmp_path / "bank")), write_back=True, limit=1)
+    with pytest.raises(OutputPathError, match="--write-back bank is not writable"):
+        evaluate(cfg, model=model)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ExpragError, match="--write-back needs a bank"):
+        evaluate(_cfg(tmp_path, path, write_back=True, limit=1), model=model)

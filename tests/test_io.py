@@ -246,3 +246,26 @@ def test_message_when_the_named_holder_is_dead(tmp_path):
                 pass
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_exprag_files_are_never_written_through_a_planted_symlink(tmp_path):
+    """exprag runs as root here: a link planted where it keeps its own file must not get the
+    link's target truncated or appended to."""
+    from exprag.errors import OutputPathError
+    from exprag.io import LOCK_FILE, append_jsonl, run_lock, truncate_torn_tail
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("line 1\nno newline at the end")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("trajectories.jsonl", "results.jsonl"):
+        (run / name).symlink_to(victim)
+    with pytest.raises(OutputPathError, match="trajectories.jsonl: is a symbolic link"):
+        truncate_torn_tail(run / "trajectories.jsonl")
+    with pytest.raises(OutputPathError, match="results.jsonl: is a symbolic link"):
+        append_jsonl(run / "results.jsonl", {"a": 1})
+    (run / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(OutputPathError, match="is a symbolic link"):
+        with run_lock(run):
+            pass
+    assert victim.read_text() == "line 1\nno newline at the end"

@@ -6,14 +6,23 @@ A run directory holds::
     results.jsonl        one line per finished episode, appended (fsync) as episodes finish
     trajectories.jsonl   the episodes as Trajectory records, appended likewise
     metrics.json         success overall and per task type, counts, 95% intervals (atomic)
+    write-back.json      with --write-back: the run's tag, which the ids of its bank copies carry
 
 Rerunning the same command skips every episode already in results.jsonl.
+
+With ``--write-back`` each finished episode is appended to the bank as ``<trajectory id>@<run tag>``:
+a second run (another ``--out``, or ``--overwrite``) gets another tag, so it can write back into a
+bank that holds the first run's episodes. A resume first appends whatever finished episode the bank
+lacks (a failed or killed append, or a rebuild of the bank by another process meanwhile), so a
+finished run leaves every one of its episodes in the bank exactly once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,8 +31,8 @@ from typing import Any, Callable
 
 from exprag.config import EvalConfig, changed_fields, to_dict
 from exprag.errors import RunConfigError
-from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, iter_json_lines,
-                       pause_for_test, read_json_object, run_lock, truncate_torn_tail)
+from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, check_writable,
+                       iter_json_lines, pause_for_test, read_json_object, run_lock, truncate_torn_tail)
 from exprag.validate import read_json
 from exprag.workers import WorkerPool, WorkerSpec
 
@@ -114,9 +123,33 @@ def _check_config(out: Path, cfg: EvalConfig, overwrite: bool) -> None:
                 "use another --out, or --overwrite to discard the old run"
             )
     if overwrite:
-        for name in ("results.jsonl", "trajectories.jsonl", "metrics.json"):
+        for name in ("results.jsonl", "trajectories.jsonl", "metrics.json", WRITE_BACK_FILE):
             (out / name).unlink(missing_ok=True)
     atomic_write_json(path, want)
+
+
+WRITE_BACK_FILE = "write-back.json"
+
+
+def _write_back_tag(out: Path, resumed: bool) -> str | None:
+    """The tag of this run's bank copies: read back on a resume, new for a new run (or --overwrite).
+    A run begun by an exprag without tags (results, no file) keeps writing plain ids, as it did."""
+    path = out / WRITE_BACK_FILE
+    if resumed:
+        rec = read_json_object(path)
+        if rec is not None and (rec.get("run") is None or isinstance(rec.get("run"), str)):
+            return rec.get("run")
+        if not path.exists() and (out / "results.jsonl").is_file():
+            atomic_write_json(path, {"run": None})
+            return None
+    tag = secrets.token_hex(4)
+    atomic_write_json(path, {"run": tag})
+    return tag
+
+
+def bank_copy(t: Any, tag: str | None) -> Any:
+    """The trajectory as write-back stores it: its id carries the run's tag."""
+    return dataclasses.replace(t, id=f"{t.id}@{tag}") if tag else t
 
 
 def is_eval_run(path: Path) -> bool:
@@ -151,8 +184,13 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
 
     # Everything a start can fail on is checked before the run directory exists.
     types, bank = check_eval_inputs(cfg, check_model_spec=model is None)
+    if cfg.write_back:  # before the model runs, not at the first append
+        if bank is None:
+            raise RunConfigError("--write-back needs a bank (--bank) to append the episodes to")
+        check_writable(cfg.retrieval.bank, "--write-back bank")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    resumed = (out / "config.json").is_file() and not overwrite
     _check_config(out, cfg, overwrite)
     for name in ("results.jsonl", "trajectories.jsonl"):
         truncate_torn_tail(out / name)
@@ -161,6 +199,14 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
     _drop_orphan_trajectories(out / "trajectories.jsonl", {r["trajectory_id"] for r in rows})
 
     retriever = Retriever(bank) if bank is not None else None
+    written: list[Any] = []  # this run's bank copies, offered again at every append (the bank keeps one each)
+    if cfg.write_back:
+        from exprag.trajectory import read_jsonl
+
+        tag = _write_back_tag(out, resumed)
+        if rows:
+            written = [bank_copy(t, tag) for t in read_jsonl(out / "trajectories.jsonl")]
+            retriever.bank = append_to_bank(retriever.bank, written, skip_known=True)
 
     envs = []
     hosts = None  # the worker pool the envs live in, when not in this process
@@ -202,8 +248,9 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
             append_jsonl(out / "results.jsonl", row)
             pause_for_test("eval-episode")
             rows.append(row)
-            if cfg.write_back and retriever is not None:
-                retriever.bank = append_to_bank(retriever.bank, [res.trajectory])
+            if cfg.write_back:
+                written.append(bank_copy(res.trajectory, tag))
+                retriever.bank = append_to_bank(retriever.bank, written, skip_known=True)
             if on_episode:
                 on_episode(row)
             pbar.update(1)

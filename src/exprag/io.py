@@ -7,6 +7,7 @@ where nothing of someone else's can be lost) and ``run_lock`` (one exprag proces
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -93,11 +94,26 @@ def iter_json_lines(path: str | Path, *, torn_tail: bool = False) -> Iterator[tu
             yield where, obj
 
 
+def open_own(path: str | Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a file exprag writes in its own directories, never through a symlink planted
+    there (O_NOFOLLOW): exprag runs as root on shared machines, and a link to another file would get
+    that file truncated or appended to. OutputPathError naming the path when it is a link."""
+    from exprag.errors import OutputPathError
+
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode & ~_UMASK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputPathError(f"{path}: is a symbolic link; exprag writes only its own files here, "
+                                  "remove the link") from None
+        raise
+
+
 def append_jsonl(path: str | Path, obj: Any) -> None:
     """Append one JSON line and fsync (results logs: a killed run keeps every finished line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    with os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -106,11 +122,11 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
 def truncate_torn_tail(path: str | Path) -> bool:
     """Drop a last line left without its newline by a kill mid-append; True if something was cut."""
     path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
+    if not path.is_symlink() and (not path.is_file() or path.stat().st_size == 0):
         return False
-    with path.open("rb+") as f:
+    with os.fdopen(open_own(path, os.O_RDWR), "rb+") as f:
         data = f.read()
-        if data.endswith(b"\n"):
+        if not data or data.endswith(b"\n"):
             return False
         f.truncate(data.rfind(b"\n") + 1)
     return True
@@ -283,7 +299,7 @@ def refuse_if_locked(directory: str | Path, what: str = "run directory") -> None
 
     lock = Path(directory) / LOCK_FILE
     try:
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return
     try:
@@ -294,14 +310,19 @@ def refuse_if_locked(directory: str | Path, what: str = "run directory") -> None
         os.close(fd)
 
 
-def _acquire(lock: Path, directory: Path, what: str) -> int:
+def _acquire(lock: Path, directory: Path, what: str, wait: float = 0.0) -> int:
     import fcntl
 
+    deadline = time.monotonic() + wait
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = open_own(lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if time.monotonic() < deadline:  # a short critical section of another process: wait it out
+                os.close(fd)
+                time.sleep(0.05)
+                continue
             err = _locked_error(fd, lock, directory, what)
             os.close(fd)
             raise err from None
@@ -323,10 +344,10 @@ def _acquire(lock: Path, directory: Path, what: str) -> int:
 
 
 @contextlib.contextmanager
-def run_lock(directory: str | Path, what: str = "run directory") -> Iterator[Path]:
+def run_lock(directory: str | Path, what: str = "run directory", wait: float = 0.0) -> Iterator[Path]:
     """Hold the run directory's lock for the block (creating the directory when absent); a second
-    exprag process gets RunLockedError naming this one's PID. A directory the lock created is removed
-    again if nothing else was written into it."""
+    exprag process gets RunLockedError naming this one's PID (after waiting up to ``wait`` seconds
+    for it). A directory the lock created is removed again if nothing else was written into it."""
     directory = Path(directory)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
@@ -339,7 +360,7 @@ def run_lock(directory: str | Path, what: str = "run directory") -> Iterator[Pat
             _held[key][1] -= 1
         return
     lock = directory / LOCK_FILE
-    fd = _acquire(lock, directory, what)
+    fd = _acquire(lock, directory, what, wait)
     _held[key] = [fd, 1]
     try:
         pause_for_test("locked")

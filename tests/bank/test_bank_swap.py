@@ -3,17 +3,20 @@ new one, never neither), and the next build removes what the killed one left."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from exprag.bank import build_bank, load_bank
+from exprag.bank import append_to_bank, build_bank, load_bank
 from exprag.bank.store import CURRENT, bank_files, is_bank_dir
+from exprag.errors import DataFormatError, OutputPathError, RunLockedError
 from exprag.io import LOCK_FILE
 from exprag.trajectory import write_jsonl
 from tests.test_io import exprag, refused, snapshot, wait_for
@@ -97,3 +100,79 @@ def test_build_refuses_what_is_not_a_bank(tmp_path, twx_trajs):
                        "--encoder", "bm25"), out)
     assert snapshot(tmp_path) == before
     assert not is_bank_dir(target)
+
+
+# ---- write-back beside another writer ---------------------------------------------------------------
+def test_append_builds_on_the_version_published_meanwhile(inputs, twx_trajs):
+    """A handle loaded before another process rebuilt the bank appends to the rebuilt version: the
+    stale version is gone, and extending it would publish a bank without its trajectories."""
+    bank_dir, new = inputs
+    _, test = twx_trajs
+    stale = load_bank(bank_dir)
+    res = exprag("bank", "build", "--trajectories", str(new), "--out", str(bank_dir), "--encoder", "bm25")
+    assert res.returncode == 0, res.stderr
+    assert not stale.files.exists()
+    grown = append_to_bank(stale, test[:1])
+    assert len(grown) == 9 and len(load_bank(bank_dir)) == 9
+    layout_is_clean(bank_dir)
+    q = exprag("bank", "query", str(bank_dir), "--task", test[0].task, "-k", "2")
+    assert q.returncode == 0, q.stderr
+    info = exprag("bank", "info", str(bank_dir))
+    assert info.returncode == 0 and '"count": 9' in info.stdout, info.stderr
+
+
+def test_append_waits_for_a_writer_holding_the_lock(inputs, twx_trajs):
+    """A build paused with the lock held (a real second process): the append waits for the lock,
+    then extends what is published when it gets it."""
+    bank_dir, new = inputs
+    _, test = twx_trajs
+    flag = bank_dir.parent / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exprag", "bank", "build", "--trajectories", str(new), "--out", str(bank_dir),
+         "--encoder", "bm25"],
+        env={**os.environ, "EXPRAG_TEST_PAUSE_AT": "bank-staged", "EXPRAG_TEST_PAUSE_FILE": str(flag)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(flag, proc)
+    stale = load_bank(bank_dir)
+    with pytest.raises(RunLockedError, match=f"in use by exprag process {proc.pid}"):
+        append_to_bank(stale, test[:1], wait=0.2)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(append_to_bank, stale, test[:1], wait=60)
+        time.sleep(0.5)
+        assert not fut.done()  # waiting on the build's lock
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(fut.result(timeout=60)) == 5
+    assert len(load_bank(bank_dir)) == 5
+    layout_is_clean(bank_dir)
+
+
+def test_append_skips_known_ids_or_names_the_clash(inputs, twx_trajs):
+    bank_dir, _ = inputs
+    train, test = twx_trajs
+    bank = load_bank(bank_dir)
+    with pytest.raises(DataFormatError, match=f"trajectory id {train[0].id!r} is already in"):
+        append_to_bank(bank, [train[0]])
+    grown = append_to_bank(bank, [train[0], test[0]], skip_known=True)
+    assert [t.id for t in grown.trajectories] == [t.id for t in train[:4]] + [test[0].id]
+    assert append_to_bank(grown, [test[0]], skip_known=True) is grown  # nothing new: no new version
+
+
+def test_a_planted_lock_symlink_is_not_followed(inputs, twx_trajs, tmp_path):
+    bank_dir, _ = inputs
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    (bank_dir / LOCK_FILE).unlink(missing_ok=True)
+    (bank_dir / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(OutputPathError, match="is a symbolic link"):
+        append_to_bank(load_bank(bank_dir), twx_trajs[1][:1])
+    assert victim.read_text() == "the user's file\n"
+    assert len(load_bank(bank_dir)) == 4
+
+
+def test_info_refuses_a_version_missing_its_files(inputs):
+    bank_dir, _ = inputs
+    assert exprag("bank", "info", str(bank_dir)).returncode == 0
+    (bank_files(bank_dir) / "trajectories.jsonl").unlink()
+    res = exprag("bank", "info", str(bank_dir))
+    assert res.returncode == 2 and "trajectories.jsonl: missing; the bank is incomplete" in res.stderr, res.stderr

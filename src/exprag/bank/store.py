@@ -217,6 +217,27 @@ def segment_dirs(files: Path, manifest: dict[str, Any]) -> list[Path]:
     return [files] + [files / n for n in names]
 
 
+def check_bank_files(path: str | Path) -> dict[str, Any]:
+    """The published version's manifest, after checking that the files it describes are there: each
+    segment's trajectories (as many lines as the manifest's ``count``) and index directories. What
+    ``bank info`` reports, so that it never vouches for a bank a query would fail on."""
+    files = bank_files(path)
+    manifest = read_manifest(path, files)
+    lines = 0
+    for d in segment_dirs(files, manifest):
+        for name in ("trajectories.jsonl", *MODES):
+            p = d / name
+            if p.is_symlink() or not (p.is_file() if name.endswith(".jsonl") else p.is_dir()):
+                raise BankError(f"{p}: missing; the bank is incomplete (rebuild it from its sources, "
+                                "or restore the directory)")
+        with (d / "trajectories.jsonl").open("rb") as f:
+            lines += sum(1 for line in f if line.strip())
+    if lines != manifest.get("count"):
+        raise BankError(f"{files / 'manifest.json'}: field 'count' is {manifest.get('count')} but the "
+                        f"trajectory files hold {lines}; the bank is incomplete")
+    return manifest
+
+
 def bank_trajectory_files(path: str | Path) -> list[Path]:
     """The ``trajectories.jsonl`` files of the bank's published version, in index order."""
     files = bank_files(path)
@@ -257,11 +278,11 @@ def is_bank_dir(path: str | Path) -> bool:
     return path.is_dir() and all(_is_bank_entry(e) for e in os.listdir(path))
 
 
-def _begin(root: Path) -> tuple[contextlib.ExitStack, Path]:
-    """Lock the bank (held until the returned stack is closed), remove what killed builds left, and
-    make a staging directory inside it."""
+def _begin(root: Path, wait: float = 0.0) -> tuple[contextlib.ExitStack, Path]:
+    """Lock the bank (held until the returned stack is closed; waiting up to ``wait`` seconds for
+    another writer), remove what killed builds left, and make a staging directory inside it."""
     lock = contextlib.ExitStack()
-    lock.enter_context(run_lock(root, "bank"))
+    lock.enter_context(run_lock(root, "bank", wait=wait))
     try:
         _remove_unused(root)
         staging = root / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
@@ -382,25 +403,45 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
     return bank
 
 
-def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
+# How long a write-back waits for another writer of the bank (an append, or a build of a large bank).
+APPEND_LOCK_WAIT_S = 600.0
+
+
+def append_to_bank(bank: Bank, new: list[Trajectory], *, skip_known: bool = False,
+                   wait: float = APPEND_LOCK_WAIT_S) -> Bank:
     """Write-back memory: the new trajectories go to a new segment of a new version; the files of the
     old segments are hard-linked into it, not rewritten. Bank-wide files (procedure term weights and
     postings, the bm25s index, the FAISS graph) are written for the whole bank into the new segment,
-    which readers take them from. Published atomically, as a build."""
+    which readers take them from. Published atomically, as a build.
+
+    The append holds the bank's lock (waiting up to ``wait`` seconds for another writer) and builds
+    on the version published at that moment, not on the one ``bank`` was loaded from: another
+    process may have appended or rebuilt since, and its version is what this one extends.
+    ``skip_known``: trajectories whose id the bank already holds are left out (a resumed run
+    re-offering what it wrote before); otherwise such an id is an error. Returns the bank as
+    published (``bank`` itself when nothing was new)."""
     if not new:
         return bank
-    known = {t.id for t in bank.trajectories}
-    clash = next((t.id for t in new if t.id in known), None)
-    if clash is not None:
-        raise DataFormatError(f"field 'id': trajectory id {clash!r} is already in {bank.path}")
-    trajs = bank.trajectories + list(new)
-    enc = bank.encoder
-    cfg = bank.retrieval
-    labels, label_check = _scoring_labels(cfg, trajs)
-    old_segments = list(bank.manifest.get("segments", []))
-    segment = f"seg-{len(old_segments) + 1:06d}"
-    lock, staging = _begin(bank.path)
+    lock, staging = _begin(bank.path, wait=wait)
     try:
+        bank = _published(bank)
+        known = {t.id for t in bank.trajectories}
+        if skip_known:
+            new = [t for t in new if t.id not in known]
+        else:
+            clash = next((t.id for t in new if t.id in known), None)
+            if clash is not None:
+                raise DataFormatError(f"field 'id': trajectory id {clash!r} is already in {bank.path}")
+        check_unique_ids([(None, t) for t in new])
+        if not new:
+            shutil.rmtree(staging, ignore_errors=True)
+            return bank
+        trajs = bank.trajectories + list(new)
+        enc = bank.encoder
+        cfg = bank.retrieval
+        labels, label_check = _scoring_labels(cfg, trajs)
+        old_segments = list(bank.manifest.get("segments", []))
+        segment = f"seg-{len(old_segments) + 1:06d}"
         for src in segment_dirs(bank.files, bank.manifest):
             _link_segment(src, staging / src.relative_to(bank.files))
         write_jsonl(staging / segment / "trajectories.jsonl", list(new))
@@ -429,13 +470,26 @@ def append_to_bank(bank: Bank, new: list[Trajectory]) -> Bank:
     return Bank(bank.path, manifest, trajs, enc, indexes, data_dir=version)
 
 
+def _published(bank: Bank) -> Bank:
+    """Under the bank's lock: ``bank`` if it is the version CURRENT names, else that version, opened
+    (with ``bank``'s encoder when the identity is the same, so that its model is not loaded again)."""
+    if bank_files(bank.path) == bank.files:
+        return bank
+    current = load_bank(bank.path)
+    if current.manifest.get("encoder") == bank.manifest.get("encoder"):
+        current.encoder = bank.encoder
+    return current
+
+
 def _link_segment(src: Path, dst: Path) -> None:
     """Hard-link one segment's files (its trajectories and index directories, not the manifest or
     other segments) into ``dst``: the new version shares them, byte for byte, inode for inode."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("trajectories.jsonl", *MODES):
         p = src / name
+        if p.is_symlink() or not p.exists():  # never publish a version that lacks a segment's files
+            raise BankError(f"{p}: missing (or a link); the bank version being extended is incomplete")
         if p.is_dir():
             shutil.copytree(p, dst / name, copy_function=os.link)
-        elif p.is_file():
+        else:
             os.link(p, dst / name)

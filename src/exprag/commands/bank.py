@@ -178,11 +178,10 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from exprag.bank.store import read_manifest
-
     from exprag.bank.scoring import ScoringConfig
+    from exprag.bank.store import check_bank_files
 
-    m = read_manifest(args.bank)
+    m = check_bank_files(args.bank)
     out = {k: v for k, v in m.items() if k != "inputs"}
     if "retrieval" not in out:  # a bank from before scoring options: say what it is read with
         out["retrieval"] = {**ScoringConfig.from_manifest(m).to_manifest(), "inferred": True}
