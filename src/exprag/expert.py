@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,15 +203,18 @@ def collect_to_file(
     played: list[TaskSpec] = []
     written: list[Trajectory] = []
     pbar = bar(total=total, desc=desc, unit="ep", enabled=progress)
-    for task, outcome in _expert_outcomes(env, tasks, workers, env_args):
-        traj = _report(task, outcome, report)
-        played.append(task)
-        if traj is not None and (traj.success or keep_failures):
-            written.append(traj)
-        if on_episode:
-            on_episode(task, traj)
-        pbar.update(1)
-        pbar.set_postfix(ok=sum(t.success for t in written), failed=len(report.failures))
+    with _interrupt_flag() as interrupted:
+        try:
+            for task, outcome in _expert_outcomes(env, tasks, workers, env_args):
+                if interrupted():  # the simulator died with the Ctrl-C: this "failure" is the interrupt
+                    raise KeyboardInterrupt
+                _record(task, outcome, report, played, written, keep_failures, on_episode, pbar)
+        except Exception:
+            if interrupted():  # e.g. py4j's own error from a connection cut by the interrupt
+                raise KeyboardInterrupt from None
+            raise
+        if interrupted():
+            raise KeyboardInterrupt
     pbar.close()
     if empty_error is not None and not written:
         raise ExpragError(empty_error)
@@ -220,3 +226,40 @@ def collect_to_file(
         mpath = write_manifest(path, played, collected=n, content_sha256=sha256_file(path), failures=[
             {"task_id": t.task_id, "task_type": t.task_type, "reason": why} for t, why in report.failures])
     return CollectedFile(path, played, written, list(report.failures), mpath)
+
+
+def _record(task: TaskSpec, outcome: Trajectory | BaseException, report: CollectReport, played: list[TaskSpec],
+            written: list[Trajectory], keep_failures: bool,
+            on_episode: Callable[[TaskSpec, Trajectory | None], None] | None, pbar: Any) -> None:
+    traj = _report(task, outcome, report)
+    played.append(task)
+    if traj is not None and (traj.success or keep_failures):
+        written.append(traj)
+    if on_episode:
+        on_episode(task, traj)
+    pbar.update(1)
+    pbar.set_postfix(ok=sum(t.success for t in written), failed=len(report.failures))
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """Whether a SIGINT arrived during the block. Ctrl-C reaches the whole process group: the JVM of
+    TWX / ScienceWorld dies with it, py4j may turn the KeyboardInterrupt into a connection error, and
+    every remaining episode then "fails" in an instant; a collection must not write that as its
+    output. The previous handler still runs (by default it raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    seen = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
