@@ -200,3 +200,32 @@ def test_write_back_checks_the_bank_before_the_model_runs(tmp_path, tiny, twx_tr
     assert not (tmp_path / "run").exists()
     with pytest.raises(ExpragError, match="--write-back needs a bank"):
         evaluate(_cfg(tmp_path, path, write_back=True, limit=1), model=model)
+
+
+def test_task_ids_run_in_full_and_unknown_ids_are_named(tmp_path, tiny):
+    from exprag.envs import make_env
+
+    path, model = tiny
+    with make_env("twx") as env:
+        ids = [t.task_id for t in env.tasks("test", ["coin"])[:3]]
+    res = evaluate(_cfg(tmp_path, path, task_ids=ids), model=model)  # per_type is 2: the 3 ids run
+    assert sorted(r["task_id"] for r in read_results(tmp_path / "run" / "results.jsonl")) == sorted(ids)
+    assert res.metrics["n"] == 3
+    with pytest.raises(ExpragError, match="field 'task_ids': 'coin/nope' is not a test task of the types coin, "
+                                          "simonsays of twx"):
+        evaluate(_cfg(tmp_path / "b", path, task_ids=ids[:1] + ["coin/nope"]), model=model)
+    assert not (tmp_path / "b" / "run").exists()  # a failed start leaves nothing
+
+
+def test_a_failed_start_leaves_nothing(tmp_path, tiny):
+    """An adapter that does not load fails at the first step; the corrected command then runs."""
+    path, model = tiny
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": path, "r": 8, "target_modules": ["q_proj"]}))
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ExpragError, match=f"{bad / 'adapter_model.safetensors'}: unreadable adapter weights"):
+        evaluate(_cfg(tmp_path, path, adapter=str(bad), limit=1))
+    assert not (tmp_path / "run").exists()
+    assert evaluate(_cfg(tmp_path, path, limit=1), model=model).metrics["n"] == 1

@@ -169,8 +169,24 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
     it gets RunLockedError)."""
     check_output_dir(cfg.out, "eval run directory", is_eval_run)
     with run_lock(cfg.out, "eval run directory"):
-        return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, on_episode=on_episode,
-                         workers=workers)
+        fresh = overwrite or not (Path(cfg.out) / "config.json").is_file()
+        try:
+            return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, on_episode=on_episode,
+                             workers=workers)
+        except BaseException:
+            if fresh:
+                _forget_failed_start(Path(cfg.out))
+            raise
+
+
+def _forget_failed_start(out: Path) -> None:
+    """A new run that failed before its first episode finished (an adapter that does not load, an
+    unknown task id, Ctrl-C) leaves nothing: its config.json would refuse the corrected command as a
+    change of config."""
+    if read_results(out / "results.jsonl"):
+        return
+    for name in ("config.json", WRITE_BACK_FILE, "results.jsonl", "trajectories.jsonl"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
@@ -215,10 +231,7 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         first = make_env(cfg.env, **env_args)
         envs.append(first)
         pool = first.tasks(cfg.split, types)
-        if cfg.task_ids is not None:
-            wanted = set(cfg.task_ids)
-            pool = [t for t in pool if t.task_id in wanted]
-        tasks = select_tasks(pool, cfg.per_type, cfg.limit)
+        tasks = _chosen_tasks(cfg, pool, select_tasks)
         todo = [t for t in tasks if t.task_id not in done]
         if todo:
             if model is None:
@@ -268,6 +281,22 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
     atomic_write_json(out / "metrics.json", metrics)
     return EvalResult(out, metrics, new_episodes=len(todo), skipped=len(tasks) - len(todo))
+
+
+def _chosen_tasks(cfg: EvalConfig, pool: list[Any], select_tasks: Callable[..., list[Any]]) -> list[Any]:
+    """The episodes of the run: the first ``per_type`` tasks of each type, or, when ``task_ids`` names
+    them, exactly those (``per_type`` does not cut them; an id that is not a task of this selection is
+    an error naming it), then ``limit``."""
+    if cfg.task_ids is None:
+        return select_tasks(pool, cfg.per_type, cfg.limit)
+    known = {t.task_id for t in pool}
+    missing = [i for i in cfg.task_ids if i not in known]
+    if missing:
+        raise RunConfigError(f"eval config: field 'task_ids': {missing[0]!r} is not a {cfg.split} task of "
+                             f"the types {', '.join(sorted({t.task_type for t in pool}))} of {cfg.env}"
+                             + (f" ({len(missing)} ids are not)" if len(missing) > 1 else ""))
+    wanted = set(cfg.task_ids)
+    return select_tasks([t for t in pool if t.task_id in wanted], None, cfg.limit)
 
 
 def openai_transport(cfg: EvalConfig) -> dict[str, Any]:

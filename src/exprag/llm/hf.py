@@ -234,6 +234,8 @@ class HFChatModel:
                     self.model.load_adapter(str(path), adapter_name=name)
                 else:
                     self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            except _weights_error() as e:
+                raise _adapter_error(e, path) from None
             except (RuntimeError, ValueError, KeyError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ModelError(f"adapter {path} does not fit model {self._resolved.name!r}: {first}") from None
@@ -453,12 +455,27 @@ class HFChatModel:
 
 
 # ---- LoRA adapters -------------------------------------------------------------------------------
+def _weights_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _adapter_error(e: Exception, adapter: Path) -> ModelError:
+    """A weights file that safetensors cannot read (truncated, garbled, not safetensors at all)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelError(f"{Path(adapter) / 'adapter_model.safetensors'}: unreadable adapter weights ({first}); "
+                      "the adapter is corrupt or not fully written")
+
+
 def _with_adapter(model: Any, adapter: Path, resolved: ResolvedModel) -> Any:
     check_adapter_base(adapter, resolved)
     from peft import PeftModel
 
     try:
         return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except _weights_error() as e:
+        raise _adapter_error(e, adapter) from None
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
