@@ -29,3 +29,32 @@ def twx_trajs():
         train = [t for g in env.task_types() for t in env.tasks("train", [g])[:3]]
         test = [t for g in env.task_types() for t in env.tasks("test", [g])[:2]]
         return list(collect(env, train)), list(collect(env, test))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(name, size="64k")`` -> a fresh tmpfs directory under tmp_path, and ``read_only(dir)`` to
+    remount one read-only: a real full disk and a real read-only file system (root writes through
+    mode bits, so 0555 would prove nothing here). Skipped where this process may not mount."""
+    import subprocess
+
+    mounts = []
+
+    class Tmpfs:
+        def mount(self, name: str, size: str = "64k"):
+            d = tmp_path / name
+            d.mkdir()
+            res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+            mounts.append(d)
+            return d
+
+        def read_only(self, d):
+            res = subprocess.run(["mount", "-o", "remount,ro", str(d)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+
+    yield Tmpfs()
+    for d in reversed(mounts):
+        subprocess.run(["umount", str(d)], check=False)

@@ -77,14 +77,28 @@ def ws(tmp_path_factory) -> Path:
         "eval-deep.yaml": "env: " + "[" * 10_000 + "]" * 10_000 + "\n",
         "eval-nonutf8.yaml": b"env: caf\xe9\n",
         "eval-envarg.yaml": "env: twx\nenv_args: {colour: red}\n",
+        "eval-tilde.yaml": "env: twx\nout: '~/runs/x'\n",
         "train-epochs.yaml": 'epochs: "one"\n',
         "train-zero.yaml": "epochs: 0\n",
         "train-lora.yaml": "lora:\n  r: 0\n",
         "train-bool.yaml": "only_successful: maybe\n",
         "train-list.yaml": "val_trajectories: [1, 2]\n",
     }
+    deep_meta: dict = {}
+    for _ in range(900):  # loads, but overflowed the recursion of every later copy of the record
+        deep_meta = {"a": deep_meta}
+    files["deep-meta.jsonl"] = json.dumps({**traj(0), "meta": deep_meta}) + "\n"
     for name, content in files.items():
         (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    os.mkfifo(d / "fifo.jsonl")  # would block a reader forever
+    (d / "loop.jsonl").symlink_to(d / "loop.jsonl")
+    for name, pointer in (("garbled-bank", b"\xff\xfe v-2026\n"), ("linked-bank", None)):
+        build_bank(good, d / name, "bm25", retrieval="bm25")
+        (d / name / "CURRENT").unlink()
+        if pointer is None:  # a link to someone else's file: its content must not be printed
+            (d / name / "CURRENT").symlink_to(d / "afile")
+        else:
+            (d / name / "CURRENT").write_bytes(pointer)
     return d
 
 
@@ -198,6 +212,13 @@ CASES = [
     ("build-bad-type", BUILD + ["{d}/bad-type.jsonl"], "bad-type.jsonl:2: field 'success' must be a boolean"),
     ("build-nonutf8", BUILD + ["{d}/nonutf8.jsonl"], "nonutf8.jsonl:2: not UTF-8 text"),
     ("build-deep", BUILD + ["{d}/deep.jsonl"], "deep.jsonl:1: invalid JSON (nested too deeply)"),
+    ("build-deep-meta", BUILD + ["{d}/deep-meta.jsonl"], "deep-meta.jsonl:1: field 'meta' is nested deeper than"),
+    ("build-dir", BUILD + ["{d}"], ": is a directory, not a file"),
+    ("build-fifo", BUILD + ["{d}/fifo.jsonl"], "fifo.jsonl: is not a regular file"),
+    ("build-link-loop", BUILD + ["{d}/loop.jsonl"], "loop.jsonl: is a symbolic link to nothing"),
+    ("query-current-garbled", ["bank", "query", "{d}/garbled-bank", "--task", "x"],
+     "CURRENT: names bytes that are not UTF-8 text, which is not a version of this bank"),
+    ("query-current-link", ["bank", "query", "{d}/linked-bank", "--task", "x"], "CURRENT: is a symbolic link"),
     ("build-schema-0", BUILD + ["{d}/schema0.jsonl"], "schema0.jsonl:1: field 'schema_version' must be an integer >= 1"),
     ("build-nan-reward", BUILD + ["{d}/nan.jsonl"], "nan.jsonl:2: field 'reward' must be a finite number"),
     ("build-duplicate-id", BUILD + ["{d}/good.jsonl", "{d}/dup.jsonl"],
@@ -236,6 +257,9 @@ CASES = [
     ("experiment-out-file", ["experiment", str(REPO / "configs" / "small-cpu.yaml"), "--out", "{d}/afile"],
      "exists and is not a directory"),
     ("report-out-file", ["report", "{d}/bank", "--out", "{d}/afile"], "exists and is not a directory"),
+    ("eval-out-tilde", ["eval", "--config", "{d}/eval-tilde.yaml"], "~/runs/x: --out starts with '~'"),
+    ("build-out-tilde", ["bank", "build", "--encoder", "bm25", "--out", "~/b", "--trajectories", "{d}/good.jsonl"],
+     "~/b: --out starts with '~', which only a shell expands"),
 ]
 
 
@@ -329,3 +353,22 @@ def test_truncated_embeddings_detected_by_the_library(ws):
         bank.index("static")
     assert np.load(bank_files(ws / "dense-bank") / "dynamic" / "embeddings.npy").shape[0] == 6  # the intact one reads
     assert read_json(bank_files(ws / "bank") / "manifest.json")["count"] == 6
+
+
+def test_a_full_disk_names_the_output(ws, tmpfs):
+    """No space left while writing a bank: one line naming the file, exit 2, no internal error."""
+    disk = tmpfs.mount("full", size="16k")
+    res = run_cli(["bank", "build", "--encoder", "bm25", "--out", str(disk / "bank"), "--trajectories",
+                   str(ws / "good.jsonl")], ws)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"exprag: error: {disk / 'bank'}") and "No space left on device" in res.stderr
+
+
+def test_a_closed_pipe_ends_quietly(ws):
+    """`exprag bank query ... | head -1`: the reader goes away; no traceback, no internal error."""
+    proc = subprocess.Popen([sys.executable, "-m", "exprag", "bank", "query", str(ws / "bank"), "--task", "x",
+                             "-k", "6", "--memory"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ws)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and err == "", err

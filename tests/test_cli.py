@@ -84,3 +84,19 @@ def test_malformed_jsonl_writes_nothing(tmp_path, capsys, twx_trajs):
     rc, _, err = run(capsys, "export", "--trajectories", str(bad), "--format", "sharegpt",
                      "--out", str(tmp_path / "sg.jsonl"))
     assert rc == 2 and not (tmp_path / "sg.jsonl").exists()
+
+
+def test_query_prints_stored_escape_sequences_as_text(tmp_path, capsys, twx_trajs):
+    """A trajectory may carry terminal escapes (a hostile or garbled file): shown, never executed."""
+    t = twx_trajs[0][0]
+    hostile = t.__class__(**{**t.to_dict(), "task": t.task + " \x1b]0;owned\x07\x1b[2J",
+                             "messages": [*t.messages[:-1], {**t.messages[-1], "content": "look\x1b[31m"}]})
+    write_jsonl(tmp_path / "t.jsonl", [hostile])
+    run(capsys, "bank", "build", "--trajectories", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "b"),
+        "--encoder", "bm25")
+    code, out, _ = run(capsys, "bank", "query", str(tmp_path / "b"), "--task", t.task, "-k", "1", "--memory")
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in out  # the listing; the JSON memory block escapes its own
+    code, out, _ = run(capsys, "bank", "query", str(tmp_path / "b"), "--task", t.task, "-k", "1", "--memory",
+                       "--format", "text")
+    assert code == 0 and "\x1b" not in out and "look\\x1b[31m" in out

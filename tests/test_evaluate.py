@@ -180,21 +180,16 @@ def test_a_second_run_writes_back_into_the_same_bank(tmp_path, tiny, twx_trajs):
     assert {i.split("@")[0] for i in ids[n0:]} == set(_run_ids(tmp_path / "run"))
 
 
-def test_write_back_checks_the_bank_before_the_model_runs(tmp_path, tiny, twx_trajs, monkeypatch):
-    """A bank the process cannot write to is refused before any episode. Permission bits do not stop
-    root (these machines run as root), and a read-only mount cannot be made in a test: os.access is
-    answered as a read-only file system would answer it (a stand-in, named as such)."""
-    import os
-
+def test_write_back_checks_the_bank_before_the_model_runs(tmp_path, tiny, twx_trajs, tmpfs):
+    """A bank on a read-only file system is refused before any episode runs, and nothing is left."""
     from exprag.bank import build_bank
     from exprag.errors import OutputPathError
 
     path, model = tiny
-    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path / "bank")
-                        and mode & os.W_OK else real_access(p, mode, **kw))
-    cfg = _cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(tmp_path / "bank")), write_back=True, limit=1)
+    disk = tmpfs.mount("disk", size="8m")
+    build_bank(twx_trajs[0], disk / "bank", "bm25")
+    tmpfs.read_only(disk)
+    cfg = _cfg(tmp_path, path, retrieval=RetrievalConfig(bank=str(disk / "bank")), write_back=True, limit=1)
     with pytest.raises(OutputPathError, match="--write-back bank is not writable"):
         evaluate(cfg, model=model)
     assert not (tmp_path / "run").exists()

@@ -248,3 +248,24 @@ def test_experiment_cells_as_ray_tasks_match_serial(tmp_path):
     finally:
         ray.shutdown()
     print(f"experiment cells: serial {t1 - t0:.1f}s, as Ray tasks {time.perf_counter() - t1:.1f}s")
+
+
+def test_sigterm_with_workers_ends_quietly(tmp_path):
+    """SIGTERM to the process group (a scheduler stopping the job): one line, no worker tracebacks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exprag", "collect", "--env", "twx", "--split", "train", "--task-types", "all",
+         "--per-type", "200", "--workers", "2", "--out", str(tmp_path / "o.jsonl")],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # the workers and their JVMs are up, episodes under way
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "exprag: terminated", err
+    assert not (tmp_path / "o.jsonl").exists()

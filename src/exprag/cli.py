@@ -8,14 +8,16 @@ command functions so that ``exprag --help`` starts fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import typing
 
 from exprag import __version__
-from exprag.errors import ExpragError
+from exprag.errors import ExpragError, Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,11 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         rc = args.func(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("exprag: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("exprag: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM
+    except BrokenPipeError:  # the reader went away (`exprag bank query ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a Unix tool stopped by the closed pipe
     except Exception as e:
         if debug:
             raise
@@ -74,13 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def _one_line(e: Exception) -> tuple[str, int]:
     """The message and exit code of an error. Typed errors are the user's to fix (2); so are files
     the system refuses to read or write; anything else is a bug in exprag (1), reported in one line
     with a pointer to --debug rather than a traceback."""
     if isinstance(e, ExpragError):
         return str(e).replace("\n", " "), 2
-    if isinstance(e, OSError) and (e.filename is not None or isinstance(e, PermissionError)):
+    if isinstance(e, OSError) and (e.filename is not None or isinstance(e, PermissionError)
+                                   or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
         where = f"{e.filename}: " if e.filename is not None else ""
         return f"{where}{e.strerror or e}", 2
     return f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} " \

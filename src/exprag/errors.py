@@ -35,3 +35,9 @@ class OutputPathError(ExpragError):
 
 class RunLockedError(ExpragError):
     """A run directory (or bank) in use by another exprag process; names that process's PID."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by the CLI's handler so that cleanup runs as for Ctrl-C (staging
+    directories removed, locks released) instead of the process vanishing mid-write. A BaseException,
+    like KeyboardInterrupt: no ``except Exception`` swallows it."""

@@ -23,20 +23,33 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError of the block that names no file (a full disk, a quota, a read-only file system
+    met by write() or fsync()) is raised again naming ``path``: the user must know which output."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None and not isinstance(e, (BrokenPipeError, ConnectionError)):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a results file should read like any other
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a results file should read like any other
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -61,6 +74,17 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def not_a_file(path: Path) -> str:
+    """Why ``path``, given as an input file, is not one: said as it is, not always "no such file"."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    if path.exists():
+        return "is not a regular file (a FIFO, socket or device)"
+    if path.is_symlink():
+        return "is a symbolic link to nothing (broken, or a loop)"
+    return "no such file"
+
+
 def iter_json_lines(path: str | Path, *, torn_tail: bool = False) -> Iterator[tuple[str, Any]]:
     """``(file:line, object)`` for each non-blank line of a JSONL file; a missing file or a bad line is
     a DataFormatError naming the file and line. ``torn_tail``: a last line that is not JSON is left out
@@ -69,7 +93,7 @@ def iter_json_lines(path: str | Path, *, torn_tail: bool = False) -> Iterator[tu
 
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"{path}: no such file")
+        raise DataFormatError(f"{path}: {not_a_file(path)}")
     with path.open("rb") as f:  # decoded line by line, so that bad bytes are reported with their line
         lines = enumerate(f, 1)
         nxt = next(lines, None)
@@ -113,7 +137,7 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
     """Append one JSON line and fsync (results logs: a killed run keeps every finished line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
+    with naming(path), os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -174,11 +198,22 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+def refuse_unexpanded_home(path: str | Path, flag: str = "--out") -> None:
+    """A path that begins with ``~`` reached exprag unexpanded (a config file, a quoted argument):
+    written as it is, it would make a directory named ``~`` here. The user means their home."""
+    from exprag.errors import OutputPathError
+
+    if str(path).startswith("~"):
+        raise OutputPathError(f"{path}: {flag} starts with '~', which only a shell expands; write the "
+                              f"full path ({Path(str(path)).expanduser()} for your home)")
+
+
 def check_writable(path: str | Path, flag: str = "--out") -> None:
     """``path`` (existing) or the nearest existing directory above it must be writable; checked before
     the work, so that a long run does not fail at its last write. Creates nothing."""
     from exprag.errors import OutputPathError
 
+    refuse_unexpanded_home(path, flag)
     path = Path(path)
     where = path if path.is_dir() else _nearest_existing(path.parent)
     if not where.is_dir():
@@ -194,6 +229,7 @@ def check_output_dir(path: str | Path, what: str, owned: Callable[[Path], bool])
     file left by a killed exprag counts as empty), or an exprag ``what`` as told by ``owned(path)``."""
     from exprag.errors import OutputPathError
 
+    refuse_unexpanded_home(path)
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise OutputPathError(f"{path}: a broken symbolic link; exprag writes its {what} only to an "
@@ -218,6 +254,7 @@ def check_output_file(path: str | Path, what: str, owned: Callable[[Path], bool]
     wrote (``owned(path)``: the first record is of the kind the command writes)."""
     from exprag.errors import OutputPathError
 
+    refuse_unexpanded_home(path)
     path = Path(path)
     if path.is_dir():
         raise OutputPathError(f"{path}: --out is a directory; give a file path for the {what}")

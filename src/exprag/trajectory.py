@@ -37,6 +37,23 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "meta": (dict,),
     "action_syntax": (str,),
 }
+# Deeper ``meta`` overflows Python's recursion when a record is copied or written (about 500 levels);
+# metadata of any real use is a few levels deep.
+MAX_META_DEPTH = 64
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (1 for a flat object or list)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_META_DEPTH:  # past the limit the answer is known
+                stack.extend((v, d + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 # Fields an older file may lack; ``action_syntax`` is also left out of files when None, so that a
 # trajectory of a one-syntax env is written as before it existed.
 _OPTIONAL = ("meta", "action_syntax")
@@ -115,6 +132,8 @@ class Trajectory:
             raise DataFormatError(f"{where}: field 'reward' must be a finite number, got {obj['reward']!r}")
         if obj["num_steps"] < 0:
             raise DataFormatError(f"{where}: field 'num_steps' must be >= 0")
+        if "meta" in obj and _depth(obj["meta"]) > MAX_META_DEPTH:
+            raise DataFormatError(f"{where}: field 'meta' is nested deeper than {MAX_META_DEPTH} levels")
         unknown = set(obj) - set(_FIELDS) - {"schema_version"}
         if unknown:
             raise DataFormatError(f"{where}: unknown field '{sorted(unknown)[0]}'")

@@ -214,13 +214,15 @@ def read_json(path: str | Path, error: type[ExpragError] = DataFormatError) -> A
     naming the file (and line)."""
     import json
 
+    from exprag.io import not_a_file
+
     path = Path(path)
+    if not path.is_file():  # a FIFO would block the read forever
+        raise error(f"{path}: {not_a_file(path)}")
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise error(f"{path}: is a directory, not a JSON file") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:

@@ -11,6 +11,8 @@ so the results are the same as a serial run's.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,7 +112,11 @@ def _portable(e: Exception) -> Exception:
 
 
 def _serve(conn) -> None:
-    """A worker process: answer requests until the pipe closes."""
+    """A worker process: answer requests until the pipe closes. Ctrl-C and SIGTERM reach the whole
+    process group: the main process handles them and closes the pipes; a worker ends quietly (its
+    traceback in the middle of the user's terminal would say nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     host = _Host()
     try:
         while True:

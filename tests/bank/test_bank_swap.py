@@ -176,3 +176,22 @@ def test_info_refuses_a_version_missing_its_files(inputs):
     (bank_files(bank_dir) / "trajectories.jsonl").unlink()
     res = exprag("bank", "info", str(bank_dir))
     assert res.returncode == 2 and "trajectories.jsonl: missing; the bank is incomplete" in res.stderr, res.stderr
+
+
+def test_sigterm_during_a_build_cleans_up(inputs):
+    """SIGTERM (a scheduler's stop, `kill`) runs the same cleanup as Ctrl-C: no staging directory and
+    no lock are left for the next build to find, and the old bank is as it was."""
+    bank, new = inputs
+    flag = bank.parent / "paused-term"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exprag", "bank", "build", "--trajectories", str(new), "--out", str(bank),
+         "--encoder", "bm25"],
+        env={**os.environ, "EXPRAG_TEST_PAUSE_AT": "bank-staged", "EXPRAG_TEST_PAUSE_FILE": str(flag)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(flag, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == "exprag: terminated\n", err
+    assert not (bank / LOCK_FILE).exists()
+    layout_is_clean(bank)
+    assert len(load_bank(bank)) == 4

@@ -18,6 +18,7 @@ import numpy as np
 
 from exprag.bank.topk import chunked_top, top_from_scores
 from exprag.errors import BankError
+from exprag.io import naming
 
 MINILM = "minilm"
 BM25 = "bm25"
@@ -186,7 +187,8 @@ class DenseIndex:
 
     def save(self, path: Path, start: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        np.save(path / EMBEDDINGS, np.ascontiguousarray(self.emb[start:]))
+        with naming(path / EMBEDDINGS):
+            np.save(path / EMBEDDINGS, np.ascontiguousarray(self.emb[start:]))
         if self.size >= FAISS_MIN_SIZE:  # built once here, read back by every load
             import faiss
 

@@ -48,7 +48,7 @@ from exprag.bank.encoders import Encoder, Index, make_encoder
 from exprag.bank.labels import check_labels
 from exprag.bank.scoring import ScoringConfig, build_index, extend_index, load_index, make_scoring_encoder
 from exprag.errors import BankError, DataFormatError
-from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir,
+from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir, naming,
                        pause_for_test, read_json_object, run_lock, sha256_file)
 from exprag.envs.registry import rejections
 from exprag.trajectory import (Trajectory, carried_out, check_unique_ids, history_text, iter_jsonl, read_jsonl,
@@ -180,26 +180,27 @@ def build_bank(
     check_output_dir(out, "bank", is_bank_dir)
     lock, staging = _begin(out)
     try:
-        write_jsonl(staging / "trajectories.jsonl", trajs)
-        labels, label_check = _scoring_labels(cfg, trajs)
-        indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
-                   for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
-        for mode, index in indexes.items():
-            index.save(staging / mode)
-        manifest = {
-            "format": BANK_FORMAT,
-            "bank_version": PROCEDURE_BANK_VERSION if cfg.scoring == "procedure" else 1,
-            "exprag_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "encoder": enc.identity,
-            "retrieval": cfg.to_manifest(),
-            "keys": {"static": "task description", "dynamic": "task + the trajectory's actions"},
-            **_summary(trajs),
-            **label_check,
-            "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
-        }
-        atomic_write_json(staging / "manifest.json", manifest)
-        version = _publish(out, staging)
+        with naming(out):  # a full disk names the bank, whichever of its files met it
+            write_jsonl(staging / "trajectories.jsonl", trajs)
+            labels, label_check = _scoring_labels(cfg, trajs)
+            indexes = {mode: build_index(cfg, enc, [key(t) for t in trajs], labels, mode, progress=progress)
+                       for mode, key in (("static", static_key), ("dynamic", dynamic_key))}
+            for mode, index in indexes.items():
+                index.save(staging / mode)
+            manifest = {
+                "format": BANK_FORMAT,
+                "bank_version": PROCEDURE_BANK_VERSION if cfg.scoring == "procedure" else 1,
+                "exprag_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "encoder": enc.identity,
+                "retrieval": cfg.to_manifest(),
+                "keys": {"static": "task description", "dynamic": "task + the trajectory's actions"},
+                **_summary(trajs),
+                **label_check,
+                "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
+            }
+            atomic_write_json(staging / "manifest.json", manifest)
+            version = _publish(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -247,11 +248,19 @@ def bank_trajectory_files(path: str | Path) -> list[Path]:
 # ---- the versioned layout and its swap --------------------------------------------------------------
 def _current(root: Path) -> str | None:
     pointer = root / CURRENT
+    if pointer.is_symlink():  # never read (and print) a file elsewhere as if it were the pointer
+        raise BankError(f"{pointer}: is a symbolic link, not the pointer exprag writes; remove it and "
+                        "restore the bank")
     if not pointer.is_file():
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
-    if not _VERSION.fullmatch(name) or not (root / name).is_dir():
-        raise BankError(f"{pointer}: names {name!r}, which is not a version of this bank; rebuild the bank")
+    try:
+        name = pointer.read_bytes()[:256].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _VERSION.fullmatch(name) or not (root / name).is_dir():
+        shown = repr(name[:80]) if name is not None else "bytes that are not UTF-8 text"
+        raise BankError(f"{pointer}: names {shown}, which is not a version of this bank (v-...); "
+                        "point it at one, or rebuild the bank from its sources")
     return name
 
 
@@ -396,7 +405,8 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
     if len(trajs) != manifest.get("count"):
         raise BankError(
             f"{files / 'manifest.json'}: field 'count' is {manifest.get('count')} but "
-            f"trajectories.jsonl holds {len(trajs)}; the bank is corrupt, rebuild it"
+            f"trajectories.jsonl holds {len(trajs)}; the bank is incomplete (restore it, or rebuild it "
+            "from its sources)"
         )
     bank = Bank(path, manifest, trajs, make_encoder(identity), data_dir=files if files != path else None)
     bank.retrieval  # validate the retrieval block now, not at the first query
@@ -442,26 +452,27 @@ def append_to_bank(bank: Bank, new: list[Trajectory], *, skip_known: bool = Fals
         labels, label_check = _scoring_labels(cfg, trajs)
         old_segments = list(bank.manifest.get("segments", []))
         segment = f"seg-{len(old_segments) + 1:06d}"
-        for src in segment_dirs(bank.files, bank.manifest):
-            _link_segment(src, staging / src.relative_to(bank.files))
-        write_jsonl(staging / segment / "trajectories.jsonl", list(new))
-        indexes: dict[str, Index] = {}
-        for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
-            prev = bank.index(mode)
-            # the stored keys stay as they were built (the key rule may have changed since)
-            kept = getattr(prev, "texts", None)
-            keys = (list(kept) if kept is not None and len(kept) == len(bank.trajectories)
-                    else [key(t) for t in bank.trajectories]) + [key(t) for t in new]
-            indexes[mode] = extend_index(cfg, enc, prev, keys, labels, mode)
-            indexes[mode].save(staging / segment / mode, start=len(bank.trajectories))
-        manifest = dict(bank.manifest)
-        manifest.update(_summary(trajs))
-        manifest.update(label_check)
-        manifest["segments"] = old_segments + [segment]
-        manifest["bank_version"] = SEGMENTED_BANK_VERSION
-        manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        atomic_write_json(staging / "manifest.json", manifest)
-        version = _publish(bank.path, staging)
+        with naming(bank.path):  # a full disk names the bank
+            for src in segment_dirs(bank.files, bank.manifest):
+                _link_segment(src, staging / src.relative_to(bank.files))
+            write_jsonl(staging / segment / "trajectories.jsonl", list(new))
+            indexes: dict[str, Index] = {}
+            for mode, key in (("static", static_key), ("dynamic", dynamic_key)):
+                prev = bank.index(mode)
+                # the stored keys stay as they were built (the key rule may have changed since)
+                kept = getattr(prev, "texts", None)
+                keys = (list(kept) if kept is not None and len(kept) == len(bank.trajectories)
+                        else [key(t) for t in bank.trajectories]) + [key(t) for t in new]
+                indexes[mode] = extend_index(cfg, enc, prev, keys, labels, mode)
+                indexes[mode].save(staging / segment / mode, start=len(bank.trajectories))
+            manifest = dict(bank.manifest)
+            manifest.update(_summary(trajs))
+            manifest.update(label_check)
+            manifest["segments"] = old_segments + [segment]
+            manifest["bank_version"] = SEGMENTED_BANK_VERSION
+            manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            atomic_write_json(staging / "manifest.json", manifest)
+            version = _publish(bank.path, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -164,17 +165,29 @@ def run_query(args: argparse.Namespace) -> int:
                            "success": h.trajectory.success, "num_steps": h.trajectory.num_steps}
                           for r, h in enumerate(hits)], indent=2))
         return 0
-    print(f"query ({args.mode}, k={args.k}, scoring {bank.retrieval.scoring}): {args.task}")
+    print(f"query ({args.mode}, k={args.k}, scoring {bank.retrieval.scoring}): {terminal_safe(args.task)}")
     for r, h in enumerate(hits, 1):
         t = h.trajectory
-        print(f"{r}. score {h.score:.4f}  [{t.task_type}] {'success' if t.success else 'failure'}, "
-              f"{t.num_steps} steps  {t.id}\n   task: {t.task}\n   actions: {' | '.join(t.actions()[:8])}"
-              + (" | ..." if len(t.actions()) > 8 else ""))
+        print(terminal_safe(
+            f"{r}. score {h.score:.4f}  [{t.task_type}] {'success' if t.success else 'failure'}, "
+            f"{t.num_steps} steps  {t.id}\n   task: {t.task}\n   actions: {' | '.join(t.actions()[:8])}"
+            + (" | ..." if len(t.actions()) > 8 else ""), keep="\n\t"))
     if not hits:
         print("(no trajectory matched)")
     if args.memory:
-        print("\n" + memory_block(hits, spec.format))
+        print("\n" + terminal_safe(memory_block(hits, spec.format), keep="\n\t"))
     return 0
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str, keep: str = "") -> str:
+    """Text from trajectories as the terminal should show it: control and escape characters (a
+    stored ESC sequence could recolour, retitle or clear the user's terminal) written as escapes,
+    e.g. ``\\x1b``; the characters in ``keep`` (the layout's own newlines) pass."""
+    return _CONTROL.sub(lambda m: m.group() if m.group() in keep else m.group().encode("unicode_escape").decode(),
+                        text)
 
 
 def run_info(args: argparse.Namespace) -> int:
