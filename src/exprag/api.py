@@ -31,9 +31,10 @@ Messages = Sequence[Mapping[str, str]]
 def read_trajectories(*paths: PathLike) -> list[Trajectory]:
     """Read and validate trajectory JSONL files (schema ``Trajectory``); duplicate ids are an error.
 
-    >>> trajs = exprag.read_trajectories(TRAJ)
-    >>> len(trajs), trajs[0].env, trajs[0].success
-    (48, 'alfworld', True)
+    Examples:
+        >>> trajs = exprag.read_trajectories(TRAJ)
+        >>> len(trajs), trajs[0].env, trajs[0].success
+        (48, 'alfworld', True)
     """
     from exprag.trajectory import read_jsonl
 
@@ -43,9 +44,10 @@ def read_trajectories(*paths: PathLike) -> list[Trajectory]:
 def iter_trajectories(path: PathLike) -> Iterator[Trajectory]:
     """Stream one trajectory JSONL file, validating each line as it is read.
 
-    >>> t = next(exprag.iter_trajectories(TRAJ))
-    >>> t.task_type, t.actions()[0]
-    ('look_at_obj_in_light', 'look')
+    Examples:
+        >>> t = next(exprag.iter_trajectories(TRAJ))
+        >>> t.task_type, t.actions()[0]
+        ('look_at_obj_in_light', 'look')
     """
     from exprag.trajectory import iter_jsonl
 
@@ -55,8 +57,9 @@ def iter_trajectories(path: PathLike) -> Iterator[Trajectory]:
 def write_trajectories(path: PathLike, trajectories: Iterable[Trajectory]) -> int:
     """Write trajectories as JSONL, atomically; returns how many were written.
 
-    >>> exprag.write_trajectories(tmp / "two.jsonl", exprag.read_trajectories(TRAJ)[:2])
-    2
+    Examples:
+        >>> exprag.write_trajectories(tmp / "two.jsonl", exprag.read_trajectories(TRAJ)[:2])
+        2
     """
     from exprag.trajectory import write_jsonl
 
@@ -71,9 +74,10 @@ def build_bank(trajectories: Iterable[Trajectory] | PathLike | Sequence[PathLike
     ``encoder``: ``minilm`` (bundled), ``bm25`` or a sentence-transformers id / local directory;
     ``scoring``: ``procedure`` (default), ``dense`` (the paper's dot product) or ``bm25``.
 
-    >>> bank = exprag.build_bank(TRAJ, tmp / "bank", encoder="bm25", scoring="bm25")
-    >>> len(bank)
-    48
+    Examples:
+        >>> bank = exprag.build_bank(TRAJ, tmp / "bank", encoder="bm25", scoring="bm25")
+        >>> len(bank)
+        48
     """
     from exprag.bank.store import build_bank as _build, build_bank_from_files
 
@@ -88,9 +92,10 @@ def build_bank(trajectories: Iterable[Trajectory] | PathLike | Sequence[PathLike
 def open_bank(path: PathLike) -> Bank:
     """Open a bank directory (its trajectories are ``bank.trajectories``).
 
-    >>> bank = exprag.open_bank(BANK)
-    >>> len(bank), bank.trajectories[0].env
-    (48, 'alfworld')
+    Examples:
+        >>> bank = exprag.open_bank(BANK)
+        >>> len(bank), bank.trajectories[0].env
+        (48, 'alfworld')
     """
     from exprag.bank.store import load_bank
 
@@ -101,9 +106,10 @@ def append_to_bank(bank: Bank | PathLike, trajectories: Iterable[Trajectory]) ->
     """Write-back: add trajectories to a bank (a new version, published atomically); returns the
     bank that holds them. Ids already in the bank are refused.
 
-    >>> bank = exprag.build_bank(exprag.read_trajectories(TRAJ)[:40], tmp / "grow", encoder="bm25", scoring="bm25")
-    >>> len(exprag.append_to_bank(bank, exprag.read_trajectories(TRAJ)[40:]))
-    48
+    Examples:
+        >>> bank = exprag.build_bank(exprag.read_trajectories(TRAJ)[:40], tmp / "grow", encoder="bm25", scoring="bm25")
+        >>> len(exprag.append_to_bank(bank, exprag.read_trajectories(TRAJ)[40:]))
+        48
     """
     from exprag.bank.store import append_to_bank as _append
 
@@ -118,9 +124,10 @@ def retrieve(bank: Bank | PathLike, task: str, history: Messages | None = None, 
     holds its messages so far, user = observation, assistant = action), best first. Each ``Hit``
     has ``trajectory``, ``score``, ``position`` and ``steps`` (how many steps a token budget left).
 
-    >>> hits = exprag.retrieve(BANK, "Your task is to: examine the book with the desklamp.", k=2)
-    >>> [h.trajectory.task_type for h in hits]
-    ['look_at_obj_in_light', 'look_at_obj_in_light']
+    Examples:
+        >>> hits = exprag.retrieve(BANK, "Your task is to: examine the book with the desklamp.", k=2)
+        >>> [h.trajectory.task_type for h in hits]
+        ['look_at_obj_in_light', 'look_at_obj_in_light']
     """
     from exprag.bank.retriever import Retriever
 
@@ -132,9 +139,10 @@ def retrieve(bank: Bank | PathLike, task: str, history: Messages | None = None, 
 def render_memory(hits: Sequence[Hit], memory_format: str = "json") -> str:
     """The memory block of retrieved hits, as the agent's system prompt holds it ('' for no hits).
 
-    >>> block = exprag.render_memory(exprag.retrieve(BANK, "Your task is to: examine the book with the desklamp."))
-    >>> block.splitlines()[0]
-    '# Memory: past episodes of similar tasks'
+    Examples:
+        >>> block = exprag.render_memory(exprag.retrieve(BANK, "Your task is to: examine the book with the desklamp."))
+        >>> block.splitlines()[0]
+        '# Memory: past episodes of similar tasks'
     """
     from exprag.memory_block import memory_block
 
@@ -144,8 +152,9 @@ def render_memory(hits: Sequence[Hit], memory_format: str = "json") -> str:
 def system_prompt(action_templates: Sequence[str], memory: str = "", admissible: Sequence[str] | None = None) -> str:
     """The agent's system prompt: instructions, the env's action templates, then the memory block.
 
-    >>> print(exprag.system_prompt(["go to [receptacle]"]).splitlines()[-1])
-    - go to [receptacle]
+    Examples:
+        >>> print(exprag.system_prompt(["go to [receptacle]"]).splitlines()[-1])
+        - go to [receptacle]
     """
     from exprag.prompt import system_prompt as _prompt
 
@@ -161,16 +170,17 @@ class Memory:
     ids; default ~4 characters a token). ``filters`` (an ``exprag.bank.Filters``) limits the
     candidates.
 
-    >>> mem = exprag.Memory(BANK, k=2, mode="dynamic")
-    >>> block = mem.for_task("Your task is to: put a clean cloth in countertop.")
-    >>> "## Successful trajectories" in block
-    True
-    >>> step = [{"role": "user", "content": "You are in the middle of a room."},
-    ...         {"role": "assistant", "content": "go to sinkbasin 1"}]
-    >>> mem.update(step) == mem.block
-    True
-    >>> [t.task_type for t in mem.trajectories]
-    ['pick_clean_then_place_in_recep', 'pick_clean_then_place_in_recep']
+    Examples:
+        >>> mem = exprag.Memory(BANK, k=2, mode="dynamic")
+        >>> block = mem.for_task("Your task is to: put a clean cloth in countertop.")
+        >>> "## Successful trajectories" in block
+        True
+        >>> step = [{"role": "user", "content": "You are in the middle of a room."},
+        ...         {"role": "assistant", "content": "go to sinkbasin 1"}]
+        >>> mem.update(step) == mem.block
+        True
+        >>> [t.task_type for t in mem.trajectories]
+        ['pick_clean_then_place_in_recep', 'pick_clean_then_place_in_recep']
     """
 
     def __init__(self, bank: Bank | PathLike, k: int = 2, mode: str = "static", *, memory_format: str = "json",
@@ -205,8 +215,9 @@ class Memory:
     def for_task(self, task: str) -> str:
         """Start a task: retrieve for its description and return the memory block.
 
-        >>> exprag.Memory(BANK, k=1).for_task("Your task is to: examine the book with the desklamp.").count("### Trajectory")
-        1
+        Examples:
+            >>> exprag.Memory(BANK, k=1).for_task("Your task is to: examine the book with the desklamp.").count("### Trajectory")
+            1
         """
         self.task = task
         return self._retrieve(None)
@@ -215,10 +226,11 @@ class Memory:
         """The block after a step: dynamic mode retrieves again from the task and ``history`` (the
         episode's messages so far); static mode keeps the task's block, as the agent does.
 
-        >>> mem = exprag.Memory(BANK, k=1)
-        >>> first = mem.for_task("Your task is to: examine the book with the desklamp.")
-        >>> mem.update([{"role": "assistant", "content": "go to desk 1"}]) == first
-        True
+        Examples:
+            >>> mem = exprag.Memory(BANK, k=1)
+            >>> first = mem.for_task("Your task is to: examine the book with the desklamp.")
+            >>> mem.update([{"role": "assistant", "content": "go to desk 1"}]) == first
+            True
         """
         if self.task is None:
             raise RuntimeError("Memory.update before Memory.for_task: no task to retrieve for")
@@ -230,10 +242,11 @@ class Memory:
         """Write-back: append finished episodes to the bank (``append_to_bank``); later retrievals
         see them.
 
-        >>> mem = exprag.Memory(exprag.build_bank(exprag.read_trajectories(TRAJ)[:40], tmp / "wb", "bm25", scoring="bm25"))
-        >>> mem.add(exprag.read_trajectories(TRAJ)[40:])
-        >>> len(mem.bank)
-        48
+        Examples:
+            >>> mem = exprag.Memory(exprag.build_bank(exprag.read_trajectories(TRAJ)[:40], tmp / "wb", "bm25", scoring="bm25"))
+            >>> mem.add(exprag.read_trajectories(TRAJ)[40:])
+            >>> len(mem.bank)
+            48
         """
         from exprag.bank.retriever import Retriever
         from exprag.bank.store import append_to_bank as _append
@@ -250,9 +263,10 @@ def load_chat_model(spec: PathLike = "smollm2-135m", *, adapter: PathLike | None
     served model at ``base_url``; ``adapter`` a LoRA directory. ``model.generate(conversations)``
     returns one generation (``.text``) per conversation.
 
-    >>> model = exprag.load_chat_model(TINY)
-    >>> [g.text for g in model.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=2)] != []
-    True
+    Examples:
+        >>> model = exprag.load_chat_model(TINY)
+        >>> [g.text for g in model.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=2)] != []
+        True
     """
     from exprag.llm import load_chat_model as _load
 
@@ -263,8 +277,9 @@ def tiny_model(out: PathLike) -> Path:
     """Write a small random model (the bundled SmolLM2 architecture and tokenizer, 2 layers) to
     ``out``: a fast stand-in for trying evaluation and training. Idempotent.
 
-    >>> exprag.tiny_model(tmp / "tiny").joinpath("config.json").is_file()
-    True
+    Examples:
+        >>> exprag.tiny_model(tmp / "tiny").joinpath("config.json").is_file()
+        True
     """
     from exprag.llm.models import tiny_random_model
 
@@ -278,10 +293,11 @@ def run_eval(config: Mapping[str, Any] | PathLike | Any, *, model: ChatModel | N
     out``, ...) or an ``EvalConfig``; ``model``: a loaded chat model to reuse. Returns ``.metrics``
     and ``.success_rate``; the run directory is ``config.out``.
 
-    >>> res = exprag.run_eval({"env": "twx", "split": "test", "task_types": "coin", "per_type": 1,
-    ...                        "model": str(TINY), "max_steps": 2, "max_new_tokens": 4, "out": str(tmp / "eval")})
-    >>> res.metrics["n"], 0.0 <= res.success_rate <= 1.0
-    (1, True)
+    Examples:
+        >>> res = exprag.run_eval({"env": "twx", "split": "test", "task_types": "coin", "per_type": 1,
+        ...                        "model": str(TINY), "max_steps": 2, "max_new_tokens": 4, "out": str(tmp / "eval")})
+        >>> res.metrics["n"], 0.0 <= res.success_rate <= 1.0
+        (1, True)
     """
     from exprag.config import EvalConfig, from_dict, load_yaml
     from exprag.evaluate import evaluate
@@ -298,11 +314,12 @@ def run_training(config: Mapping[str, Any] | PathLike | Any, *, resume: bool = F
     train YAML path, a mapping of its fields or a ``TrainConfig``. Returns the run's ``out``,
     ``last_checkpoint`` and ``history``.
 
-    >>> res = exprag.run_training({"trajectories": [str(TRAJ)], "model": str(TINY), "epochs": 1,
-    ...                            "batch_size": 8, "max_length": 2048, "retrieval": {"bank": str(BANK), "k": 1},
-    ...                            "out": str(tmp / "train")})
-    >>> res.epochs_done, res.last_checkpoint.joinpath("adapter_config.json").is_file()
-    (1, True)
+    Examples:
+        >>> res = exprag.run_training({"trajectories": [str(TRAJ)], "model": str(TINY), "epochs": 1,
+        ...                            "batch_size": 8, "max_length": 2048, "retrieval": {"bank": str(BANK), "k": 1},
+        ...                            "out": str(tmp / "train")})
+        >>> res.epochs_done, res.last_checkpoint.joinpath("adapter_config.json").is_file()
+        (1, True)
     """
     from exprag.train.config import TrainConfig, config_from_dict, load_train_config
     from exprag.train.lora import train
@@ -316,13 +333,14 @@ def run_experiment(config: Mapping[str, Any] | PathLike | Any, *, progress: bool
     every cell into ``config.out``. ``config``: an experiment YAML path, a mapping of its fields or
     an ``ExperimentConfig``. Returns one row per cell (``rows``).
 
-    >>> res = exprag.run_experiment({"name": "api", "env": "twx", "models": [str(TINY)], "encoder": "bm25",
-    ...     "main_k": 1, "out": str(tmp / "exp"),
-    ...     "data": {"train_per_type": 1, "test_per_type": 1, "task_types": {"easy": ["twc"], "hard": ["coin"]}},
-    ...     "eval": {"max_steps": 2, "max_new_tokens": 4},
-    ...     "grid": [{"methods": ["no_retrieval", "exprag_frozen"], "groups": ["hard"]}]})
-    >>> [(r["method"], r["n"]) for r in res.rows]
-    [('no_retrieval', 1), ('exprag_frozen', 1)]
+    Examples:
+        >>> res = exprag.run_experiment({"name": "api", "env": "twx", "models": [str(TINY)], "encoder": "bm25",
+        ...     "main_k": 1, "out": str(tmp / "exp"),
+        ...     "data": {"train_per_type": 1, "test_per_type": 1, "task_types": {"easy": ["twc"], "hard": ["coin"]}},
+        ...     "eval": {"max_steps": 2, "max_new_tokens": 4},
+        ...     "grid": [{"methods": ["no_retrieval", "exprag_frozen"], "groups": ["hard"]}]})
+        >>> [(r["method"], r["n"]) for r in res.rows]
+        [('no_retrieval', 1), ('exprag_frozen', 1)]
     """
     from exprag.experiment import ExperimentConfig, experiment_config_from_dict, load_experiment_config
     from exprag.experiment import run_experiment as _run

@@ -48,11 +48,12 @@ class Trajectory:
     line; ``schema_version`` 1). ``messages`` use chat roles: ``user`` = observation (the first one
     holds the task), ``assistant`` = action.
 
-    >>> t = exprag.read_trajectories(TRAJ)[0]
-    >>> t.num_steps == len(t.actions()), t.messages[1]["role"]
-    (True, 'assistant')
-    >>> exprag.Trajectory.from_dict(t.to_dict()) == t
-    True
+    Examples:
+        >>> t = exprag.read_trajectories(TRAJ)[0]
+        >>> t.num_steps == len(t.actions()), t.messages[1]["role"]
+        (True, 'assistant')
+        >>> exprag.Trajectory.from_dict(t.to_dict()) == t
+        True
     """
 
     id: str
