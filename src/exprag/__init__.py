@@ -13,7 +13,7 @@ Retrieval and the memory block (exactly as the agent and the trainer build them)
 Models, evaluation, training, experiments
     ``load_chat_model``, ``tiny_model``, ``run_eval``, ``run_training``, ``run_experiment``
 
-Everything else (submodules included) is internal and may change. Docs: docs/guides/own-agent.md.
+Everything else (submodules included) is internal and may change. Guide: docs/own-agent.md; reference: docs/api.md.
 """
 
 import warnings as _warnings

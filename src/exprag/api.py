@@ -103,8 +103,8 @@ def open_bank(path: PathLike) -> Bank:
 
 
 def append_to_bank(bank: Bank | PathLike, trajectories: Iterable[Trajectory]) -> Bank:
-    """Write-back: add trajectories to a bank (a new version, published atomically); returns the
-    bank that holds them. Ids already in the bank are refused.
+    """Write-back: add trajectories to a bank (a new version, published atomically, as
+    ``exprag eval --write-back`` does); returns the bank that holds them.
 
     Examples:
         >>> bank = exprag.build_bank(exprag.read_trajectories(TRAJ)[:40], tmp / "grow", encoder="bm25", scoring="bm25")
