@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: bootstrap quickstart test test-all test-engines bench clean
+.PHONY: bootstrap quickstart test test-all test-engines bench docs clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -26,5 +26,9 @@ test-engines: bootstrap
 bench: bootstrap
 	$(VENV)/bin/python bench/run_all.py $(if $(BANK_SIZES),--bank-sizes $(BANK_SIZES))
 
+# The docs site (MkDocs + Material + mkdocstrings), built offline and strictly (a broken link fails) into site/.
+docs: bootstrap
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .pytest_cache runs site

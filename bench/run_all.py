@@ -55,7 +55,7 @@ BENCHES: dict[str, Bench] = {
     "engines": Bench("bench_engines.py", [], ["--episodes", "4", "--steps", "4"]),
     # 100k keys by default (1M takes ~10 min on one core: --bank-sizes 100000 1000000; docs/bank-scale.md)
     "bank_append": Bench("bench_bank_append.py", [], ["--sizes", "20000"]),
-    # 10 variations per ScienceWorld type (300); the full train split (3592) is its default: docs/README row.
+    # 10 variations per ScienceWorld type (300); the full train split (3592) is its default: docs/measured.md row.
     "collect_workers": Bench("bench_collect_workers.py", ["--per-type", "10"], ["--env", "twx", "--per-type", "2"]),
     "bank_scale": Bench("bench_bank_scale.py", [], ["--sizes", "20000", "--queries", "30", "--batch", "64"]),
     "topk": Bench("bench_topk.py", [], ["--sizes", "20000", "100000"]),

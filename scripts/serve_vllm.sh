@@ -10,7 +10,7 @@
 # --model: exprag's model spec (smollm2-135m, a checkpoint dir, a .gguf file, a cached hub id), resolved
 # to a local HF directory by exprag (the bundled GGUF is converted once); clients name it by the spec
 # as given (--served-model-name), which is what `eval.model` sends. Adapters: served under NAME; exprag's
-# name for an adapter directory is printed by `python -m exprag.llm.adapters DIR` (see README, Serving).
+# name for an adapter directory is printed by `python -m exprag.llm.adapters DIR` (see docs/serving.md).
 # Offline (HF_HUB_OFFLINE=1), loopback, API key $EXPRAG_API_KEY (generated when unset and printed).
 # Small CPU defaults (shared machine): OMP_NUM_THREADS=1, VLLM_CPU_KVCACHE_SPACE=1 (GiB),
 # --max-model-len 4096, fp32 with the CPU build ($VLLM_DTYPE); override with the environment or VLLM_ARGS.

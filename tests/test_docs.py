@@ -104,3 +104,70 @@ def test_every_docs_reference_resolves():
         elif anchor and anchor not in known:
             broken.append(f"{where} (no such anchor)")
     assert broken == []
+
+
+# ---- the docs site -------------------------------------------------------------------------------
+README = ROOT / "README.md"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """`mkdocs build --strict` (what `make docs` runs): a broken link or anchor, a page missing from
+    the nav or a docstring mkdocstrings cannot render fails the build."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("site")
+    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
+                          "--site-dir", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+def test_docs_site_builds_strictly_with_every_page(site):
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+
+    def pages(items):
+        for item in items:
+            for value in (item.values() if isinstance(item, dict) else [item]):
+                yield from (pages(value) if isinstance(value, list) else [value])
+
+    listed = set(pages(nav))
+    assert listed == {p.name for p in DOCS.glob("*.md")}  # every page in the nav, every nav entry a page
+    for page in listed:
+        built = site / ("index.html" if page == "index.md" else f"{page[:-3]}/index.html")
+        assert built.is_file(), page
+
+
+def test_cli_reference_is_generated_from_the_parser(site):
+    from exprag.cli import build_parser
+
+    html = (site / "cli" / "index.html").read_text(encoding="utf-8")
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, sub in commands.items():
+        assert f"exprag {name}</code>" in html, name
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in html, f"exprag {name} {flag}"
+
+
+def test_api_reference_documents_every_public_name(site):
+    import exprag
+
+    html = (site / "api" / "index.html").read_text(encoding="utf-8")
+    for name in exprag.__all__:
+        assert re.search(rf'id="exprag\.[\w.]*\b{name}"', html), name  # a heading of its own
+
+
+def test_readme_is_short_and_leads_into_the_docs():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 160
+    assert "make quickstart" in text and "make test" in text
+    assert "docs/method.svg" in text
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", text))
+    assert {"getting-started.md", "gpu.md", "own-agent.md"} <= linked
+    assert all((DOCS / name).is_file() for name in linked)

@@ -74,3 +74,19 @@ def _name(requirement: str) -> str:
     for sep in "<>=![; ":
         requirement = requirement.split(sep)[0]
     return requirement.strip().lower()
+
+
+def test_import_exprag_is_light():
+    """`import exprag` loads nothing heavy; the API's names load on first use (reading trajectories
+    needs only the core install), and `help(exprag)` loads no model stack."""
+    probe = ("import json, sys, pydoc\nimport exprag\n"
+             "mods = lambda: sorted({m.split('.')[0] for m in sys.modules})\nbare = mods()\n"
+             "exprag.read_trajectories, exprag.Trajectory, exprag.iter_trajectories\nread = mods()\n"
+             "text = pydoc.render_doc(exprag)\n"
+             "print(json.dumps({'bare': bare, 'read': read, 'help': mods(), 'all': exprag.__all__, 'text': text}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not set(res["bare"]) & (set(HEAVY) | {"textworld_express"})
+    assert not set(res["read"]) & (set(HEAVY) | {"textworld_express"})
+    assert not set(res["help"]) & {"torch", "transformers", "peft", "accelerate", "sentence_transformers"}
+    assert "Memory" in res["all"] and all(name in res["text"] for name in res["all"])

@@ -61,6 +61,18 @@ _OPTIONAL = ("meta", "action_syntax")
 
 @dataclass
 class Trajectory:
+    """One episode: the record environments write, banks store and trainers read (JSONL, one per
+    line; ``schema_version`` 1). ``messages`` use chat roles: ``user`` = observation (the first one
+    holds the task), ``assistant`` = action.
+
+    Examples:
+        >>> t = exprag.read_trajectories(TRAJ)[0]
+        >>> t.num_steps == len(t.actions()), t.messages[1]["role"]
+        (True, 'assistant')
+        >>> exprag.Trajectory.from_dict(t.to_dict()) == t
+        True
+    """
+
     id: str
     env: str
     env_version: str

@@ -38,7 +38,14 @@ class Hit:
 
 @dataclass(frozen=True)
 class Filters:
-    """Which bank entries may be returned."""
+    """Which bank entries may be returned: by task type, env, success, or leaving out ids, tasks and
+    leakage groups (what training uses so that a memory never shows the example's own task).
+
+    Examples:
+        >>> f = exprag.Filters(task_types={"pick_clean_then_place_in_recep"})
+        >>> {h.trajectory.task_type for h in exprag.retrieve(BANK, "Your task is to: look at a book.", filters=f)}
+        {'pick_clean_then_place_in_recep'}
+    """
 
     task_types: Collection[str] | None = None
     envs: Collection[str] | None = None
