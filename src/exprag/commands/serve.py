@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from exprag.llm.server import DEFAULT_MAX_LORAS, DEFAULT_MAX_QUEUE
 from exprag.validate import port, positive_int
 
 
@@ -32,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--max-tokens", type=positive_int, default=256, help="reply length when a request gives none (default: 256)")
+    p.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests waiting for the model before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-loras", type=positive_int, default=DEFAULT_MAX_LORAS,
+                   help=f"LoRA adapters loaded at most, at start and at run time (default: {DEFAULT_MAX_LORAS})")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $EXPRAG_API_KEY; prefer the variable, "
                         "a flag is visible to other users in the process list)")
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         adapters=adapters,
         runtime_lora=args.runtime_lora,
+        max_queue=args.max_queue,
+        max_loras=args.max_loras,
     )
     access = "API key required" if api_key else "no API key"
     if not api_key and not is_loopback(args.host):

@@ -306,6 +306,12 @@ class HFChatModel:
         with self._lock:
             self._sessions.pop(session_id, None)
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt + reply) the model attends over; None when its config does not say."""
+        n = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
     def encode(self, conversation: Conversation) -> list[int]:
         """Token ids of the prompt (chat template + generation prompt), as the model sees it."""
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

@@ -1,17 +1,27 @@
 """A small OpenAI-compatible HTTP server around any :class:`~exprag.llm.base.ChatModel`.
 
 Endpoints: ``POST /v1/chat/completions`` (non-streaming, greedy whatever the temperature, ``n=1``),
-``GET /v1/models``, ``GET /health``. Requests arriving together are batched: handler threads queue
-them and one worker thread calls ``model.generate`` on up to ``max_batch_size`` of them at a time,
-so concurrent clients share decoding steps. A non-standard ``session_id`` body field is passed on
-to the model as its session id (KV reuse in the transformers backend). Binds loopback by default.
+``GET /v1/models``, ``GET /health``. Requests arriving together are batched: they queue, and one
+worker thread calls ``model.generate`` on up to ``max_batch_size`` of them at a time, so concurrent
+clients share decoding steps. A non-standard ``session_id`` body field is passed on to the model as
+its session id (KV reuse in the transformers backend). Binds loopback by default.
+
+The HTTP layer is Starlette on uvicorn (the ASGI stack vLLM's server uses): one event loop holds
+every connection, so a stalled client costs a socket, not a thread. Limits a hostile or careless
+client meets: the key is checked before any body is read; a body is read in chunks and cut at
+``MAX_BODY`` however it arrives (Content-Length or chunked), and within ``BODY_TIMEOUT`` seconds;
+at most ``max_queue`` requests wait for the model (503 beyond, with Retry-After); a prompt longer
+than the model's context is refused (400 naming the limit) before it reaches the model; every error
+is a JSON body ``{"error": {"message", "type", "code"}}``.
 
 LoRA adapters (as vLLM serves them): a request whose ``model`` names an adapter added with
 ``adapters={NAME: DIR}`` (``exprag serve --lora-modules NAME=DIR``) runs with that adapter on the one
 loaded base model; any other name gets the base model. ``GET /v1/models`` lists the base model and
 the adapters; with ``runtime_lora=True`` clients may add adapters with ``POST /v1/load_lora_adapter``
 (``{"lora_name": NAME, "lora_path": DIR}``, vLLM's runtime LoRA API), which is how an experiment's
-freshly trained adapters reach an already running server (exprag.llm.adapters).
+freshly trained adapters reach an already running server (exprag.llm.adapters). A name already
+served (the base model's, or another adapter's) is refused, so no client can make other clients'
+requests run its adapter; at most ``max_loras`` adapters are loaded.
 
 Access: with an ``api_key`` every route but ``/health`` needs ``Authorization: Bearer KEY`` (what
 OpenAI clients send) and answers 401 otherwise. Without a key the server refuses to bind a
@@ -20,6 +30,7 @@ non-loopback address (anyone on the network could use the model), unless ``insec
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -31,7 +42,6 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from exprag.llm.base import DEFAULT_MAX_NEW_TOKENS, ChatModel, Conversation, Generation, ServerError
@@ -39,6 +49,9 @@ from exprag.llm.base import DEFAULT_MAX_NEW_TOKENS, ChatModel, Conversation, Gen
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
 MAX_TOKENS_CAP = 8192
+BODY_TIMEOUT = 30.0  # seconds to receive a whole body once its headers are in
+DEFAULT_MAX_QUEUE = 256  # requests waiting for the model, beyond which clients are told to come back
+DEFAULT_MAX_LORAS = 16
 
 
 class BadRequest(Exception):
@@ -87,6 +100,10 @@ class ChatServer:
         insecure: bool = False,
         adapters: dict[str, str] | None = None,
         runtime_lora: bool = False,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_loras: int = DEFAULT_MAX_LORAS,
+        max_body: int = MAX_BODY,
+        body_timeout: float = BODY_TIMEOUT,
     ) -> None:
         if not api_key and not insecure and not is_loopback(host):
             self.refuse_open_bind(host, port)
@@ -96,19 +113,41 @@ class ChatServer:
         self.batch_wait = batch_wait
         self.default_max_tokens = default_max_tokens
         self.runtime_lora = runtime_lora
+        self.max_queue = max(1, max_queue)
+        self.max_loras = max(0, max_loras)
+        self.max_body, self.body_timeout = max_body, body_timeout
+        self._adapter_lock = threading.Lock()
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._waiting = 0  # requests queued or running; bounded by max_queue
+        self._count_lock = threading.Lock()
+        # The socket is bound here, so that a port in use fails the constructor and port=0 is known.
         try:
-            self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
+            family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+            self._sock = socket.socket(family, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind((host.strip("[]"), port))
+            self._sock.listen(128)
         except OSError as e:
             raise ServerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        self._httpd.daemon_threads = True
         self.host = host
-        self.port = int(self._httpd.server_address[1])
+        self.port = int(self._sock.getsockname()[1])
+        self._http = self._uvicorn()
         self._threads: list[threading.Thread] = []
         self._worker = threading.Thread(target=self._work, name="exprag-batcher", daemon=True)
         self._worker.start()
+
+    def _uvicorn(self):
+        import uvicorn
+
+        config = uvicorn.Config(
+            _app(self), log_level="warning", access_log=False, lifespan="off", http="h11",
+            timeout_keep_alive=5,  # an idle kept-alive connection is closed after this
+            timeout_graceful_shutdown=5,
+            h11_max_incomplete_event_size=64 * 1024,  # header block cap: a client cannot grow it forever
+        )
+        return uvicorn.Server(config)
 
     @staticmethod
     def refuse_open_bind(host: str, port: int) -> None:
@@ -122,11 +161,33 @@ class ChatServer:
         return list(getattr(self.model, "adapters", {}) or {})
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Serve the LoRA adapter at ``path`` as model ``name`` (a ModelError when it does not fit)."""
+        """Serve the LoRA adapter at ``path`` as model ``name`` (a ModelError when it does not fit). A
+        name the server already answers to is refused: loading an adapter under the base model's
+        name would make every client's base-model requests run it."""
         load = getattr(self.model, "load_adapter", None)
         if load is None:
             raise ServerError(f"{type(self.model).__name__} cannot apply LoRA adapters")
-        load(name, path)
+        with self._adapter_lock:
+            if name == self.model.name:
+                raise ServerError(f"adapter name {name!r} is the served base model's name; choose another")
+            if name in self.adapters:
+                raise ServerError(f"an adapter named {name!r} is already served; choose another name")
+            if len(self.adapters) >= self.max_loras:
+                raise ServerError(f"{len(self.adapters)} adapters are loaded, the most this server holds "
+                                  f"(max_loras {self.max_loras})")
+            load(name, path)
+
+    def check_context(self, job: _Job) -> None:
+        """A prompt that cannot fit the model's context is refused here, not after its prefill has
+        held up every other request: 400 with the numbers. Models that cannot count tokens pass."""
+        limit = getattr(self.model, "context_length", None)
+        encode = getattr(self.model, "encode", None)
+        if not limit or encode is None:
+            return
+        n = len(encode(job.conversation))
+        if n + job.max_tokens > limit:
+            raise HTTPError(400, f"the prompt is {n} tokens; with max_tokens {job.max_tokens} it exceeds the "
+                                 f"model's context of {limit} tokens")
 
     @property
     def url(self) -> str:
@@ -134,34 +195,56 @@ class ChatServer:
         return f"http://{host}:{self.port}/v1"
 
     def start(self) -> "ChatServer":
-        t = threading.Thread(target=self._httpd.serve_forever, name="exprag-http", daemon=True)
+        t = threading.Thread(target=self._http.run, kwargs={"sockets": [self._sock]}, name="exprag-http",
+                             daemon=True)
         t.start()
         self._threads.append(t)
+        deadline = time.monotonic() + 30
+        while not self._http.started and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._http.started:
+            raise ServerError(f"the HTTP server on {self.host}:{self.port} did not start")
         return self
 
     def serve_forever(self) -> None:
-        self._httpd.serve_forever()
+        """Block until SIGINT / SIGTERM (uvicorn's own handlers end it gracefully) or ``shutdown()``."""
+        self._http.run(sockets=[self._sock])
 
     def shutdown(self) -> None:
-        if self._threads:
-            self._httpd.shutdown()
-        self._httpd.server_close()
+        self._http.should_exit = True
+        for t in self._threads:
+            t.join(timeout=10)
+        self._sock.close()
         self._jobs.put(None)
         self._worker.join(timeout=5)
-        for t in self._threads:
-            t.join(timeout=5)
 
     def __enter__(self) -> "ChatServer":
-        return self.start()
+        return self.start() if not self._threads else self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-    # ---- batching worker ---------------------------------------------------------------------------
-    def submit(self, job: _Job) -> Generation:
-        self._jobs.put(job)
-        return job.future.result()
+    def enqueue(self, job: _Job) -> Future:
+        """Queue ``job`` for the batching worker; 503 when ``max_queue`` requests already wait."""
+        with self._count_lock:
+            if self._waiting >= self.max_queue:
+                raise HTTPError(503, f"the server is busy ({self._waiting} requests queued); retry later",
+                                "server_error", {"Retry-After": "1"})
+            self._waiting += 1
 
+        def done(_: Future) -> None:
+            with self._count_lock:
+                self._waiting -= 1
+
+        job.future.add_done_callback(done)
+        self._jobs.put(job)
+        return job.future
+
+    def submit(self, job: _Job) -> Generation:
+        """Run ``job`` and wait for its reply (in-process callers)."""
+        return self.enqueue(job).result()
+
+    # ---- batching worker ---------------------------------------------------------------------------
     def _work(self) -> None:
         backlog: list[_Job] = []  # taken from the queue, not yet run
         closing = False
@@ -245,7 +328,15 @@ def parse_request(body: Any, default_max_tokens: int) -> _Job:
             raise BadRequest(f"messages[{i}].role must be system, user or assistant")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise BadRequest(f"messages[{i}].content[{j}] must be an object with a 'type'")
+                if part["type"] == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise BadRequest(f"messages[{i}].content[{j}].text must be a string")
+                    texts.append(part["text"])
+            content = "".join(texts)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
         conv.append({"role": role, "content": content})
@@ -285,110 +376,138 @@ def completion_body(model_name: str, g: Generation) -> dict[str, Any]:
     }
 
 
-def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "exprag"
+class HTTPError(Exception):
+    """An answer other than 200: its code, message and OpenAI error type."""
 
-        def log_message(self, format: str, *args: Any) -> None:  # the library never prints
-            log.debug("%s " + format, self.address_string(), *args)
+    def __init__(self, code: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.kind, self.headers = code, message, kind, headers or {}
 
-        def _authorized(self) -> bool:
-            """No key configured, or the request's bearer token matches it (constant-time compare)."""
-            if server.api_key is None:
-                return True
-            scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
-                return True
-            # Read (and drop) a refused POST's body first: a client still sending it would see the
-            # connection reset instead of the 401.
+
+def _error_response(e: HTTPError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.code}}, e.code,
+                        headers=e.headers)
+
+
+async def read_json_body(request: Any, limit: int = MAX_BODY, timeout: float = BODY_TIMEOUT) -> Any:
+    """The request's JSON body, read in chunks: cut at ``limit`` bytes whether it came with a
+    Content-Length or chunked, and within ``timeout`` seconds (a client that stalls mid-body)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPError(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise HTTPError(413, f"request body too large (limit {limit} bytes)")
+
+    async def read() -> bytes:
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body too large (limit {limit} bytes)")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    try:
+        raw = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"request body not received within {timeout:g} s") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "invalid JSON: the body is not UTF-8 text") from None
+    try:
+        return json.loads(text or "null")
+    except json.JSONDecodeError as e:
+        raise HTTPError(400, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise HTTPError(400, "invalid JSON: nested too deeply") from None
+
+
+def _app(server: ChatServer):
+    """The Starlette application of ``server``: routes, key check before the body, JSON errors."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    def authorize(request: Any) -> None:
+        if server.api_key is None:
+            return
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), server.api_key.encode())):
+            raise HTTPError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                            headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+
+    def guarded(handler, public: bool = False):
+        async def endpoint(request: Any):
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = 0
-            if 0 < length <= MAX_BODY:
-                self.rfile.read(length)
-            self._send(401, {"error": {"message": "missing or wrong API key (send Authorization: Bearer KEY)",
-                                       "type": "invalid_request_error", "code": 401}},
-                       {"WWW-Authenticate": "Bearer", "Connection": "close"})
-            return False
+                if not public:
+                    authorize(request)  # before a byte of the body is read
+                return await handler(request)
+            except HTTPError as e:
+                return _error_response(e)
+            except ClientDisconnect:  # the client hung up: nobody to answer, nothing to report
+                log.debug("client disconnected: %s %s", request.method, request.url.path)
+                return Response(status_code=499)
+            except Exception as e:  # noqa: BLE001 - a bug answers 500 in JSON, never a dropped connection
+                log.exception("request failed")
+                return _error_response(HTTPError(500, f"{type(e).__name__}: {e}", "server_error"))
+        return endpoint
 
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0].rstrip("/")
-            if path != "/health" and not self._authorized():
-                return
-            if path in ("/v1/models", "/models"):
-                base = server.model.name
-                self._send(200, {"object": "list", "data": [
-                    {"id": base, "object": "model", "created": 0, "owned_by": "exprag"},
-                    *({"id": a, "object": "model", "created": 0, "owned_by": "exprag", "parent": base}
-                      for a in server.adapters),
-                ]})
-            elif path == "/health":
-                self._send(200, {"status": "ok"})
-            else:
-                self._error(404, f"no route GET {path}", "not_found")
+    async def health(request: Any):
+        return JSONResponse({"status": "ok"})
 
-        def do_POST(self) -> None:
-            path = self.path.split("?")[0].rstrip("/")
-            if not self._authorized():
-                return
-            if path in ("/v1/load_lora_adapter", "/load_lora_adapter"):
-                self._load_lora()
-                return
-            if path not in ("/v1/chat/completions", "/chat/completions"):
-                self._error(404, f"no route POST {path}", "not_found")
-                return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    raise BadRequest("request body too large")
-                body = json.loads(self.rfile.read(length) or b"null")
-                job = parse_request(body, server.default_max_tokens)
-                if body.get("model") in server.adapters:
-                    job.adapter = body["model"]
-            except (BadRequest, ValueError) as e:
-                self._error(400, str(e) if isinstance(e, BadRequest) else f"invalid JSON: {e}")
-                return
-            try:
-                g = server.submit(job)
-            except Exception as e:
-                self._error(500, f"{type(e).__name__}: {e}", "server_error")
-                return
-            self._send(200, completion_body(server.model.name, g))
+    async def models(request: Any):
+        base = server.model.name
+        return JSONResponse({"object": "list", "data": [
+            {"id": base, "object": "model", "created": 0, "owned_by": "exprag"},
+            *({"id": a, "object": "model", "created": 0, "owned_by": "exprag", "parent": base}
+              for a in server.adapters),
+        ]})
 
-        def _load_lora(self) -> None:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(min(length, MAX_BODY)) or b"null")
-                name, path = body["lora_name"], body["lora_path"]
-                if not (isinstance(name, str) and name and isinstance(path, str) and path):
-                    raise ValueError
-            except (ValueError, KeyError, TypeError):
-                self._error(400, "expected {\"lora_name\": NAME, \"lora_path\": DIR}")
-                return
-            if not server.runtime_lora:
-                self._error(404, "runtime LoRA loading is off (start the server with --runtime-lora)", "not_found")
-                return
-            try:
-                server.load_adapter(name, path)
-            except Exception as e:  # an adapter that is missing or does not fit the model
-                self._error(400, f"{type(e).__name__}: {e}")
-                return
-            log.info("loaded LoRA adapter %s from %s", name, path)
-            self._send(200, {"status": "ok", "lora_name": name})
+    async def chat(request: Any):
+        body = await read_json_body(request, server.max_body, server.body_timeout)
+        try:
+            job = parse_request(body, server.default_max_tokens)
+        except BadRequest as e:
+            raise HTTPError(400, str(e)) from None
+        if body.get("model") in server.adapters:
+            job.adapter = body["model"]
+        await asyncio.to_thread(server.check_context, job)
+        g = await asyncio.wrap_future(server.enqueue(job))
+        return JSONResponse(completion_body(server.model.name, g))
 
-        def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._send(code, {"error": {"message": message, "type": kind, "code": code}})
+    async def load_lora(request: Any):
+        body = await read_json_body(request, min(server.max_body, 1 << 16), server.body_timeout)
+        name = body.get("lora_name") if isinstance(body, dict) else None
+        path = body.get("lora_path") if isinstance(body, dict) else None
+        if not (isinstance(name, str) and name and isinstance(path, str) and path):
+            raise HTTPError(400, 'expected {"lora_name": NAME, "lora_path": DIR}')
+        if not server.runtime_lora:
+            raise HTTPError(404, "runtime LoRA loading is off (start the server with --runtime-lora)", "not_found")
+        try:
+            await asyncio.to_thread(server.load_adapter, name, path)
+        except ServerError as e:
+            raise HTTPError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - an adapter that is missing or does not fit the model
+            raise HTTPError(400, f"{type(e).__name__}: {e}") from None
+        log.info("loaded LoRA adapter %s from %s", name, path)
+        return JSONResponse({"status": "ok", "lora_name": name})
 
-        def _send(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    routes = [Route("/health", guarded(health, public=True), methods=["GET"])]
+    for prefix in ("/v1", ""):
+        routes += [Route(f"{prefix}/models", guarded(models), methods=["GET"]),
+                   Route(f"{prefix}/chat/completions", guarded(chat), methods=["POST"]),
+                   Route(f"{prefix}/load_lora_adapter", guarded(load_lora), methods=["POST"])]
 
-    return Handler
+    async def http_error(request: Any, exc: HTTPException):  # unknown route or method, in JSON too
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        what = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else exc.detail
+        return _error_response(HTTPError(exc.status_code, what, kind))
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
