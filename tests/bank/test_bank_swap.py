@@ -32,16 +32,22 @@ def inputs(tmp_path, twx_trajs):
     return tmp_path / "bank", tmp_path / "new.jsonl"
 
 
-def killed_build(bank: Path, trajs: Path, stage: str) -> None:
+def paused_build(bank: Path, trajs: Path, stage: str) -> subprocess.Popen:
+    """A real `exprag bank build` process, waiting at ``stage`` (holding the bank's lock) to be signalled."""
     flag = bank.parent / f"paused-{stage}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "exprag", "bank", "build", "--trajectories", str(trajs), "--out", str(bank),
          "--encoder", "bm25"],
         env={**os.environ, "EXPRAG_TEST_PAUSE_AT": stage, "EXPRAG_TEST_PAUSE_FILE": str(flag)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(flag, proc)
+    return proc
+
+
+def killed_build(bank: Path, trajs: Path, stage: str) -> None:
+    proc = paused_build(bank, trajs, stage)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
 
 
 def layout_is_clean(bank: Path) -> None:
@@ -126,13 +132,7 @@ def test_append_waits_for_a_writer_holding_the_lock(inputs, twx_trajs):
     then extends what is published when it gets it."""
     bank_dir, new = inputs
     _, test = twx_trajs
-    flag = bank_dir.parent / "paused"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exprag", "bank", "build", "--trajectories", str(new), "--out", str(bank_dir),
-         "--encoder", "bm25"],
-        env={**os.environ, "EXPRAG_TEST_PAUSE_AT": "bank-staged", "EXPRAG_TEST_PAUSE_FILE": str(flag)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(flag, proc)
+    proc = paused_build(bank_dir, new, "bank-staged")
     stale = load_bank(bank_dir)
     with pytest.raises(RunLockedError, match=f"in use by exprag process {proc.pid}"):
         append_to_bank(stale, test[:1], wait=0.2)
@@ -141,7 +141,7 @@ def test_append_waits_for_a_writer_holding_the_lock(inputs, twx_trajs):
         time.sleep(0.5)
         assert not fut.done()  # waiting on the build's lock
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.communicate()
         assert len(fut.result(timeout=60)) == 5
     assert len(load_bank(bank_dir)) == 5
     layout_is_clean(bank_dir)
@@ -182,13 +182,7 @@ def test_sigterm_during_a_build_cleans_up(inputs):
     """SIGTERM (a scheduler's stop, `kill`) runs the same cleanup as Ctrl-C: no staging directory and
     no lock are left for the next build to find, and the old bank is as it was."""
     bank, new = inputs
-    flag = bank.parent / "paused-term"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exprag", "bank", "build", "--trajectories", str(new), "--out", str(bank),
-         "--encoder", "bm25"],
-        env={**os.environ, "EXPRAG_TEST_PAUSE_AT": "bank-staged", "EXPRAG_TEST_PAUSE_FILE": str(flag)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(flag, proc)
+    proc = paused_build(bank, new, "bank-staged")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err == "exprag: terminated\n", err
