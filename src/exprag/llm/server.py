@@ -42,7 +42,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from exprag.llm.base import DEFAULT_MAX_NEW_TOKENS, ChatModel, Conversation, Generation, ServerError
 
@@ -104,11 +104,25 @@ class ChatServer:
         max_loras: int = DEFAULT_MAX_LORAS,
         max_body: int = MAX_BODY,
         body_timeout: float = BODY_TIMEOUT,
+        upstream: str | None = None,
+        upstream_api_key: str | None = None,
+        rewrite: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        routes: Sequence[Any] = (),
     ) -> None:
+        """``upstream``: forward chat requests to that OpenAI-compatible server (``http://HOST:PORT/v1``,
+        e.g. vLLM) instead of a local ``model`` (then None); streaming passes through. ``rewrite``: a
+        function of the request body run before it is answered or forwarded (the memory proxy puts
+        the memory block into the system prompt; it may raise BadRequest). ``routes``: more Starlette
+        routes, behind the same key check."""
         if not api_key and not insecure and not is_loopback(host):
             self.refuse_open_bind(host, port)
+        if (model is None) == (upstream is None):
+            raise ServerError("serve a local model or forward to an upstream server: exactly one of the two")
         self.api_key = api_key or None
-        self.model = model
+        self.model = model if model is not None else _UpstreamModel(upstream, upstream_api_key)
+        self.upstream = self.model if upstream is not None else None
+        self.rewrite = rewrite
+        self.extra_routes = list(routes)
         self.max_batch_size = max(1, max_batch_size)
         self.batch_wait = batch_wait
         self.default_max_tokens = default_max_tokens
@@ -463,6 +477,8 @@ def _app(server: ChatServer):
         return JSONResponse({"status": "ok"})
 
     async def models(request: Any):
+        if server.upstream is not None:
+            return await server.upstream.models()
         base = server.model.name
         return JSONResponse({"object": "list", "data": [
             {"id": base, "object": "model", "created": 0, "owned_by": "exprag"},
@@ -473,6 +489,12 @@ def _app(server: ChatServer):
     async def chat(request: Any):
         body = await read_json_body(request, server.max_body, server.body_timeout)
         try:
+            if server.rewrite is not None:
+                if not isinstance(body, dict):
+                    raise BadRequest("the body must be a JSON object")
+                body = await asyncio.to_thread(server.rewrite, body)
+            if server.upstream is not None:
+                return await server.upstream.forward(body)
             job = parse_request(body, server.default_max_tokens)
         except BadRequest as e:
             raise HTTPError(400, str(e)) from None
@@ -500,6 +522,7 @@ def _app(server: ChatServer):
         return JSONResponse({"status": "ok", "lora_name": name})
 
     routes = [Route("/health", guarded(health, public=True), methods=["GET"])]
+    routes += [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in server.extra_routes]
     for prefix in ("/v1", ""):
         routes += [Route(f"{prefix}/models", guarded(models), methods=["GET"]),
                    Route(f"{prefix}/chat/completions", guarded(chat), methods=["POST"]),
@@ -511,3 +534,54 @@ def _app(server: ChatServer):
         return _error_response(HTTPError(exc.status_code, what, kind))
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+class _UpstreamModel:
+    """The model behind an upstream OpenAI-compatible server: requests are forwarded as they are
+    (after the server's ``rewrite``), answers and streams come back unchanged."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+        from exprag.llm.openai_client import chat_completions_url
+
+        if not url.startswith(("http://", "https://")):
+            raise ServerError(f"--upstream must be http://HOST:PORT/v1, got {url!r}")
+        self.chat_url = chat_completions_url(url)
+        self.base_url = self.chat_url.rsplit("/chat/completions", 1)[0]
+        self.name = f"upstream {self.base_url}"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self._client = None
+
+    def client(self):
+        import httpx
+
+        if self._client is None:  # one pool of connections, made in the server's event loop
+            self._client = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+        return self._client
+
+    async def _send(self, method: str, url: str, body: Any = None, stream: bool = False):
+        import httpx
+
+        try:
+            req = self.client().build_request(method, url, json=body)
+            return await self.client().send(req, stream=stream)
+        except httpx.HTTPError as e:
+            raise HTTPError(502, f"upstream {url}: {type(e).__name__}: {e or 'no answer'}", "server_error") from None
+
+    async def forward(self, body: dict[str, Any]):
+        from starlette.background import BackgroundTask
+        from starlette.responses import Response, StreamingResponse
+
+        stream = bool(body.get("stream"))
+        resp = await self._send("POST", self.chat_url, body, stream=stream)
+        media = resp.headers.get("content-type", "application/json")
+        if stream:
+            return StreamingResponse(resp.aiter_raw(), resp.status_code, media_type=media,
+                                     background=BackgroundTask(resp.aclose))
+        return Response(resp.content, resp.status_code, media_type=media)
+
+    async def models(self):
+        from starlette.responses import Response
+
+        resp = await self._send("GET", self.base_url + "/models")
+        return Response(resp.content, resp.status_code, media_type=resp.headers.get("content-type"))
