@@ -71,3 +71,31 @@ def test_vllm_serves_smollm2_and_an_exprag_adapter(tmp_path, twx_trajs, monkeypa
         with open(os.environ["EXPRAG_ENGINES_REPORT"], "a") as f:
             f.write(json.dumps({"test": "vllm", **{k: round(v, 1) for k, v in times.items()},
                                 "success": {n: r.metrics["success_rate"] for n, r in runs.items()}}) + "\n")
+
+
+def test_memory_proxy_streams_from_vllm(tmp_path, twx_trajs, monkeypatch):
+    """`exprag serve --bank B --upstream VLLM`: the official client's streamed request comes back
+    through the proxy chunk by chunk, with the memory in the prompt vLLM read (more prompt tokens)."""
+    import openai
+
+    from exprag.bank import build_bank
+    from exprag.llm.server import ChatServer
+    from exprag.llm.vllm import vllm_server
+    from exprag.memory_block import MemorySpec
+    from exprag.memory_proxy import MemoryProxy
+
+    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
+    task = twx_trajs[1][0].task
+    proxy = MemoryProxy(tmp_path / "bank", MemorySpec(k=2))
+    with vllm_server("smollm2-135m", log_path=tmp_path / "vllm.log") as (url, key), \
+            ChatServer(None, port=0, upstream=url, upstream_api_key=key, rewrite=proxy.rewrite,
+                       routes=proxy.routes()) as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": task}]
+        chunks = list(client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=8,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert len(chunks) > 2 and any(c.choices and c.choices[0].delta.content for c in chunks)
+        with_memory = next(c.usage for c in chunks if c.usage).prompt_tokens
+        without = client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=2,
+                                                 extra_body={"exprag": {"bank": False}}).usage.prompt_tokens
+        assert with_memory > without + 100  # two trajectories in the system prompt
