@@ -11,7 +11,7 @@ summing counts, and every interval is a Wilson interval recomputed from the pool
 
 Every method is evaluated on the same tasks, so the comparisons that matter are also tested paired:
 episodes are matched by (model, seed, task group, task id) and an exact McNemar test is run on the
-discordant pairs (see ``mcnemar_p``).
+discordant pairs (``exprag.stats.mcnemar_p``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from exprag.errors import DataFormatError
-from exprag.evaluate import read_results, wilson
+from exprag.evaluate import read_results
 from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
 from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
+from exprag.stats import mcnemar_p, wilson  # noqa: F401  (exprag.report.mcnemar_p: replay and older callers)
 from exprag.validate import check_type
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
@@ -526,17 +527,6 @@ def _row_labels(exps: list[Experiment], cells: list[Cell]) -> Callable[[str, str
 
 # (A, B): the method and its baseline; the memory-source comparison (matched vs empty) is added per method.
 PAIRED = (("exprag_lora", "lora"), ("lora_retrieval", "lora"), ("exprag_frozen", "no_retrieval"))
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: under no difference, each of the ``b + c`` discordant pairs
-    goes either way with probability 1/2, so p = 2 P(Binomial(b + c, 1/2) <= min(b, c)), capped at 1.
-    Integer arithmetic (math.comb): exact, and no statistics package needed."""
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
-    n = b + c
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
 
 
 @dataclass(frozen=True)
