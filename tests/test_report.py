@@ -421,3 +421,11 @@ def test_machine_info_names_the_cpu():
     assert info["cpus"] >= 1 and isinstance(info["cpu_vector"], list)
     if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
         assert info["cpu_model"]
+
+
+def test_header_names_the_commit_the_hypotheses_were_written_at():
+    from exprag.report import _hypothesis_lines
+
+    hyps = [{"id": "H1c", "text": "A beats B"}]
+    assert _hypothesis_lines(hyps, "abc1234")[0] == "- pre-registered hypotheses (written at commit abc1234):"
+    assert _hypothesis_lines(hyps)[0] == "- pre-registered hypotheses:"

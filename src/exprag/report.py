@@ -311,7 +311,7 @@ def _header(exp: Experiment) -> list[str]:
         *(["- task types (the experiment's own task groups): " + "; ".join(
             f"{k} = {', '.join(v)}" for k, v in data["task_types"].items())] if data.get("task_types") else []),
         *_retriever_lines(exp),
-        *_hypothesis_lines(cfg.get("hypotheses")),
+        *_hypothesis_lines(cfg.get("hypotheses"), cfg.get("preregistered_at")),
         *_ceiling_lines(exp.dir),
         f"- run directory: {exp.dir}", "",
     ]
@@ -375,10 +375,10 @@ def _retriever_lines(exp: Experiment) -> list[str]:
     return lines
 
 
-def _hypothesis_lines(hyps: Any) -> list[str]:
+def _hypothesis_lines(hyps: Any, commit: Any = None) -> list[str]:
     if not isinstance(hyps, list) or not hyps:
         return []
-    lines = ["- pre-registered hypotheses:"]
+    lines = [f"- pre-registered hypotheses{f' (written at commit {commit})' if commit else ''}:"]
     for h in hyps:
         if isinstance(h, dict):
             comp = f" (comparison: {h['comparison']})" if h.get("comparison") else ""
