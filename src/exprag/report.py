@@ -29,7 +29,7 @@ from exprag.errors import DataFormatError
 from exprag.evaluate import read_results
 from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
 from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
-from exprag.stats import mcnemar_p, wilson  # noqa: F401  (exprag.report.mcnemar_p: replay and older callers)
+from exprag.stats import Stratum, mcnemar_p, wilson  # noqa: F401  (exprag.report.mcnemar_p: replay and older callers)
 from exprag.validate import check_type
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
@@ -555,6 +555,17 @@ def pair_cells(a: list[Cell], b: list[Cell]) -> Paired:
     keys = oa.keys() & ob.keys()
     return Paired(len(keys), len(oa), len(ob), sum(oa[k] for k in keys), sum(ob[k] for k in keys),
                   sum(oa[k] and not ob[k] for k in keys), sum(ob[k] and not oa[k] for k in keys))
+
+
+def paired_stratum(exp: Experiment, a: str, b: str, group: str, model: str, name: str | None = None) -> Stratum | None:
+    """Arms ``a`` vs ``b`` ("method" or "method/source", as hypotheses name them) of one experiment on its
+    paired episodes of ``group``, as an ``exprag.stats.Stratum`` (for tests pooled over experiments whose
+    games are independent); None when the experiment has no pair of them."""
+    ca, cb = _arm_cells(exp.cells, a, group).get(model), _arm_cells(exp.cells, b, group).get(model)
+    pr = pair_cells(ca, cb) if ca and cb else None
+    if pr is None or not pr.n:
+        return None
+    return Stratum(name or exp.meta["name"], pr.n, pr.a_successes, pr.b_successes, pr.b, pr.c)
 
 
 def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, list[Cell]],
