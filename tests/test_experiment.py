@@ -366,3 +366,4 @@ def test_confirm_configs_copy_the_replication_recipe(seed, capsys):
     out = capsys.readouterr().out
     assert f"smollm2-135m/lora-hard-none-s{seed}" in out and "4 cells" in out and "H1c: ExpRAG-LoRA beats LoRA" in out
     assert "test games: disjoint from those of results/replication-cpu" in out
+    assert f"written at commit {new['preregistered_at']}" in out and len(new["preregistered_at"]) == 40
