@@ -70,6 +70,12 @@ def test_data_stage_refuses_shared_test_games(tmp_path, monkeypatch):
     with pytest.raises(DataFormatError, match="are the same game"):
         check_disjoint(_kept()[:2] + _kept()[:1], "test", [], "x")
     check_disjoint(_kept(), "test", [CONFIRM[0]], "x")  # the committed 50 are no candidate of seed 2026
+    with pytest.raises(DataFormatError, match="not found; disjoint_from names experiment directories"):
+        check_disjoint(_kept(), "test", [str(tmp_path / "nowhere")], "x")
+    (tmp_path / "bad" / "data").mkdir(parents=True)
+    (tmp_path / "bad" / "data" / "ceiling.json").write_text(json.dumps({"groups": {"sel": {}}}))
+    with pytest.raises(DataFormatError, match="field 'groups': expected test-\\* groups of one split"):
+        check_disjoint(_kept(), "test", [str(tmp_path / "bad")], "x")
     # a data stage whose kept test games (here: the replication's own) are another experiment's
     cfg = load_experiment_config(CONFIRM[0])
     cfg.out = str(tmp_path)

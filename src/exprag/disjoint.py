@@ -50,8 +50,10 @@ def kept_test_games(run_dir: str | Path) -> GameSet:
     if not path.is_file():
         raise DataFormatError(f"{path}: not found; disjoint_from names experiment directories whose data "
                               f"stage has run, or experiment configs")
-    record = read_json(path, "ceiling record")
-    groups = {g: v for g, v in (record.get("groups") or {}).items() if g.startswith("test-")}
+    record = read_json(path)
+    groups = record.get("groups") if isinstance(record, dict) else None
+    groups = {g: v for g, v in groups.items() if g.startswith("test-") and isinstance(v, dict)} \
+        if isinstance(groups, dict) else {}
     splits = {v.get("split") for v in groups.values()}
     if not groups or len(splits) != 1:
         raise DataFormatError(f"{path}: field 'groups': expected test-* groups of one split, got {sorted(groups)}")
