@@ -71,6 +71,8 @@ def test_expand_dedups_and_normalises():
     ({"data": {"task_types": {"medium": ["coin"]}}}, r"data.task_types.medium"),
     ({"data": {"task_types": {"hard": ["coin", "nope"]}}}, r"data.task_types.hard"),
     ({"data": {"task_types": {"easy": ["twc", "coin"]}}}, r"data.task_types.*'coin' is in both splits"),
+    ({"data": {"disjoint_from": ["results/x"]}}, r"data.disjoint_from.*generated ALFWorld games only"),
+    ({"preregistered_at": "tomorrow"}, r"field 'preregistered_at'.*git commit id"),
 ])
 def test_bad_configs_name_the_field(patch, match):
     with pytest.raises(ExpragError, match=match):
@@ -333,3 +335,35 @@ def test_replication_config_lists_the_oracle_cell(capsys):
     out = capsys.readouterr().out
     assert "exprag_lora-hard-oracle-k2-static-s2025  (diagnostic: oracle memory, not a method)" in out
     assert "within 0.667 x the step cap" in out
+
+
+@pytest.mark.parametrize("seed", [2026, 2027])
+def test_confirm_configs_copy_the_replication_recipe(seed, capsys):
+    """The confirmatory configs change only the training seed and the test games (issue 29's design): every
+    other field equals configs/replication-cpu.yaml's."""
+    from exprag.cli import main
+    from exprag.config import read_yaml
+
+    configs = Path(__file__).parent.parent / "configs"
+    base = read_yaml(configs / "replication-cpu.yaml", "config")
+    new = read_yaml(configs / f"replication-cpu-confirm-s{seed}.yaml", "config")
+    other = 4053 - seed
+    changed = {"name": f"replication-cpu-confirm-s{seed}", "out": f"results/replication-cpu-confirm/s{seed}",
+               "seeds": [seed]}
+    assert {k: new[k] for k in changed} == changed
+    assert new["env_args"] == {"gen_per_type": {**base["env_args"]["gen_per_type"], "test": 100},
+                               "gen_seed": {"test": seed}}  # train and dev: seed 0, the same games
+    assert new["data"] == {**base["data"], "test_per_type": 50,
+                           "disjoint_from": ["results/replication-cpu", f"configs/replication-cpu-confirm-s{other}.yaml"]}
+    assert new["grid"] == [{"methods": ["lora", "exprag_lora"], "groups": ["hard"]},
+                           {"methods": ["exprag_lora"], "groups": ["hard"], "sources": ["empty", "oracle"]}]
+    assert [(h["id"], h["a"], h["b"], h["group"], h["alternative"]) for h in new["hypotheses"]] == [
+        ("H1c", "exprag_lora", "lora", "hard", "greater"), ("H2c", "exprag_lora", "exprag_lora/empty", "hard", "greater")]
+    rest = set(base) | set(new)
+    rest -= {*changed, "env_args", "data", "grid", "hypotheses", "preregistered_at"}
+    assert {k: new.get(k) for k in rest} == {k: base.get(k) for k in rest}
+    assert main(["experiment", str(configs / f"replication-cpu-confirm-s{seed}.yaml"), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert f"smollm2-135m/lora-hard-none-s{seed}" in out and "4 cells" in out and "H1c: ExpRAG-LoRA beats LoRA" in out
+    assert "test games: disjoint from those of results/replication-cpu" in out
+    assert f"written at commit {new['preregistered_at']}" in out and len(new["preregistered_at"]) == 40

@@ -421,3 +421,44 @@ def test_machine_info_names_the_cpu():
     assert info["cpus"] >= 1 and isinstance(info["cpu_vector"], list)
     if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
         assert info["cpu_model"]
+
+
+def test_header_names_the_commit_the_hypotheses_were_written_at():
+    from exprag.report import _hypothesis_lines
+
+    hyps = [{"id": "H1c", "text": "A beats B"}]
+    assert _hypothesis_lines(hyps, "abc1234")[0] == "- pre-registered hypotheses (written at commit abc1234):"
+    assert _hypothesis_lines(hyps)[0] == "- pre-registered hypotheses:"
+
+
+def test_confirm_analysis_pools_independent_seeds(tmp_path, capsys):
+    """scripts/confirm_analysis.py on three one-seed experiments: the committed replication's 5 to 0
+    (p = 0.0625), and two new seeds (6:1 and 3:0, pooled 9:1, p = 0.0215, supported)."""
+    import importlib.util
+
+    from exprag.report import paired_stratum, read_experiment
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("confirm_analysis", root / "scripts" / "confirm_analysis.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    old = read_experiment(root / "results" / "replication-cpu")
+    s = paired_stratum(old, "exprag_lora", "lora", "hard", "smollm2-135m")
+    assert (s.n, s.a_successes, s.b_successes, s.b, s.c, s.p) == (50, 5, 0, 5, 0, 0.0625)
+
+    def run(seed, a_wins, b_wins):
+        tasks = [f"s{seed}-t{i}" for i in range(10)]  # each seed on its own games
+        rows = [outcomes(row(M, "exprag_lora", "hard", len(a_wins), 10, seed=seed), {tasks[i] for i in a_wins}, tasks),
+                outcomes(row(M, "lora", "hard", len(b_wins), 10, bank="none", k=None, mode=None, seed=seed),
+                         {tasks[i] for i in b_wins}, tasks),
+                outcomes(row(M, "exprag_lora", "hard", 0, 10, bank="empty", k=None, mode=None, seed=seed), set(), tasks)]
+        return make_run(tmp_path / f"s{seed}", f"s{seed}", [M], rows)
+
+    runs = [run(2026, range(6), [9]), run(2027, [0, 1, 2], [])]  # 2026: b = 6, c = 1; 2027: b = 3, c = 0
+    assert script.main([*map(str, runs), "--earlier", str(run(2025, range(5), [])), "--model", M]) == 0
+    out = capsys.readouterr().out
+    h1, h2 = out.split("## H2c")
+    assert "**Confirmatory:** 20 pairs, b = 9, c = 1, exact two-sided McNemar p = 0.02148: supported" in h1
+    assert "| s2026 | 10 | 6/10 (60.0% [" in h1 and "| 6 | 1 | 0.125 |" in h1 and "| 3 | 0 | 0.25 |" in h1
+    assert "| pooled | 30 | 14/30" in h1 and "| 14 | 1 | 0.0009766 |" in h1  # with seed 2025: the 250 pairs' analogue
+    assert "b = 9, c = 0" in h2 and "p = 0.003906: supported" in h2

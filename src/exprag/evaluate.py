@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import secrets
 import time
 from collections import defaultdict
@@ -33,6 +32,7 @@ from exprag.config import EvalConfig, changed_fields, to_dict
 from exprag.errors import RunConfigError
 from exprag.io import (append_jsonl, atomic_write_json, atomic_write_text, check_output_dir, check_writable,
                        iter_json_lines, pause_for_test, read_json_object, run_lock, truncate_torn_tail)
+from exprag.stats import wilson  # its home is exprag.stats; exprag.evaluate.wilson stays importable
 from exprag.validate import read_json
 from exprag.workers import WorkerPool, WorkerSpec
 
@@ -50,17 +50,6 @@ class EvalResult:
     @property
     def success_rate(self) -> float:
         return float(self.metrics["success_rate"])
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval: well-behaved at 0%, 100% and small n."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
 def compute_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:

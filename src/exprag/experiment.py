@@ -104,6 +104,11 @@ class DataSettings:
     # The experiment's own task groups, e.g. {easy: [types trained], hard: [types held out]}, for a
     # held-out set other than the env's default easy / hard; a group not named keeps the env's default.
     task_types: dict[str, list[str]] | None = None
+    # Other experiments whose test games this one's must not share (a confirmatory run on games that did
+    # not generate the finding): experiment directories (the test games their data stage kept) or experiment
+    # configs (every test game their settings can generate). Checked when the data stage keeps the test
+    # games (exprag.disjoint); generated ALFWorld games only.
+    disjoint_from: list[str] | None = None
 
 
 @dataclass
@@ -162,6 +167,8 @@ class ExperimentConfig:
     # Pre-registered hypotheses, printed in the report header: [{id, text, comparison}], free-form.
     hypotheses: list[dict[str, Any]] = field(default_factory=list)
     alpha: float = 0.05  # significance level of the hypotheses' paired exact McNemar tests
+    # The commit at which the hypotheses were written, older than every cell (shown by --list and the report).
+    preregistered_at: str | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -318,6 +325,14 @@ def validate(cfg: ExperimentConfig, where: str = "<experiment>") -> ExperimentCo
     if cfg.data.expert_ceiling is not None and not 0 < cfg.data.expert_ceiling <= 1:
         raise bad("data.expert_ceiling", f"{cfg.data.expert_ceiling}; a fraction of the step cap in (0, 1]")
     _check_task_types(cfg, bad)
+    if cfg.preregistered_at is not None and not re.fullmatch(r"[0-9a-f]{7,40}", str(cfg.preregistered_at)):
+        raise bad("preregistered_at", f"{cfg.preregistered_at!r}; a git commit id (7-40 hex digits)")
+    dis = cfg.data.disjoint_from
+    if dis is not None:
+        if not isinstance(dis, list) or not dis or not all(isinstance(d, str) and d for d in dis):
+            raise bad("data.disjoint_from", "a non-empty list of experiment directories or configs")
+        if cfg.env != "alfworld" or cfg.env_args.get("data_dir"):
+            raise bad("data.disjoint_from", "is checked for generated ALFWorld games only")
     owned = [k for k in _RUNNER_TRAIN_FIELDS if k in cfg.train]
     if owned:
         raise bad(f"train.{owned[0]}", "is set by the experiment (data, models, seeds, main_k and eval set it)")
@@ -835,7 +850,9 @@ def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], ad
                     for g, v in (done.get("groups") or {}).items()}
         if done.get("expert_ceiling") == want["expert_ceiling"] and settings == want["groups"] \
                 and all((out / "data" / f"{g}.jsonl").is_file() for g in groups):
-            return {g: v["kept"] for g, v in done["groups"].items()}
+            kept = {g: v["kept"] for g, v in done["groups"].items()}
+            _check_disjoint(cfg, kept)
+            return kept
     ceiling = cfg.data.expert_ceiling
     record: dict[str, Any] = {"expert_ceiling": ceiling, "groups": {}}
     with make_env(cfg.env, **cfg.env_args) as env:
@@ -854,8 +871,18 @@ def _ensure_test_experts(cfg: ExperimentConfig, out: Path, cells: list[Cell], ad
             record["groups"][g] = {**want["groups"][g], "kept": games.kept, "games": games.games}
             say(f"data: {g}: {len(games.kept)} games kept of {len(games.games)} "
                 f"({len(done.trajectories)} expert trajectories)")
+    kept = {g: v["kept"] for g, v in record["groups"].items()}
+    _check_disjoint(cfg, kept)  # before ceiling.json is written: a rerun checks again rather than reuse it
     atomic_write_json(path, record)
-    return {g: v["kept"] for g, v in record["groups"].items()}
+    return kept
+
+
+def _check_disjoint(cfg: ExperimentConfig, kept: dict[str, list[str]]) -> None:
+    if cfg.data.disjoint_from:
+        from exprag.disjoint import check_disjoint
+
+        tests = [t for g, ids in kept.items() if g.startswith("test-") for t in ids]
+        check_disjoint(tests, cfg.data.test_split, cfg.data.disjoint_from, f"{cfg.name}: test games")
 
 
 @dataclass

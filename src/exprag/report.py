@@ -11,7 +11,7 @@ summing counts, and every interval is a Wilson interval recomputed from the pool
 
 Every method is evaluated on the same tasks, so the comparisons that matter are also tested paired:
 episodes are matched by (model, seed, task group, task id) and an exact McNemar test is run on the
-discordant pairs (see ``mcnemar_p``).
+discordant pairs (``exprag.stats.mcnemar_p``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from exprag.errors import DataFormatError
-from exprag.evaluate import read_results, wilson
+from exprag.evaluate import read_results
 from exprag.io import atomic_write_text, check_output_dir, iter_json_lines
 from exprag.methods import DIAGNOSTIC_SOURCES, GROUPS, METHODS, SOURCES
+from exprag.stats import Stratum, mcnemar_p, wilson  # noqa: F401  (exprag.report.mcnemar_p: replay and older callers)
 from exprag.validate import check_type
 
 PLOTS = ("success_by_method.png", "success_vs_k.png", "robustness.png", "training_curves.png")
@@ -310,7 +311,7 @@ def _header(exp: Experiment) -> list[str]:
         *(["- task types (the experiment's own task groups): " + "; ".join(
             f"{k} = {', '.join(v)}" for k, v in data["task_types"].items())] if data.get("task_types") else []),
         *_retriever_lines(exp),
-        *_hypothesis_lines(cfg.get("hypotheses")),
+        *_hypothesis_lines(cfg.get("hypotheses"), cfg.get("preregistered_at")),
         *_ceiling_lines(exp.dir),
         f"- run directory: {exp.dir}", "",
     ]
@@ -374,10 +375,10 @@ def _retriever_lines(exp: Experiment) -> list[str]:
     return lines
 
 
-def _hypothesis_lines(hyps: Any) -> list[str]:
+def _hypothesis_lines(hyps: Any, commit: Any = None) -> list[str]:
     if not isinstance(hyps, list) or not hyps:
         return []
-    lines = ["- pre-registered hypotheses:"]
+    lines = [f"- pre-registered hypotheses{f' (written at commit {commit})' if commit else ''}:"]
     for h in hyps:
         if isinstance(h, dict):
             comp = f" (comparison: {h['comparison']})" if h.get("comparison") else ""
@@ -528,17 +529,6 @@ def _row_labels(exps: list[Experiment], cells: list[Cell]) -> Callable[[str, str
 PAIRED = (("exprag_lora", "lora"), ("lora_retrieval", "lora"), ("exprag_frozen", "no_retrieval"))
 
 
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: under no difference, each of the ``b + c`` discordant pairs
-    goes either way with probability 1/2, so p = 2 P(Binomial(b + c, 1/2) <= min(b, c)), capped at 1.
-    Integer arithmetic (math.comb): exact, and no statistics package needed."""
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
-    n = b + c
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
-
-
 @dataclass(frozen=True)
 class Paired:
     """Episodes of A and B matched by (seed, task id) within one (model, group)."""
@@ -565,6 +555,17 @@ def pair_cells(a: list[Cell], b: list[Cell]) -> Paired:
     keys = oa.keys() & ob.keys()
     return Paired(len(keys), len(oa), len(ob), sum(oa[k] for k in keys), sum(ob[k] for k in keys),
                   sum(oa[k] and not ob[k] for k in keys), sum(ob[k] and not oa[k] for k in keys))
+
+
+def paired_stratum(exp: Experiment, a: str, b: str, group: str, model: str, name: str | None = None) -> Stratum | None:
+    """Arms ``a`` vs ``b`` ("method" or "method/source", as hypotheses name them) of one experiment on its
+    paired episodes of ``group``, as an ``exprag.stats.Stratum`` (for tests pooled over experiments whose
+    games are independent); None when the experiment has no pair of them."""
+    ca, cb = _arm_cells(exp.cells, a, group).get(model), _arm_cells(exp.cells, b, group).get(model)
+    pr = pair_cells(ca, cb) if ca and cb else None
+    if pr is None or not pr.n:
+        return None
+    return Stratum(name or exp.meta["name"], pr.n, pr.a_successes, pr.b_successes, pr.b, pr.c)
 
 
 def _paired_section(models: list[str], methods: list[str], groups: dict[tuple, list[Cell]],

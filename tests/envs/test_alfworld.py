@@ -122,6 +122,38 @@ def test_default_set_in_cache_dir(tmp_path, monkeypatch):
         assert run_expert(e, task).success
 
 
+def test_gen_seed_per_split(tmp_path, monkeypatch):
+    """A {split: seed} gen_seed changes only the splits it names (the others keep seed 0, the games of
+    existing configs); each (split, seed) is generated into its own directory; an int keeps its meaning."""
+    from exprag.envs.alfworld import _gen_seed, default_generated_dir
+
+    monkeypatch.setenv("EXPRAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    assert _gen_seed(None) == {"train": 0, "dev": 0, "test": 0}
+    assert _gen_seed(3) == _gen_seed("3") == {"train": 3, "dev": 3, "test": 3}
+    assert _gen_seed({"test": 2026}) == {"train": 0, "dev": 0, "test": 2026}
+    for bad, msg in ((-1, "option gen_seed must be an integer >= 0, got -1"), (True, "option gen_seed must"),
+                     ("abc", "option gen_seed must"), ({"test": 1.5}, "option gen_seed.test must"),
+                     ({"valid": 1}, r"option gen_seed names unknown splits \['valid'\]")):
+        with pytest.raises(EnvError, match=msg):
+            ALFWorldEnv(gen_seed=bad, generate=False)
+    with ALFWorldEnv(gen_seed={"test": 7}, gen_per_type=1) as e:
+        assert e.split_root("train") == gen.data_root(default_generated_dir(0))
+        assert e.split_root("dev") == gen.data_root(default_generated_dir(0))
+        assert e.split_root("test") == gen.data_root(default_generated_dir(7))
+        [test] = e.tasks("test", ["pick_heat_then_place_in_recep"])
+        [train] = e.tasks("train", ["pick_heat_then_place_in_recep"])
+        assert test.task_id.endswith("/trial_gen_s7_00000") and train.task_id.endswith("/trial_gen_s0_00000")
+        assert Path(test.meta["game_file"]).is_relative_to(default_generated_dir(7) / gen.DATA_DIR / "valid_unseen")
+        assert Path(train.meta["game_file"]).is_relative_to(default_generated_dir(0) / gen.DATA_DIR / "train")
+        assert run_expert(e, test).success
+    assert not (default_generated_dir(7) / gen.DATA_DIR / "train").exists()  # nothing of train under seed 7
+    with ALFWorldEnv(gen_seed=7, generate=False) as e:  # an int: every split, as before
+        assert e.split_root("train") == e.split_root("test") == gen.data_root(default_generated_dir(7))
+        with pytest.raises(EnvError, match="--split train --per-type 50 --seed 7"):
+            e.tasks("train", ["pick_and_place_simple"])
+
+
 # ---- stepping ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw, want", [
     ("move apple 1 to countertop 1", "move apple 1 to countertop 1"),

@@ -53,6 +53,14 @@ def run(args: argparse.Namespace) -> int:
         for key, spec in retrievers(cfg).items():  # which retriever the cells (labelled or not) use
             print(f"retriever {key or '(unlabelled cells)'}: {spec.scoring} scoring, encoder {spec.encoder}"
                   + (f", fallback {spec.fallback}" if spec.fallback else ""))
+        if cfg.data.disjoint_from:
+            print(f"test games: disjoint from those of {', '.join(cfg.data.disjoint_from)} (checked by the data stage)")
+        if cfg.hypotheses:
+            at = f", written at commit {cfg.preregistered_at}" if cfg.preregistered_at else ""
+            print(f"pre-registered hypotheses (alpha {cfg.alpha}, exact two-sided McNemar{at}):")
+            for h in cfg.hypotheses:
+                test = f" [{h['a']} vs {h['b']}, {h['group']}, {h.get('alternative', 'greater')}]" if "a" in h else ""
+                print(f"  {h['id']}: {h['text']}{test}")
         print(f"{len(cells)} cells -> {cfg.out_dir}")
         return 0
     from exprag.validate import check_output

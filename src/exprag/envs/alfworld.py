@@ -58,6 +58,28 @@ def _gen_per_type(value: Any) -> dict[str, int]:
     return {s: n for s in SPLIT_DIRS}
 
 
+def _gen_seed(value: Any) -> dict[str, int]:
+    """``gen_seed``: None (0 for every split), one seed >= 0 for every split, or a {split: seed} mapping
+    whose missing splits keep 0, so that a new test seed leaves the train and dev games as they were;
+    anything else is an EnvError naming the option."""
+    def seed(v: Any, where: str) -> int:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.isascii() and v.isdigit())) \
+                or int(v) < 0:
+            raise EnvError(f"alfworld: option {where} must be an integer >= 0, got {v!r}")
+        return int(v)
+
+    if value is None:
+        return {s: 0 for s in SPLIT_DIRS}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(SPLIT_DIRS))
+        if unknown:
+            raise EnvError(f"alfworld: option gen_seed names unknown splits {unknown} "
+                           f"(choose among {', '.join(SPLIT_DIRS)})")
+        return {s: seed(value[s], f"gen_seed.{s}") if s in value else 0 for s in SPLIT_DIRS}
+    n = seed(value, "gen_seed")
+    return {s: n for s in SPLIT_DIRS}
+
+
 def cache_dir() -> Path:
     """exprag's cache directory: ``$EXPRAG_CACHE`` or ``~/.cache/exprag``."""
     return Path(os.environ.get("EXPRAG_CACHE") or Path.home() / ".cache" / "exprag")
@@ -212,7 +234,9 @@ class ALFWorldEnv(EnvBase):
     ``data_dir``: official (or previously generated) games; default ``$ALFWORLD_DATA``, else a
     generated set. ``expert``: 'handcoded' (default), 'planner' or None (agent-only, a bit faster).
     ``generate``: build the generated set on first use (else raise, naming the command to run).
-    ``gen_seed`` / ``gen_per_type``: the generated set (per split, or one number for all splits).
+    ``gen_seed`` / ``gen_per_type``: the generated set (per split, or one number for all splits). Each
+    (split, seed) lives in its own place, ``generated-v<V>-s<seed>/json_2.1.1/<split dir>``, so a split
+    with another seed never mixes its games with another seed's.
     ``fast``: memoised engine (byte-identical text, several times faster); False does not install the
     memoisation (it is process-wide once any fast engine installed it).
     ``on_generate``: progress callback ``(task_type, solvable)`` while games are being generated."""
@@ -226,7 +250,7 @@ class ALFWorldEnv(EnvBase):
         *,
         expert: str | None = "handcoded",
         generate: bool | str = True,
-        gen_seed: int = 0,
+        gen_seed: int | dict[str, int] | None = None,
         gen_per_type: int | dict[str, int] | None = None,
         fast: bool | str = True,
         on_generate: Callable[[str, bool], None] | None = None,
@@ -234,7 +258,7 @@ class ALFWorldEnv(EnvBase):
         self.expert = None if expert in (None, "", "none", "None") else str(expert)
         self.fast = _as_bool(fast)
         self.generate = _as_bool(generate)
-        self.gen_seed = int(gen_seed)
+        self.gen_seeds = _gen_seed(gen_seed)
         self.gen_per_type = _gen_per_type(gen_per_type)
         self.on_generate = on_generate
         self.root, self.generated = self._resolve_data(data_dir)
@@ -260,7 +284,12 @@ class ALFWorldEnv(EnvBase):
                     f"alfworld: no ALFWorld games under {given}: expected "
                     f"{gen.DATA_DIR}/{{train,valid_seen,valid_unseen}}/<task>/<trial>/game.tw-pddl there "
                     f"(official data: alfworld-download; generated: exprag alfworld generate --out {given})")
-        return gen.data_root(default_generated_dir(self.gen_seed)), True
+        return gen.data_root(default_generated_dir(self.gen_seeds["train"])), True
+
+    def split_root(self, split: str) -> Path:
+        """The json_2.1.1 directory holding ``split``'s games: with generated games, that of the split's
+        own seed (``self.root`` is the train seed's)."""
+        return gen.data_root(default_generated_dir(self.gen_seeds[split])) if self.generated else self.root
 
     @property
     def version(self) -> str:
@@ -272,12 +301,13 @@ class ALFWorldEnv(EnvBase):
 
     def _ensure_generated(self, split: str, types: list[str]) -> list[Path]:
         n = self.gen_per_type.get(split, 0)
-        out_dir = self.root.parent
+        seed = self.gen_seeds[split]
+        out_dir = self.split_root(split).parent
         pbar = None
         if self.on_generate is None:
             pbar = gen.GenerationBar(n * len(types), f"generating ALFWorld {split} games", lazy=True)
         try:
-            report = gen.generate(out_dir, split=split, per_type=n, seed=self.gen_seed, task_types=types,
+            report = gen.generate(out_dir, split=split, per_type=n, seed=seed, task_types=types,
                                   progress=self.on_generate or pbar, build=self.generate)
         finally:
             if pbar is not None:
@@ -286,7 +316,7 @@ class ALFWorldEnv(EnvBase):
             raise EnvError(
                 f"alfworld: no ALFWorld data given (data_dir / ALFWORLD_DATA) and the generated {split} set "
                 f"is not built yet (generate=False); build it with: exprag alfworld generate "
-                f"--out {out_dir} --split {split} --per-type {n} --seed {self.gen_seed}")
+                f"--out {out_dir} --split {split} --per-type {n} --seed {seed}")
         return report.games
 
     def tasks(self, split: str, task_types: list[str]) -> list[TaskSpec]:
@@ -295,12 +325,12 @@ class ALFWorldEnv(EnvBase):
         types = resolve_task_types("alfworld", task_types)
         if self.generated:
             wanted = {str(p) for p in self._ensure_generated(split, types)}
-            games = [g for g in list_games(self.root, split) if str(g[2]) in wanted]
+            games = [g for g in list_games(self.split_root(split), split) if str(g[2]) in wanted]
         else:
             games = list_games(self.root, split)
             if not games and not any(list_games(self.root, s) for s in SPLIT_DIRS if s != split):
                 raise EnvError(f"alfworld: no playable ALFWorld games under {self.root}")
-        syntax = self._root_syntax(games)
+        syntax = self._root_syntax(self.split_root(split), games)
         out = []
         for tid, ttype, game_file in games:
             if ttype not in types:
@@ -313,13 +343,13 @@ class ALFWorldEnv(EnvBase):
                                 meta={"game_file": str(game_file), "trajectory_meta": tmeta}))
         return out
 
-    def _root_syntax(self, games: list[tuple[str, str, Path]]) -> str:
+    def _root_syntax(self, root: Path, games: list[tuple[str, str, Path]]) -> str:
         # a data release is written with one grammar: read it from one game
-        if self.root not in self._syntax_by_root and games:
+        if root not in self._syntax_by_root and games:
             from exprag.envs.alfworld_engine import action_syntax, read_game
 
-            self._syntax_by_root[self.root] = action_syntax(read_game(games[0][2])["grammar"])
-        return self._syntax_by_root.get(self.root, "move")
+            self._syntax_by_root[root] = action_syntax(read_game(games[0][2])["grammar"])
+        return self._syntax_by_root.get(root, "move")
 
     def max_steps(self, task: TaskSpec) -> int:
         return MAX_STEPS
@@ -330,7 +360,7 @@ class ALFWorldEnv(EnvBase):
             return Path(task.meta["game_file"])
         if task.split not in SPLIT_DIRS:
             raise EnvError(f"alfworld: {task.task_id}: unknown split {task.split!r}")
-        return self.root / SPLIT_DIRS[task.split] / task.task_id / "game.tw-pddl"
+        return self.split_root(task.split) / SPLIT_DIRS[task.split] / task.task_id / "game.tw-pddl"
 
     def reset(self, task: TaskSpec) -> Reset:
         from exprag.envs.alfworld_engine import Engine, action_syntax, read_game

@@ -17,8 +17,10 @@ test scenes (never seen in training, like ``valid_unseen``). Generated games are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -358,6 +360,54 @@ def game_dirname(spec: GameSpec) -> str:
     return f"{spec.task_type}-{spec.object_target}-None-{parent}-{spec.scene}"
 
 
+# ---- game identity ---------------------------------------------------------------------------------
+_TRIAL_RE = re.compile(r"trial_gen_s(\d+)_(\d+)")
+
+
+def _rng(seed: int, split: str, task_type: str, index: int) -> random.Random:
+    """The stream game ``index`` of (seed, split, task type) is drawn from: games are deterministic in it."""
+    return random.Random(f"{GENERATOR}:{GENERATOR_VERSION}:{seed}:{split}:{task_type}:{index}")
+
+
+def spec_of(task_id: str, split: str) -> GameSpec:
+    """The GameSpec a generated game's task id ``<folder>/trial_gen_s<seed>_<index>`` was built from, drawn
+    again from its seeded stream (no file needed); EnvError if the id is not a generated game's, or if
+    the draw no longer gives its folder (another generator version)."""
+    folder, _, trial = task_id.partition("/")
+    m = _TRIAL_RE.fullmatch(trial)
+    task_type = folder.split("-", 1)[0]
+    if not m or task_type not in TASK_TYPES:
+        raise EnvError(f"{task_id!r} is not a generated ALFWorld game id (<task type>-...-<scene>/trial_gen_s<seed>_<index>)")
+    spec = sample_game(task_type, split, _rng(int(m.group(1)), split, task_type, int(m.group(2))))
+    if spec is None or game_dirname(spec) != folder:
+        raise EnvError(f"{task_id!r}: generator v{GENERATOR_VERSION} draws {game_dirname(spec) if spec else 'no game'} "
+                       f"for this seed and index on split {split!r}; the id was made by another generator or split")
+    return spec
+
+
+def game_identity(spec: GameSpec) -> str:
+    """What makes two generated games the same game to play: the task type, scene, goal targets, where each
+    object starts (its type and receptacle) and where the agent starts. The sampled coordinates in object
+    ids and the wording of the task text are left out, so two games that differ only in those count as
+    one (a stricter test of disjointness)."""
+    placed = sorted((otype, recep) for _, otype, recep in spec.objects)
+    key = [spec.task_type, spec.scene, spec.object_target, spec.parent_target, spec.toggle_target, placed, spec.agent_loc]
+    return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def candidate_ids(split: str, seed: int, per_type: int, task_types: list[str]) -> list[str]:
+    """The task ids of every candidate game ``generate`` may look at for (split, seed, per_type), solvable
+    or not (indices below its default ``max_attempts``): a superset of the games it keeps, found without
+    building anything."""
+    out = []
+    for tt in task_types:
+        for index in range(4 * per_type + 8):
+            spec = sample_game(tt, split, _rng(seed, split, tt, index))
+            if spec is not None:
+                out.append(f"{game_dirname(spec)}/{_trial_name(seed, index)}")
+    return out
+
+
 # ---- the generation run ----------------------------------------------------------------------------
 @dataclass
 class TypeReport:
@@ -478,8 +528,7 @@ def generate(
             if rep.generated >= per_type:
                 break
             t0 = time.perf_counter()
-            rng = random.Random(f"{GENERATOR}:{GENERATOR_VERSION}:{seed}:{split}:{tt}:{index}")
-            spec = sample_game(tt, split, rng)
+            spec = sample_game(tt, split, _rng(seed, split, tt, index))
             if spec is None:
                 rep.dropped += 1
                 rep.reasons["no scene fits"] += 1
