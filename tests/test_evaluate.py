@@ -224,3 +224,37 @@ def test_a_failed_start_leaves_nothing(tmp_path, tiny):
         evaluate(_cfg(tmp_path, path, adapter=str(bad), limit=1))
     assert not (tmp_path / "run").exists()
     assert evaluate(_cfg(tmp_path, path, limit=1), model=model).metrics["n"] == 1
+
+
+@pytest.mark.parametrize("stage", ["eval-episode", pytest.param("bank-staged", marks=pytest.mark.slow),
+                                   pytest.param("bank-renamed", marks=pytest.mark.slow), "bank-switched"])
+def test_kill_at_each_point_of_a_write_back(tmp_path, tiny, twx_trajs, stage):
+    """`exprag eval --write-back` killed (-9) between the result row and the append, or at each step
+    of the append's swap: the bank stays loadable, and the resumed run leaves each episode in it once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from exprag.bank import build_bank
+    from tests.test_io import exprag, wait_for
+
+    path, _ = tiny
+    build_bank(twx_trajs[0], tmp_path / "bank", "bm25")
+    argv = ["eval", "--env", "twx", "--split", "test", "--task-types", "coin,simonsays", "--per-type", "2",
+            "--limit", "3", "--model", path, "--max-steps", "2", "--max-new-tokens", "6", "--batch-size", "2",
+            "--bank", str(tmp_path / "bank"), "-k", "1", "--write-back", "--out", str(tmp_path / "run")]
+    flag = tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-m", "exprag", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "EXPRAG_TEST_PAUSE_AT": stage, "EXPRAG_TEST_PAUSE_FILE": str(flag)})
+    wait_for(flag, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_bank_ids(tmp_path / "bank")) in (len(twx_trajs[0]), len(twx_trajs[0]) + 1)  # loadable
+    res = exprag(*argv)
+    assert res.returncode == 0, res.stderr
+    tag = json.loads((tmp_path / "run" / "write-back.json").read_text())["run"]
+    ids = _bank_ids(tmp_path / "bank")
+    assert sorted(ids) == sorted([t.id for t in twx_trajs[0]] + [f"{i}@{tag}" for i in _run_ids(tmp_path / "run")])
+    assert len(_run_ids(tmp_path / "run")) == 3
