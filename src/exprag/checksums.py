@@ -78,3 +78,32 @@ def check_file(path: Path, rec: Any, full: bool, fail: Callable[[Path], Exceptio
         ok = _sampled(path, size) == rec.get("sampled")
     if not ok:
         raise fail(path)
+
+
+# ---- adapters ------------------------------------------------------------------------------------
+# Beside the weights exprag writes into an adapter directory (checkpoints, and best/ which links one);
+# adapters trained elsewhere lack it and load unchecked.
+ADAPTER_SIDECAR = "exprag_checksums.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def record_adapter(adapter: Path) -> None:
+    from exprag.io import atomic_write_json
+
+    atomic_write_json(adapter / ADAPTER_SIDECAR, {"files": tree_records(adapter, [ADAPTER_WEIGHTS])})
+
+
+def check_adapter(adapter: Path, error: type[Exception], full: bool = True) -> None:
+    """Raise ``error`` naming the weights file when it does not match the sidecar ``record_adapter``
+    wrote (hashed in full: adapters are small next to the base model a load reads anyway)."""
+    sidecar = adapter / ADAPTER_SIDECAR
+    if not sidecar.is_file():
+        return
+    from exprag.validate import read_json
+
+    files = read_json(sidecar, error)
+    if not isinstance(files, dict) or not isinstance(files.get("files"), dict):
+        raise error(f"{sidecar}: expected an object with field 'files'")
+    fail = lambda p: error(mismatch(p, "adapter", "the adapter is corrupt: restore it, or train it again"))  # noqa: E731
+    for rel, rec in files["files"].items():
+        check_file(adapter / rel, rec, full, fail)
