@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,15 +68,16 @@ def mismatch(path: Path, what: str, remedy: str) -> str:
 def check_file(path: Path, rec: Any, full: bool, fail: Callable[[Path], Exception]) -> None:
     """Raise ``fail(path)`` unless ``path`` matches its record (cheaply unless ``full``)."""
     try:
-        size = os.stat(path).st_size
-    except OSError:
+        st = os.stat(path)
+        # a FIFO or directory in its place would block or fail the read: it is not the file written
+        if not stat.S_ISREG(st.st_mode) or not isinstance(rec, dict) or rec.get("size") != st.st_size:
+            raise fail(path)
+        if full or st.st_size <= FULL_HASH_LIMIT or "sampled" not in rec:
+            ok = _full(path) == rec.get("sha256")
+        else:
+            ok = _sampled(path, st.st_size) == rec.get("sampled")
+    except OSError:  # gone, or unreadable
         raise fail(path) from None
-    if not isinstance(rec, dict) or rec.get("size") != size:
-        raise fail(path)
-    if full or size <= FULL_HASH_LIMIT or "sampled" not in rec:
-        ok = _full(path) == rec.get("sha256")
-    else:
-        ok = _sampled(path, size) == rec.get("sampled")
     if not ok:
         raise fail(path)
 
@@ -104,6 +106,6 @@ def check_adapter(adapter: Path, error: type[Exception], full: bool = True) -> N
     files = read_json(sidecar, error)
     if not isinstance(files, dict) or not isinstance(files.get("files"), dict):
         raise error(f"{sidecar}: expected an object with field 'files'")
-    fail = lambda p: error(mismatch(p, "adapter", "the adapter is corrupt: restore it, or train it again"))  # noqa: E731
     for rel, rec in files["files"].items():
-        check_file(adapter / rel, rec, full, fail)
+        check_file(adapter / rel, rec, full,
+                   lambda p: error(mismatch(p, "adapter", "the adapter is corrupt: restore it, or train it again")))

@@ -103,7 +103,8 @@ def test_garbled_written_back_segment_is_refused(tmp_path, trajs):
     files = bank_files(bank)
     manifest = json.loads((files / "manifest.json").read_text())
     # the linked first segment keeps its records; the new segment's files are recorded too
-    assert {"static/keys.json", "seg-000001/static/keys.json", "seg-000001/trajectories.jsonl"} <= set(manifest["files"])
+    assert {"static/keys.json", "seg-000001/static/keys.json",
+            "seg-000001/trajectories.jsonl"} <= set(manifest["files"])
     load_bank(bank).index("static")  # intact: loads
     seg = files / "seg-000001" / "static" / "postings_vals.npy"
     garble(seg)
