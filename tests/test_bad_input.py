@@ -185,7 +185,8 @@ CASES = [
      "model '/nonexistent': no such directory"),
     ("eval-adapter-missing", EVAL + ["--adapter", "{d}/no-adapter"], "no-adapter: no adapter_config.json"),
     ("eval-bank-missing", EVAL + ["--bank", "{d}/no-bank"], "no-bank: no bank directory"),
-    ("eval-bank-truncated", EVAL + ["--bank", "{d}/dense-bank"], "/static: unreadable index"),
+    ("eval-bank-truncated", EVAL + ["--bank", "{d}/dense-bank"],
+     "static/embeddings.npy: does not match the checksum the bank recorded"),
     ("eval-bank-manifest", EVAL + ["--bank", "{d}/manifest-bank"], "manifest.json:1: invalid JSON"),
     ("eval-env-arg-unknown", EVAL + ["--env-arg", "colour=red"], "--env-arg 'colour': twx takes no such option"),
     ("eval-env-arg-text", EVAL + ["--env-arg", "env_step_limit=lots"], "--env-arg 'env_step_limit': must be an integer"),
@@ -249,7 +250,9 @@ CASES = [
      "deep.json: invalid JSON (nested too deeply)"),
     ("query-history-missing", QUERY + ["--mode", "dynamic", "--history", "{d}/no.json"], "no.json: no such file"),
     ("query-truncated-index", ["bank", "query", "{d}/dense-bank", "--task", "find the coin"],
-     "/static: unreadable index"),
+     "static/embeddings.npy: does not match the checksum the bank recorded"),
+    ("info-truncated-index", ["bank", "info", "{d}/dense-bank"],
+     "static/embeddings.npy: does not match the checksum the bank recorded"),
     ("query-manifest", ["bank", "query", "{d}/manifest-bank", "--task", "x"], "manifest.json:1: invalid JSON"),
     ("query-encoder", QUERY + ["--encoder", "minilm"], "'bm25' but 'minilm' was asked for"),
     ("info-not-bank", ["bank", "info", "{d}/afile"], "no bank directory here"),
@@ -349,7 +352,7 @@ def test_truncated_embeddings_detected_by_the_library(ws):
     from exprag.errors import BankError
 
     bank = load_bank(ws / "dense-bank")
-    with pytest.raises(BankError, match="unreadable index"):
+    with pytest.raises(BankError, match="static/embeddings.npy: does not match the checksum"):
         bank.index("static")
     assert np.load(bank_files(ws / "dense-bank") / "dynamic" / "embeddings.npy").shape[0] == 6  # the intact one reads
     assert read_json(bank_files(ws / "bank") / "manifest.json")["count"] == 6

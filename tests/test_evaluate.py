@@ -212,6 +212,43 @@ def test_task_ids_run_in_full_and_unknown_ids_are_named(tmp_path, tiny):
     assert not (tmp_path / "b" / "run").exists()  # a failed start leaves nothing
 
 
+def test_a_garbled_adapter_is_refused(tmp_path, tiny):
+    """Weights garbled past a valid safetensors header load without complaint from safetensors: the
+    checksum exprag recorded beside an adapter it wrote names the file; without the record (an
+    adapter trained elsewhere) the adapter loads as before."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from exprag.checksums import ADAPTER_SIDECAR
+    from exprag.llm.hf import HFChatModel
+    from exprag.train.checkpoint import load_checkpoint, save_checkpoint
+
+    path, served = tiny
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ckpt = save_checkpoint(net, opt, tmp_path / "train", "epoch-001", {"global_step": 1}, None, set())
+    HFChatModel(path, adapter=ckpt)  # intact: loads
+    weights = ckpt / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # the tensors follow the length and the JSON header
+    at = start + (len(data) - start) // 2
+    data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+    weights.write_bytes(bytes(data))
+    message = f"{weights}: does not match the checksum the adapter recorded when it was written"
+    with pytest.raises(ExpragError, match=message):
+        evaluate(_cfg(tmp_path, path, adapter=str(ckpt), limit=1))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ExpragError, match=message):  # nor serves it (exprag serve --lora-modules)
+        served.load_adapter("garbled", ckpt)
+    assert served.adapters == {}
+    with pytest.raises(ExpragError, match=message):  # a resume does not train on from it either
+        load_checkpoint(ckpt, net, opt)
+    (ckpt / ADAPTER_SIDECAR).unlink()
+    HFChatModel(path, adapter=ckpt)
+
+
 def test_a_failed_start_leaves_nothing(tmp_path, tiny):
     """An adapter that does not load fails at the first step; the corrected command then runs."""
     path, model = tiny

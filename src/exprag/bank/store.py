@@ -5,7 +5,9 @@ Layout of BANK_DIR::
     CURRENT              the name of the version directory readers use (one line)
     v-<time>-<random>/   one complete bank version:
         manifest.json        format, schema version, encoder identity, retrieval (scoring) config,
-                             counts, sources (path + sha256)
+                             counts, sources (path + sha256), and ``files``: the size and SHA-256 of every
+                             file below, recorded at write time and checked on load
+                             (``exprag.checksums``; ``exprag bank info --verify`` hashes every byte)
         trajectories.jsonl   the stored trajectories, in index order
         static/              index over task descriptions (static retrieval keys)
         dynamic/             index over task + action texts (dynamic retrieval keys)
@@ -47,6 +49,7 @@ from exprag import __version__
 from exprag.bank.encoders import Encoder, Index, make_encoder
 from exprag.bank.labels import check_labels
 from exprag.bank.scoring import ScoringConfig, build_index, extend_index, load_index, make_scoring_encoder
+from exprag.checksums import check_file, mismatch, tree_records
 from exprag.errors import BankError, DataFormatError
 from exprag.io import (LOCK_FILE, atomic_write_json, atomic_write_text, check_output_dir, fsync_dir, naming,
                        pause_for_test, read_json_object, run_lock, sha256_file)
@@ -68,6 +71,8 @@ _VERSION = re.compile(r"v-\d{8}T\d{6}-[0-9a-f]{6}")
 _STAGING = ".exprag-build-"
 _SEGMENT = re.compile(r"seg-\d{6}")
 _FLAT_FILES = ("manifest.json", "trajectories.jsonl", "static", "dynamic")  # the pre-versioned layout
+# the index files each segment holds for its own keys; the rest are bank-wide, read from the last segment
+_PER_SEGMENT = ("embeddings.npy", "keys.json")
 
 
 def static_key(t: Trajectory) -> str:
@@ -102,6 +107,7 @@ class Bank:
         if mode not in MODES:
             raise BankError(f"unknown retrieval mode {mode!r} (choose static or dynamic)")
         if mode not in self._indexes:
+            verify_files(self.files, self.manifest, _read_set(self.manifest, mode))
             try:
                 self._indexes[mode] = load_index(self.retrieval, self.encoder,
                                                  [d / mode for d in segment_dirs(self.files, self.manifest)])
@@ -198,6 +204,7 @@ def build_bank(
                 **_summary(trajs),
                 **label_check,
                 "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in sources],
+                "files": tree_records(staging, ["trajectories.jsonl", *MODES]),
             }
             atomic_write_json(staging / "manifest.json", manifest)
             version = _publish(out, staging)
@@ -218,10 +225,46 @@ def segment_dirs(files: Path, manifest: dict[str, Any]) -> list[Path]:
     return [files] + [files / n for n in names]
 
 
-def check_bank_files(path: str | Path) -> dict[str, Any]:
+def _read_set(manifest: dict[str, Any], what: str) -> list[str]:
+    """The recorded files (manifest ``files``) a load of ``what`` reads: a mode's index (each segment's
+    own keys, the last segment's bank-wide files) or ``trajectories.jsonl``. Older segments' copies of
+    bank-wide files are not read, so not checked: with thousands of segments they would be most of
+    the bytes."""
+    names, recorded = manifest.get("segments") or [], manifest.get("files")
+    if not isinstance(recorded, dict):  # none (an older bank), or malformed: verify_files says so
+        return []
+    last = names[-1] if isinstance(names, list) and names else ""
+    out = []
+    for rel in recorded:
+        parts = str(rel).split("/")
+        seg = parts[0] if _SEGMENT.fullmatch(parts[0]) else ""
+        rest = parts[1:] if seg else parts
+        if rest and rest[0] == what and (what == "trajectories.jsonl" or seg == last or rest[-1] in _PER_SEGMENT):
+            out.append(rel)
+    return out
+
+
+def verify_files(files: Path, manifest: dict[str, Any], names: Iterable[str] | None = None,
+                 full: bool = False) -> None:
+    """Check the files the manifest recorded at write time (``names``; None: all of them) against their
+    size and hash: every byte when ``full``, else cheaply (``exprag.checksums``). Banks written before
+    the records (no ``files``) are not checked."""
+    recorded = manifest.get("files")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise BankError(f"{files / 'manifest.json'}: field 'files' must be an object")
+    fail = lambda p: BankError(mismatch(p, "bank", "the bank is corrupt: restore it, or rebuild it from "  # noqa: E731
+                                                   "its sources"))
+    for rel in (recorded if names is None else names):
+        check_file(files / rel, recorded[rel], full, fail)
+
+
+def check_bank_files(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """The published version's manifest, after checking that the files it describes are there: each
-    segment's trajectories (as many lines as the manifest's ``count``) and index directories. What
-    ``bank info`` reports, so that it never vouches for a bank a query would fail on."""
+    segment's trajectories (as many lines as the manifest's ``count``) and index directories, and the
+    checksums a load checks (every recorded file, in full, with ``verify``). What ``bank info``
+    reports, so that it never vouches for a bank a query would fail on."""
     files = bank_files(path)
     manifest = read_manifest(path, files)
     lines = 0
@@ -236,6 +279,10 @@ def check_bank_files(path: str | Path) -> dict[str, Any]:
     if lines != manifest.get("count"):
         raise BankError(f"{files / 'manifest.json'}: field 'count' is {manifest.get('count')} but the "
                         f"trajectory files hold {lines}; the bank is incomplete")
+    if verify:
+        verify_files(files, manifest, full=True)
+    else:
+        verify_files(files, manifest, [n for what in ("trajectories.jsonl", *MODES) for n in _read_set(manifest, what)])
     return manifest
 
 
@@ -401,6 +448,7 @@ def load_bank(path: str | Path, encoder: str | None = None) -> Bank:
             f"{files / 'manifest.json'}: field 'encoder' is {identity.get('name')!r} but {encoder!r} was "
             "asked for; query with the bank's encoder or rebuild the bank"
         )
+    verify_files(files, manifest, _read_set(manifest, "trajectories.jsonl"))
     trajs = [t for d in segment_dirs(files, manifest) for t in iter_jsonl(d / "trajectories.jsonl")]
     if len(trajs) != manifest.get("count"):
         raise BankError(
@@ -469,6 +517,11 @@ def append_to_bank(bank: Bank, new: list[Trajectory], *, skip_known: bool = Fals
             manifest.update(_summary(trajs))
             manifest.update(label_check)
             manifest["segments"] = old_segments + [segment]
+            # the linked segments keep their records (same bytes); a bank from before the field gets
+            # records for the new segment only: what this append wrote is all it can vouch for
+            manifest["files"] = {**(bank.manifest.get("files") or {}),
+                                 **{f"{segment}/{k}": v for k, v in
+                                    tree_records(staging / segment, ["trajectories.jsonl", *MODES]).items()}}
             manifest["bank_version"] = SEGMENTED_BANK_VERSION
             manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             atomic_write_json(staging / "manifest.json", manifest)

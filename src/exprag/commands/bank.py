@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = bsub.add_parser("info", help="print a bank's manifest summary")
     i.add_argument("bank", metavar="BANK_DIR")
+    i.add_argument("--verify", action="store_true",
+                   help="hash every byte of every file against the checksums recorded at write time (a load "
+                        "checks sizes, and hashes large files only in sampled blocks)")
     i.set_defaults(func=run_info)
 
     e = bsub.add_parser("eval-retrieval",
@@ -194,8 +197,10 @@ def run_info(args: argparse.Namespace) -> int:
     from exprag.bank.scoring import ScoringConfig
     from exprag.bank.store import check_bank_files
 
-    m = check_bank_files(args.bank)
-    out = {k: v for k, v in m.items() if k != "inputs"}
+    m = check_bank_files(args.bank, verify=args.verify)
+    out = {k: v for k, v in m.items() if k not in ("inputs", "files")}  # one record per file: too long to print
+    if "files" in m:
+        out["checksums"] = {"files": len(m["files"]), "verified": "every byte" if args.verify else "cheap"}
     if "retrieval" not in out:  # a bank from before scoring options: say what it is read with
         out["retrieval"] = {**ScoringConfig.from_manifest(m).to_manifest(), "inferred": True}
     note = _labels_note(m)

@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from exprag.checksums import check_adapter
 from exprag.llm.base import (
     DEFAULT_MAX_NEW_TOKENS,
     Conversation,
@@ -490,7 +491,8 @@ def _with_adapter(model: Any, adapter: Path, resolved: ResolvedModel) -> Any:
 
 
 def check_adapter_base(adapter: Path, resolved: ResolvedModel) -> None:
-    """A PEFT adapter directory trained on this base model, or a ModelError saying which it is."""
+    """A PEFT adapter directory trained on this base model, whose weights match the checksum exprag
+    recorded when it wrote them (if it did), or a ModelError saying which it is not."""
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.is_file():
         raise ModelError(f"adapter {adapter}: no adapter_config.json (not a PEFT adapter directory)")
@@ -503,6 +505,7 @@ def check_adapter_base(adapter: Path, resolved: ResolvedModel) -> None:
             f"adapter {adapter} was trained on base model {base!r}, but the model is {resolved.name!r} "
             f"({resolved.path}); pass the adapter's base model with --model"
         )
+    check_adapter(adapter, ModelError)
 
 
 def _same_base(base: str, resolved: ResolvedModel) -> bool:

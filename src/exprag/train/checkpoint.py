@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from exprag.checksums import check_adapter, record_adapter
 from exprag.io import atomic_write_json, replace_dir
 from exprag.train.rundir import RunDirError
 
@@ -36,6 +37,7 @@ def save_checkpoint(model: Any, optimizer: Any, out: Path, name: str, state: dic
     staging = ckpts / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    record_adapter(staging)  # what eval, serve and a resume check the weights against
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(rng_state(), staging / "rng.pt")
     atomic_write_json(staging / "trainer_state.json", state)
@@ -71,6 +73,7 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> dict[str, Any]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    check_adapter(ckpt, RunDirError)
     set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
     optimizer.load_state_dict(load_checkpoint_file(ckpt / "optimizer.pt"))
     state = trainer_state(ckpt)
