@@ -17,6 +17,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path, capsys):
         assert label in text
     assert "5/50 (10%) [4.3, 21.4]" in text  # the committed experiment's own ExpRAG-LoRA column
     assert "at commit 9508a9845938" in text and f"run directory: {out}" in text
+    assert "one training seed's, exploratory" in text and "PREREGISTRATION.md; none of its cells has run" in text
     runs = sorted((out / "replay").iterdir())
     assert [r.name for r in runs] == ["smollm2-135m-exprag_lora-hard-matched-k2-static-s2025",
                                       "smollm2-135m-lora-hard-none-s2025", "smollm2-135m-no_retrieval-hard-none"]

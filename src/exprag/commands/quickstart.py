@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from exprag.validate import positive_int
 
@@ -98,5 +99,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {len(rep.games)} games of {', '.join(rep.task_types)}, {rep.max_steps}-step cap"
           + (f", {rep.contrast} added for contrast" if rep.contrast else ""))
     print(format_replay(rep))
+    print(confirmation_status(run_dir))
     print(f"done in {time.perf_counter() - t0:.0f}s; run directory: {out}")
     return 0
+
+
+def confirmation_status(run_dir: Path) -> str:
+    """Where the replayed result stands: one training seed is exploratory; say whether the
+    pre-registered confirmatory replication has results yet (its seeds' results.jsonl)."""
+    root = Path(run_dir).parent / "replication-cpu-confirm"
+    done = sorted(d.name for d in root.glob("s*") if (d / "results.jsonl").is_file())
+    head = ("That result is one training seed's, exploratory (not significant at alpha 0.05). The confirmatory "
+            f"replication (seeds 2026, 2027; 200 fresh paired games) is pre-registered in "
+            f"{root / 'PREREGISTRATION.md'}")
+    if not done:
+        return head + "; none of its cells has run yet."
+    return head + f"; results so far: {', '.join(str(root / d / 'report.md') for d in done)}."
