@@ -37,47 +37,37 @@ DEFAULT_GEN_PER_TYPE = {"train": 50, "dev": 10, "test": 22}
 _TASK_RE = re.compile(r"Your task is to:\s*(.+?)\s*$", re.S)
 
 
-def _gen_per_type(value: Any) -> dict[str, int]:
-    """``gen_per_type``: None (the defaults), a count >= 1 for every split, or a {split: count} mapping
-    (configs); anything else is an EnvError naming the option."""
-    def count(v: Any, where: str) -> int:
+def _per_split(option: str, value: Any, defaults: dict[str, int], least: int) -> dict[str, int]:
+    """An option given per split: None (``defaults``), one integer >= ``least`` for every split, or a
+    {split: integer} mapping whose missing splits keep their default; anything else is an EnvError
+    naming the option."""
+    def number(v: Any, where: str) -> int:
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.isascii() and v.isdigit())) \
-                or int(v) < 1:
-            raise EnvError(f"alfworld: option {where} must be an integer >= 1, got {v!r}")
+                or int(v) < least:
+            raise EnvError(f"alfworld: option {where} must be an integer >= {least}, got {v!r}")
         return int(v)
 
     if value is None:
-        return dict(DEFAULT_GEN_PER_TYPE)
+        return dict(defaults)
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(SPLIT_DIRS))
         if unknown:
-            raise EnvError(f"alfworld: option gen_per_type names unknown splits {unknown} "
+            raise EnvError(f"alfworld: option {option} names unknown splits {unknown} "
                            f"(choose among {', '.join(SPLIT_DIRS)})")
-        return {**DEFAULT_GEN_PER_TYPE, **{k: count(v, f"gen_per_type.{k}") for k, v in value.items()}}
-    n = count(value, "gen_per_type")
+        return {**defaults, **{k: number(v, f"{option}.{k}") for k, v in value.items()}}
+    n = number(value, option)
     return {s: n for s in SPLIT_DIRS}
+
+
+def _gen_per_type(value: Any) -> dict[str, int]:
+    """``gen_per_type``: games generated per task type, per split (configs give a mapping)."""
+    return _per_split("gen_per_type", value, DEFAULT_GEN_PER_TYPE, 1)
 
 
 def _gen_seed(value: Any) -> dict[str, int]:
-    """``gen_seed``: None (0 for every split), one seed >= 0 for every split, or a {split: seed} mapping
-    whose missing splits keep 0, so that a new test seed leaves the train and dev games as they were;
-    anything else is an EnvError naming the option."""
-    def seed(v: Any, where: str) -> int:
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.isascii() and v.isdigit())) \
-                or int(v) < 0:
-            raise EnvError(f"alfworld: option {where} must be an integer >= 0, got {v!r}")
-        return int(v)
-
-    if value is None:
-        return {s: 0 for s in SPLIT_DIRS}
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(SPLIT_DIRS))
-        if unknown:
-            raise EnvError(f"alfworld: option gen_seed names unknown splits {unknown} "
-                           f"(choose among {', '.join(SPLIT_DIRS)})")
-        return {s: seed(value[s], f"gen_seed.{s}") if s in value else 0 for s in SPLIT_DIRS}
-    n = seed(value, "gen_seed")
-    return {s: n for s in SPLIT_DIRS}
+    """``gen_seed``: the generation seed per split, 0 where not given, so that a new test seed leaves
+    the train and dev games as they were."""
+    return _per_split("gen_seed", value, {s: 0 for s in SPLIT_DIRS}, 0)
 
 
 def cache_dir() -> Path:
