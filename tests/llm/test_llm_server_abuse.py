@@ -159,6 +159,10 @@ def test_adapter_names_cannot_shadow_served_models(srv, tiny, tmp_path):
         assert code == 400 and "base model's name" in err["error"]["message"]
     code, err, _ = _request(url, b'{"lora_name": 3}')
     assert code == 400
+    with ChatServer(tiny, port=0, runtime_lora=True, max_loras=0) as full:  # the cap, before any load
+        code, err, _ = _request(full.url + "/load_lora_adapter",
+                                json.dumps({"lora_name": "mine", "lora_path": str(tmp_path)}).encode())
+        assert code == 400 and "the most this server holds (max_loras 0)" in err["error"]["message"]
     code, err, _ = _request(srv.url + "/nowhere", b"{}")
     assert code == 404 and err["error"]["type"] == "not_found"
     code, err, _ = _request(srv.url + "/chat/completions", method="GET")
