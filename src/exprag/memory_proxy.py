@@ -28,22 +28,12 @@ from typing import Any, Callable
 
 from exprag.bank import Retriever, append_to_bank, load_bank
 from exprag.errors import DataFormatError
-from exprag.llm.server import BadRequest
+from exprag.llm.server import BadRequest, message_text
 from exprag.memory_block import MemorySpec, approx_tokens, memory_block
 from exprag.trajectory import Trajectory
 
 MODES = ("static", "dynamic")
 EPISODES_ROUTE = "/v1/exprag/episodes"
-
-
-def _text(content: Any, where: str) -> str:
-    """A message's text: a string, or the text parts of a content-part list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str))
-    raise BadRequest(f"{where}.content must be a string or a list of content parts")
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,8 +97,8 @@ class MemoryProxy:
             first_user = next((m for _, m in turns if m.get("role") == "user"), None)
             if first_user is None:
                 raise BadRequest("no user turn to take the task from (or give 'exprag.task')")
-            task = _text(first_user.get("content"), "messages[first user turn]")
-        history = [{"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")} for i, m in turns]
+            task = message_text(first_user.get("content"), "messages[first user turn]")
+        history = [{"role": m["role"], "content": message_text(m.get("content"), f"messages[{i}]")} for i, m in turns]
         block = self.block(task, history, spec)
         if not block:
             return body
@@ -131,7 +121,7 @@ class MemoryProxy:
         episode = []
         for i, m in enumerate(msgs):
             if m.get("role") in ("user", "assistant"):
-                episode.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")})
+                episode.append({"role": m["role"], "content": message_text(m.get("content"), f"messages[{i}]")})
             elif m.get("role") not in ("system", "developer"):
                 raise BadRequest(f"messages[{i}].role must be system, user or assistant")
         first_user = next((m["content"] for m in episode if m["role"] == "user"), None)

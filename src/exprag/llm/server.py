@@ -322,6 +322,24 @@ class ChatServer:
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
+def message_text(content: Any, where: str) -> str:
+    """A message's text: its string content, or the text parts of a content-part list (others, e.g.
+    images, are left out); BadRequest naming ``where`` for anything else."""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest(f"{where}.content[{j}] must be an object with a 'type'")
+            if part["type"] == "text":
+                if not isinstance(part.get("text"), str):
+                    raise BadRequest(f"{where}.content[{j}].text must be a string")
+                texts.append(part["text"])
+        return "".join(texts)
+    if not isinstance(content, str):
+        raise BadRequest(f"{where}.content must be a string")
+    return content
+
+
 def parse_request(body: Any, default_max_tokens: int) -> _Job:
     """Validate an OpenAI chat-completions request body; raises BadRequest with the reason."""
     if not isinstance(body, dict):
@@ -340,20 +358,7 @@ def parse_request(body: Any, default_max_tokens: int) -> _Job:
         role = {"developer": "system"}.get(m.get("role"), m.get("role"))
         if role not in ("system", "user", "assistant"):
             raise BadRequest(f"messages[{i}].role must be system, user or assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise BadRequest(f"messages[{i}].content[{j}] must be an object with a 'type'")
-                if part["type"] == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise BadRequest(f"messages[{i}].content[{j}].text must be a string")
-                    texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string")
-        conv.append({"role": role, "content": content})
+        conv.append({"role": role, "content": message_text(m.get("content"), f"messages[{i}]")})
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = default_max_tokens
