@@ -158,12 +158,12 @@ def evaluate(cfg: EvalConfig, *, model=None, progress: bool = False, overwrite: 
     it gets RunLockedError)."""
     check_output_dir(cfg.out, "eval run directory", is_eval_run)
     with run_lock(cfg.out, "eval run directory"):
-        fresh = overwrite or not (Path(cfg.out) / "config.json").is_file()
+        resumed = not overwrite and (Path(cfg.out) / "config.json").is_file()
         try:
-            return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, on_episode=on_episode,
-                             workers=workers)
+            return _evaluate(cfg, model=model, progress=progress, overwrite=overwrite, resumed=resumed,
+                             on_episode=on_episode, workers=workers)
         except BaseException:
-            if fresh:
+            if not resumed:
                 _forget_failed_start(Path(cfg.out))
             raise
 
@@ -178,7 +178,7 @@ def _forget_failed_start(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
+def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool, resumed: bool,
               on_episode: Callable[[dict[str, Any]], None] | None, workers: WorkerSpec) -> EvalResult:
     from exprag.agent import Agent, AgentConfig
     from exprag.bank import Retriever, append_to_bank
@@ -195,7 +195,6 @@ def _evaluate(cfg: EvalConfig, *, model, progress: bool, overwrite: bool,
         check_writable(cfg.retrieval.bank, "--write-back bank")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resumed = (out / "config.json").is_file() and not overwrite
     _check_config(out, cfg, overwrite)
     for name in ("results.jsonl", "trajectories.jsonl"):
         truncate_torn_tail(out / name)
